@@ -1,0 +1,36 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+demo: install
+	$(BIN)/python examples/make_checkpoints.py var/demo --variants 5
+	$(BIN)/negmerge merge --pretrained var/demo/pretrained.safetensors \
+		--output var/demo/merged.safetensors var/demo/finetuned-*.safetensors
+	$(BIN)/negmerge apply --pretrained var/demo/pretrained.safetensors \
+		--vector var/demo/merged.safetensors --scale 0.5 --output var/demo/unlearned.safetensors
+
+bench: install
+	$(BIN)/python bench/merge.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

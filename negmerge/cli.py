@@ -1,0 +1,151 @@
+"""The `negmerge` command. The library's own subcommands live here; the service attaches its
+subcommands (serve, jobs, models, ...) through the `negmerge.commands` entry-point group, so
+this module never imports the service."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from negmerge.errors import NegMergeError
+from negmerge.merge import METHODS
+from negmerge.merge.streaming import merge_files
+from negmerge.task_vector import apply_task_vector_file
+
+stderr = Console(stderr=True)
+FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+class _Group(click.Group):
+    """Turns the library's input errors into one readable line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except NegMergeError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="negmerge-service")
+def main() -> None:
+    """NegMerge: make an image model forget data by merging task vectors (arXiv 2410.05583)."""
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, type=FILE)
+@click.option(
+    "--pretrained",
+    type=FILE,
+    help="The model the checkpoints were fine-tuned from. "
+    "Without it, CHECKPOINTS are task-vector files.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(sorted(METHODS)),
+    default="negmerge",
+    show_default=True,
+    help="Merge method.",
+)
+@click.option("--consensus", type=float, help="negmerge: share of signs that must agree (0.5, 1].")
+@click.option("--topk", type=float, help="ties: percent of each task vector kept by magnitude.")
+@click.option("--index", type=int, help="single: which task vector to use (0-based).")
+@click.option("--output", "-o", type=FILE, required=True, help="Merged task vector (safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def merge(
+    checkpoints: tuple[Path, ...],
+    pretrained: Path | None,
+    method: str,
+    consensus: float | None,
+    topk: float | None,
+    index: int | None,
+    output: Path,
+    as_json: bool,
+) -> None:
+    """Merge the task vectors of fine-tuned CHECKPOINTS into one task vector.
+
+    Streams one slice of one tensor at a time, so n checkpoints that do not fit in memory
+    together merge fine.
+    """
+    if not checkpoints:
+        raise click.UsageError("give at least one fine-tuned checkpoint (n = 0)")
+    params = {
+        name: value
+        for name, value in (("consensus", consensus), ("topk", topk), ("index", index))
+        if value is not None
+    }
+    with _byte_progress("merging") as on_progress:
+        result = merge_files(
+            method,
+            checkpoints,
+            output,
+            pretrained=pretrained,
+            params=params,
+            on_progress=on_progress,
+        )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"method        {result.method} {json.dumps(result.params)}")
+    click.echo(f"task vectors  {result.n}")
+    click.echo(f"kept          {result.kept_fraction:.2%} of elements")
+    click.echo(f"time          {result.seconds:.2f} s")
+    click.echo(f"output        {result.output}")
+
+
+@main.command()
+@click.option("--pretrained", type=FILE, required=True, help="The original model.")
+@click.option("--vector", type=FILE, required=True, help="A (merged) task vector.")
+@click.option("--scale", type=float, required=True, help="lambda in theta_pre - lambda * tau.")
+@click.option("--output", "-o", type=FILE, required=True, help="The new model (safetensors).")
+def apply(pretrained: Path, vector: Path, scale: float, output: Path) -> None:
+    """Write the unlearned model theta_pre - SCALE * tau."""
+    began = time.perf_counter()
+    apply_task_vector_file(pretrained, vector, scale, output)
+    click.echo(f"wrote {output} (lambda = {scale}) in {time.perf_counter() - began:.2f} s")
+
+
+@contextmanager
+def _byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar on stderr (only on a terminal); yields its update callback."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _attach_plugins() -> None:
+    for entry in entry_points(group="negmerge.commands"):
+        if entry.name in main.commands:
+            continue
+        try:
+            main.add_command(entry.load(), entry.name)
+        except Exception as exc:  # a broken plugin must not take the library's commands down
+            main.add_command(_unavailable(entry.name, exc), entry.name)
+
+
+def _unavailable(name: str, error: Exception) -> click.Command:
+    @click.command(
+        name, help=f"(unavailable: {error})", context_settings={"ignore_unknown_options": True}
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        raise click.ClickException(f"'{name}' is unavailable: {error}")
+
+    return command
+
+
+_attach_plugins()

@@ -1,0 +1,13 @@
+"""Errors a user can act on. Each message names the file, key or parameter at fault."""
+
+
+class NegMergeError(ValueError):
+    """Base class for every error the library raises on bad input."""
+
+
+class CheckpointError(NegMergeError):
+    """A checkpoint file is missing, unreadable, unsafe, or does not match the others."""
+
+
+class MergeError(NegMergeError):
+    """A merge was asked for with inputs or parameters it cannot work with."""

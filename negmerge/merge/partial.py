@@ -1,0 +1,101 @@
+"""Merging in shards: partial states of associative methods, combined later.
+
+Machines each merge a shard of the n task vectors into a partial state (for NegMerge: the sum
+and the per-element counts of positive and negative signs); combining the states in shard order
+and finishing gives the same merge as one pass over all n.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from negmerge.errors import MergeError
+from negmerge.io import load_state_dict, open_checkpoint, save_file
+from negmerge.merge.base import MergeMethod, State, get_method
+from negmerge.merge.streaming import common_specs, iter_memory_chunks, reduce_chunk
+
+PARTIAL_FORMAT = "negmerge.partial_merge"
+
+
+@dataclass
+class PartialMerge:
+    """The state of an associative merge over `n` task vectors (one shard of a larger merge)."""
+
+    method: MergeMethod
+    n: int
+    states: dict[str, State]
+    shapes: dict[str, tuple[int, ...]]
+
+    def combine(self, later: PartialMerge) -> PartialMerge:
+        """The state of this shard followed by `later`."""
+        if self.method.describe() != later.method.describe():
+            raise MergeError(
+                f"cannot combine {self.method.describe()} with {later.method.describe()}"
+            )
+        if self.shapes != later.shapes:
+            raise MergeError("cannot combine partial merges of different models")
+        states = {
+            key: self.method.combine(state, later.states[key]) for key, state in self.states.items()
+        }
+        return PartialMerge(self.method, self.n + later.n, states, self.shapes)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The merged task vector."""
+        return {
+            key: self.method.finish(state, self.n).reshape(self.shapes[key])
+            for key, state in self.states.items()
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {
+            f"{key}::{name}": value
+            for key, state in self.states.items()
+            for name, value in state.items()
+        }
+        metadata = {
+            "format": PARTIAL_FORMAT,
+            "method": self.method.name,
+            "params": json.dumps(self.method.params.model_dump(), sort_keys=True),
+            "n": str(self.n),
+            "shapes": json.dumps(self.shapes),
+        }
+        save_file(tensors, path, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PartialMerge:
+        with open_checkpoint(path) as ckpt:
+            metadata = ckpt.metadata
+        if metadata.get("format") != PARTIAL_FORMAT:
+            raise MergeError(f"{path}: not a partial merge file")
+        n = int(metadata["n"])
+        method = get_method(metadata["method"], n, **json.loads(metadata["params"]))
+        states: dict[str, State] = {}
+        for name, tensor in load_state_dict(path).items():
+            key, field = name.rsplit("::", 1)
+            states.setdefault(key, {})[field] = tensor
+        shapes = {key: tuple(shape) for key, shape in json.loads(metadata["shapes"]).items()}
+        return cls(method, n, states, shapes)
+
+
+def partial_merge(
+    method: str,
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    params: Mapping[str, object] | None = None,
+) -> PartialMerge:
+    """The partial state of `method` over one shard of task vectors held in memory."""
+    if not vectors:
+        raise MergeError("no task vectors given (n = 0)")
+    instance = get_method(method, len(vectors), **dict(params or {}))
+    if not instance.associative:
+        raise MergeError(f"{method}: its states do not combine, so it cannot be merged in shards")
+    specs = common_specs(vectors)
+    states = {
+        chunk.key: reduce_chunk(instance, chunk.taus, chunk.indices)
+        for chunk in iter_memory_chunks(vectors, specs, instance.inputs())
+    }
+    return PartialMerge(instance, len(vectors), states, {k: s.shape for k, s in specs.items()})

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from negmerge.cli import main
+from negmerge.io import load_state_dict, open_checkpoint
+from negmerge.merge.streaming import merge_task_vectors
+from negmerge.task_vector import apply_task_vector, task_vector
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_merge_then_apply_gives_the_unlearned_model(checkpoints, tmp_path):
+    pre_path, ft_paths, pre, fts = checkpoints
+    out = run(
+        "merge",
+        "--pretrained",
+        pre_path,
+        "--method",
+        "negmerge",
+        "-o",
+        tmp_path / "tv.safetensors",
+        *ft_paths,
+    )
+    assert out.exit_code == 0, out.output
+    expected = merge_task_vectors("negmerge", [task_vector(pre, ft) for ft in fts])
+    assert f"kept          {expected.kept_fraction:.2%}" in out.output
+    merged = load_state_dict(tmp_path / "tv.safetensors")
+    for key, value in expected.tensors.items():
+        assert torch.equal(merged[key], value), key
+    with open_checkpoint(tmp_path / "tv.safetensors") as ckpt:
+        assert ckpt.metadata["method"] == "negmerge" and ckpt.metadata["n"] == "4"
+        assert json.loads(ckpt.metadata["input_sha256"]) == [
+            open_checkpoint(p).sha256() for p in ft_paths
+        ]
+
+    out = run(
+        "apply",
+        "--pretrained",
+        pre_path,
+        "--vector",
+        tmp_path / "tv.safetensors",
+        "--scale",
+        "0.8",
+        "-o",
+        tmp_path / "model.safetensors",
+    )
+    assert out.exit_code == 0, out.output
+    model = load_state_dict(tmp_path / "model.safetensors")
+    reference = apply_task_vector(pre, expected.tensors, 0.8)
+    assert all(torch.equal(model[k], reference[k]) for k in reference)
+
+
+def test_merge_json_output_and_method_parameters(checkpoints, tmp_path):
+    pre_path, ft_paths, _, _ = checkpoints
+    out = run(
+        "merge",
+        "--pretrained",
+        pre_path,
+        "--method",
+        "ties",
+        "--topk",
+        "30",
+        "--json",
+        "-o",
+        tmp_path / "t.safetensors",
+        *ft_paths,
+    )
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["method"] == "ties" and result["params"] == {"topk": 30.0} and result["n"] == 4
+    assert 0 < result["kept_fraction"] <= 1
+
+
+def test_errors_are_one_line_and_exit_non_zero(checkpoints, tmp_path):
+    pre_path, ft_paths, _, _ = checkpoints
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    cases = [
+        (["--pretrained", pre_path], "n = 0"),
+        (
+            ["--pretrained", pre_path, tmp_path / "missing.safetensors"],
+            "missing.safetensors: no such file",
+        ),
+        (
+            ["--pretrained", pre_path, tmp_path / "bad.pt"],
+            "bad.pt: key 'encoder.weight' is float32[2]",
+        ),
+        (
+            ["--pretrained", pre_path, "--consensus", "0.3", *ft_paths],
+            "consensus: Input should be greater than 0.5",
+        ),
+        (["--pretrained", pre_path, "--topk", "10", *ft_paths], "topk: not a parameter"),
+    ]
+    for args, message in cases:
+        out = run("merge", "-o", tmp_path / "x.safetensors", *args)
+        assert out.exit_code != 0
+        assert message in out.output, out.output
+        assert len([line for line in out.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "x.safetensors").exists()
