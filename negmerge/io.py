@@ -143,14 +143,15 @@ class _SequentialSha256:
 
 
 class SafetensorsFile(Checkpoint):
-    """A safetensors file read with positional reads, hashing its bytes as they go by."""
+    """A safetensors file read with positional reads, hashing its bytes as they go by (unless
+    `hashing` is off, for callers that know the hash already)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, hashing: bool = True) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(self._fd).st_size
-            self._hasher = _SequentialSha256(self._fd, size)
+            self._hasher = _SequentialSha256(self._fd, size) if hashing else None
             header = self._parse_header(size)
         except BaseException:
             os.close(self._fd)
@@ -171,7 +172,8 @@ class SafetensorsFile(Checkpoint):
         if length > min(_MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(f"{self.path}: not a safetensors or PyTorch state-dict file")
         raw = os.pread(self._fd, length, 8)
-        self._hasher.feed(0, memoryview(prefix + raw))
+        if self._hasher is not None:
+            self._hasher.feed(0, memoryview(prefix + raw))
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -213,11 +215,12 @@ class SafetensorsFile(Checkpoint):
                 if got == 0:
                     raise CheckpointError(f"{self.path}: truncated inside tensor {key!r}")
                 done += got
-            self._hasher.feed(offset, view)
+            if self._hasher is not None:
+                self._hasher.feed(offset, view)
         return out.view(spec.dtype)
 
     def sha256(self) -> str:
-        return self._hasher.hexdigest()
+        return file_sha256(self.path) if self._hasher is None else self._hasher.hexdigest()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -261,8 +264,11 @@ class StateDictFile(Checkpoint):
         return file_sha256(self.path)
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a safetensors or PyTorch state-dict file, telling the two apart by content."""
+def open_checkpoint(path: str | os.PathLike, hashing: bool = True) -> Checkpoint:
+    """Open a safetensors or PyTorch state-dict file, telling the two apart by content.
+
+    With `hashing`, a safetensors file computes its sha256 from the reads made anyway.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -270,7 +276,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         head = f.read(2)
     if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip format, or a legacy pickle
         return StateDictFile(path)
-    return SafetensorsFile(path)
+    return SafetensorsFile(path, hashing)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

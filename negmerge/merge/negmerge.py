@@ -33,7 +33,17 @@ class NegMerge(MergeMethod):
     Params = NegMergeParams
     associative = True
 
+    # Unanimity (the default) needs no counting: all n strictly positive <=> their minimum is
+    # positive, all strictly negative <=> their maximum is negative. min/max are plain float
+    # ops, about three times faster than comparing and counting, and this is the hot loop.
+
+    @property
+    def _unanimous(self) -> bool:
+        return self.params.consensus == 1.0
+
     def start(self, tau: torch.Tensor, index: int) -> State:
+        if self._unanimous:
+            return {"sum": tau.clone(), "min": tau.clone(), "max": tau.clone()}
         return {
             "sum": tau.clone(),
             "positive": (tau > 0).to(torch.int32),
@@ -42,14 +52,29 @@ class NegMerge(MergeMethod):
 
     def add(self, state: State, tau: torch.Tensor, index: int) -> None:
         state["sum"].add_(tau)
-        state["positive"].add_(tau > 0)
-        state["negative"].add_(tau < 0)
+        if self._unanimous:
+            torch.minimum(state["min"], tau, out=state["min"])
+            torch.maximum(state["max"], tau, out=state["max"])
+        else:
+            state["positive"].add_(tau > 0)
+            state["negative"].add_(tau < 0)
 
     def finish(self, state: State, n: int) -> torch.Tensor:
-        # Fraction(str(q)): 0.9 * 10 in binary floating point rounds up to more than 9.
-        need = math.ceil(Fraction(str(self.params.consensus)) * n)
-        keep = (state["positive"] >= need) | (state["negative"] >= need)
+        if self._unanimous:
+            keep = (state["min"] > 0) | (state["max"] < 0)
+        else:
+            # Fraction(str(q)): 0.56 * 25 in binary floating point is more than 14.
+            need = math.ceil(Fraction(str(self.params.consensus)) * n)
+            keep = (state["positive"] >= need) | (state["negative"] >= need)
         return torch.where(keep, state["sum"] / n, 0.0)
 
     def combine(self, first: State, second: State) -> State:
-        return {name: first[name] + second[name] for name in first}
+        combined = {
+            name: first[name] + second[name]
+            for name in ("sum", "positive", "negative")
+            if name in first
+        }
+        if self._unanimous:
+            combined["min"] = torch.minimum(first["min"], second["min"])
+            combined["max"] = torch.maximum(first["max"], second["max"])
+        return combined

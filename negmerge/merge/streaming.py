@@ -82,7 +82,10 @@ class MergeInputs:
     """
 
     def __init__(
-        self, paths: Sequence[str | os.PathLike], pretrained: str | os.PathLike | None = None
+        self,
+        paths: Sequence[str | os.PathLike],
+        pretrained: str | os.PathLike | None = None,
+        hashing: bool = True,
     ) -> None:
         if not paths:
             raise MergeError("no task vectors given (n = 0)")
@@ -90,9 +93,9 @@ class MergeInputs:
         self.sources: list[Checkpoint] = []
         try:
             if pretrained is not None:
-                self.base = open_checkpoint(pretrained)
+                self.base = open_checkpoint(pretrained, hashing)
             for path in paths:
-                self.sources.append(open_checkpoint(path))
+                self.sources.append(open_checkpoint(path, hashing))
             reference = self.base or self.sources[0]
             for source in self.sources:
                 if source is not reference:
@@ -188,6 +191,8 @@ def merge_files(
     params: Mapping[str, object] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
     on_progress: Callable[[int, int], None] | None = None,
+    input_sha256: Sequence[str] | None = None,
+    pretrained_sha256: str | None = None,
 ) -> MergeResult:
     """Merge the task vectors of `inputs` into a task-vector file at `output`, streaming.
 
@@ -195,9 +200,15 @@ def merge_files(
     without, they are task-vector files. The output is fp32 safetensors whose metadata records
     the method, its parameters, n, the inputs' sha256 and the kept fraction.
     `on_progress(done_bytes, total_bytes)` is called as the final pass goes.
+
+    Hashing the inputs costs more CPU than reading them; callers that know the hashes already
+    (content-addressed artifacts) pass `input_sha256` (and `pretrained_sha256`) instead.
     """
     began = time.perf_counter()
-    with MergeInputs(inputs, pretrained) as data:
+    known = input_sha256 is not None and (pretrained is None or pretrained_sha256 is not None)
+    if input_sha256 is not None and len(input_sha256) != len(inputs):
+        raise MergeError(f"input_sha256: {len(input_sha256)} hashes for {len(inputs)} inputs")
+    with MergeInputs(inputs, pretrained, hashing=not known) as data:
         if isinstance(method, str):
             method = get_method(method, data.n, **dict(params or {}))
         indices = method.inputs()
@@ -220,8 +231,10 @@ def merge_files(
                 done += merged.numel() * 4
                 if on_progress is not None:
                     on_progress(done, total)
-            hashes = data.sha256s()
-            base_hash = data.base.sha256() if data.base is not None else None
+            hashes = list(input_sha256) if known else data.sha256s()
+            base_hash = None
+            if data.base is not None:
+                base_hash = pretrained_sha256 if known else data.base.sha256()
             writer.metadata.update(
                 input_sha256=json.dumps(hashes),
                 kept_fraction=f"{kept.overall():.6f}",

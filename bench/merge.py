@@ -1,0 +1,246 @@
+"""Streaming merge against the read floor and a load-everything merge, side by side.
+
+For n = 10 and n = 30 fine-tuned checkpoints of ViT-B/32 image-tower size (about 88M float32
+parameters each, open_clip's key layout) it measures, each in a fresh process:
+
+  read floor     the time just to read every input file once (8 MiB blocks), no arithmetic
+  ours           `merge_files("negmerge", ...)`: streamed, inputs hashed, output written
+  ours, known    the same with the inputs' sha256 passed in (as the service does: its task
+                 vectors are content-addressed), so nothing is hashed
+  load-all       a plain implementation: load every checkpoint, stack per key, apply the rule
+
+and prints time and peak RSS with ratios. Page cache is warm for all three (a warm-up read
+runs first). Run:  python bench/merge.py [--n 10 30] [--params 88e6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vit_b32_image_tower(width: int = 768, layers: int = 12, scale: float = 1.0) -> dict[str, tuple]:
+    """Key names and shapes of open_clip's ViT-B/32 image tower (~88M parameters)."""
+    width = max(8, int(width * scale**0.5) // 8 * 8)
+    shapes: dict[str, tuple] = {
+        "visual.class_embedding": (width,),
+        "visual.positional_embedding": (50, width),
+        "visual.conv1.weight": (width, 3, 32, 32),
+        "visual.ln_pre.weight": (width,),
+        "visual.ln_pre.bias": (width,),
+    }
+    for i in range(layers):
+        block = f"visual.transformer.resblocks.{i}"
+        shapes |= {
+            f"{block}.ln_1.weight": (width,),
+            f"{block}.ln_1.bias": (width,),
+            f"{block}.attn.in_proj_weight": (3 * width, width),
+            f"{block}.attn.in_proj_bias": (3 * width,),
+            f"{block}.attn.out_proj.weight": (width, width),
+            f"{block}.attn.out_proj.bias": (width,),
+            f"{block}.ln_2.weight": (width,),
+            f"{block}.ln_2.bias": (width,),
+            f"{block}.mlp.c_fc.weight": (4 * width, width),
+            f"{block}.mlp.c_fc.bias": (4 * width,),
+            f"{block}.mlp.c_proj.weight": (width, 4 * width),
+            f"{block}.mlp.c_proj.bias": (width,),
+        }
+    shapes |= {"visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,)}
+    shapes["visual.proj"] = (width, 512)
+    return shapes
+
+
+def generate(folder: Path, n: int, scale: float) -> tuple[Path, list[Path]]:
+    """pretrained.safetensors and n fine-tuned variants: a shared update plus per-run noise."""
+    import torch
+
+    from negmerge.io import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pre_path = folder / "pretrained.safetensors"
+    paths = [folder / f"finetuned-{k:02d}.safetensors" for k in range(n)]
+    if pre_path.exists() and all(p.exists() for p in paths):
+        return pre_path, paths
+    gen = torch.Generator().manual_seed(0)
+    shapes = vit_b32_image_tower(scale=scale)
+    pre = {key: torch.randn(shape, generator=gen) * 0.02 for key, shape in shapes.items()}
+    save_file(pre, pre_path)
+    shared = {key: torch.randn(t.shape, generator=gen) * 1e-4 for key, t in pre.items()}
+    for path in paths:
+        if not path.exists():
+            save_file(
+                {
+                    k: v + shared[k] + torch.randn(v.shape, generator=gen) * 1e-4
+                    for k, v in pre.items()
+                },
+                path,
+            )
+    return pre_path, paths
+
+
+def known_hashes(folder: Path) -> dict[str, str]:
+    """The files' sha256, computed once and kept beside them (as a content store knows them)."""
+    from negmerge.io import file_sha256
+
+    record = folder / "sha256.json"
+    if not record.exists():
+        hashes = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+        record.write_text(json.dumps(hashes))
+    return json.loads(record.read_text())
+
+
+def read_floor(paths: list[Path]) -> None:
+    buffer = bytearray(8 << 20)
+    view = memoryview(buffer)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+
+
+def ours(pre: Path, paths: list[Path], output: Path, hashes: dict[str, str] | None) -> dict:
+    from negmerge.merge.streaming import merge_files
+
+    known = {}
+    if hashes is not None:
+        known = {
+            "input_sha256": [hashes[p.name] for p in paths],
+            "pretrained_sha256": hashes[pre.name],
+        }
+    result = merge_files("negmerge", paths, output, pretrained=pre, **known)
+    return {"kept_fraction": result.kept_fraction}
+
+
+def load_all(pre: Path, paths: list[Path], output: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(pre)
+    finetuned = [load_file(p) for p in paths]
+    merged = {}
+    for key, value in base.items():
+        stacked = torch.stack([ft[key] - value for ft in finetuned])
+        keep = (stacked > 0).all(0) | (stacked < 0).all(0)
+        merged[key] = torch.where(keep, stacked.sum(0) / len(finetuned), 0.0)
+    save_file(merged, output)
+    return {}
+
+
+def measure(kind: str, folder: Path, n: int) -> None:
+    """Run one contender in this (fresh) process and print its time and peak RSS as JSON."""
+    pre = folder / "pretrained.safetensors"
+    paths = [folder / f"finetuned-{k:02d}.safetensors" for k in range(n)]
+    output = folder / f"out-{kind}.safetensors"
+    if kind != "import":  # loaded before timing, as a worker would have them
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+
+        import negmerge.merge.streaming  # noqa: F401
+    began = time.perf_counter()
+    extra = {}
+    if kind == "floor":
+        read_floor([pre, *paths])
+    elif kind == "ours":
+        extra = ours(pre, paths, output, None)
+    elif kind == "ours-known":
+        extra = ours(pre, paths, output, json.loads((folder / "sha256.json").read_text()))
+    elif kind == "load-all":
+        extra = load_all(pre, paths, output)
+    elif kind == "import":
+        import torch  # noqa: F401, F811
+
+        import negmerge.merge.streaming  # noqa: F401
+    seconds = time.perf_counter() - began
+    output.unlink(missing_ok=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, **extra}))
+
+
+def run(kind: str, folder: Path, n: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", kind, "--folder", str(folder), "--n", str(n)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 30])
+    parser.add_argument(
+        "--params", type=float, default=88e6, help="approximate size (88e6: ViT-B/32)"
+    )
+    parser.add_argument("--folder", type=Path, default=ROOT / "var" / "bench-merge")
+    parser.add_argument("--skip-load-all", action="store_true", help="when memory is short")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure(args.measure, args.folder, args.n[0])
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    scale = args.params / 88e6
+    baseline = run("import", args.folder, 0)["peak_rss_mb"]
+    title = (
+        f"Streaming merge of n checkpoints, ViT-B/32 image-tower size x{scale:g}, warm page cache"
+    )
+    table = Table(title=title)
+    for column in [
+        "n",
+        "contender",
+        "time",
+        "vs read floor",
+        "peak RSS",
+        "RSS / checkpoint",
+        "RSS above imports",
+        "kept",
+    ]:
+        table.add_column(column, justify="right")
+    contenders = [("read floor", "floor"), ("ours", "ours"), ("ours, hashes known", "ours-known")]
+    if not args.skip_load_all:
+        contenders.append(("load-all", "load-all"))
+    for n in args.n:
+        folder = args.folder / f"n{n}-x{scale:g}"
+        pre, _ = generate(folder, n, scale)
+        known_hashes(folder)
+        checkpoint_mb = pre.stat().st_size / 2**20
+        run("floor", folder, n)  # warm the page cache
+        results = {kind: run(kind, folder, n) for _, kind in contenders}
+        results["floor"] = min(
+            results["floor"], run("floor", folder, n), key=lambda r: r["seconds"]
+        )
+        floor = results["floor"]["seconds"]
+        for label, kind in contenders:
+            r = results[kind]
+            table.add_row(
+                str(n),
+                label,
+                f"{r['seconds']:.2f} s",
+                f"{r['seconds'] / floor:.2f}x",
+                f"{r['peak_rss_mb']:.0f} MiB",
+                f"{r['peak_rss_mb'] / checkpoint_mb:.2f}x",
+                f"{r['peak_rss_mb'] - baseline:.0f} MiB",
+                f"{r['kept_fraction']:.2%}" if "kept_fraction" in r else "",
+                end_section=kind == contenders[-1][1],
+            )
+    Console(width=140).print(table)
+    print(
+        f"One checkpoint: {checkpoint_mb:.0f} MiB. Python with torch and negmerge imported and "
+        f"nothing else: {baseline:.0f} MiB peak RSS. {os.cpu_count()} CPUs."
+    )
+
+
+if __name__ == "__main__":
+    main()
