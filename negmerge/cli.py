@@ -113,6 +113,111 @@ def apply(pretrained: Path, vector: Path, scale: float, output: Path) -> None:
     click.echo(f"wrote {output} (lambda = {scale}) in {time.perf_counter() - began:.2f} s")
 
 
+@main.command()
+@click.argument("job", type=FILE)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where the stages' outputs go; running again with the same folder resumes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def unlearn(job: Path, workdir: Path, as_json: bool) -> None:
+    """Run the unlearning JOB (YAML or JSON) end to end: fine-tune the variants, merge, search
+    lambda, evaluate, and write the unlearned model and report.json into WORKDIR."""
+    from negmerge.pipeline import JobSpec, run_unlearning
+
+    spec = JobSpec.from_file(job)
+    with _JobProgress() as progress:
+        report = run_unlearning(spec, workdir, progress)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    print_report_summary(report)
+
+
+def print_report_summary(report: dict) -> None:
+    """The before/after table, lambda, kept fraction and hashes of a report."""
+    from rich.table import Table
+
+    console = Console()
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    table = Table(title="Unlearning result")
+    for column in ("metric", "before", "after"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    labels = {
+        "forget_acc": "forget accuracy (Acc D_f)",
+        "forget_test_acc": "forget test accuracy",
+        "retain_acc": "retain accuracy (Acc D_r)",
+        "test_acc": "test accuracy (Acc D_test)",
+        "mia": "MIA-efficacy",
+    }
+    for key, label in labels.items():
+        if before.get(key) is not None:
+            table.add_row(label, f"{before[key]:.2f}", f"{after[key]:.2f}")
+    console.print(table)
+    search, merge = report["search"], report["merge"]
+    edge = "  (upper end of the grid: consider a wider grid)" if search.get("at_upper_end") else ""
+    console.print(f"lambda        {report['lambda']:g}{edge}")
+    console.print(
+        f"kept          {merge['kept_fraction']:.2%} of tau ({merge['method']}, n = {merge['n']})"
+    )
+    console.print(f"base model    sha256 {report['base_model']['sha256']}")
+    console.print(f"new model     sha256 {report['model']['sha256']}")
+    console.print(f"              {report['model']['path']}")
+
+
+class _JobProgress:
+    """Progress of a job on the terminal: the stage, a bar over all fine-tuning steps, and one
+    over the lambdas evaluated."""
+
+    def __init__(self) -> None:
+        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=stderr,
+            disable=not stderr.is_terminal,
+        )
+        self._finetune = self._search = None
+
+    def __enter__(self) -> _JobProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def stage(self, name: str) -> None:
+        if stderr.is_terminal:
+            stderr.log(f"stage: {name}")
+
+    def variant_step(self, index: int, n: int, step: int, total: int, loss: float) -> None:
+        if self._finetune is None:
+            self._finetune = self._bar.add_task("fine-tuning", total=None, note="")
+        note = f"variant {index + 1}/{n}  step {step}/{total}  loss {loss:.3f}"
+        self._bar.update(self._finetune, note=note)
+        if step == total:
+            self._bar.update(self._finetune, completed=index + 1, total=n)
+
+    def variant_done(self, index: int, n: int) -> None:
+        if self._finetune is None:
+            self._finetune = self._bar.add_task("fine-tuning", total=n, note="(resumed)")
+        self._bar.update(self._finetune, completed=index + 1, total=n)
+
+    def lambda_evaluated(self, lam: float, evaluation) -> None:
+        if self._search is None:
+            self._search = self._bar.add_task("lambda search", total=None, note="")
+        e = evaluation
+        note = f"lambda {lam:g}: forget {e.forget_acc:.1f}  retain {e.retain_acc:.1f}"
+        self._bar.advance(self._search)
+        self._bar.update(self._search, note=note)
+
+
 @contextmanager
 def _byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
     """A byte progress bar on stderr (only on a terminal); yields its update callback."""

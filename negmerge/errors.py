@@ -11,3 +11,7 @@ class CheckpointError(NegMergeError):
 
 class MergeError(NegMergeError):
     """A merge was asked for with inputs or parameters it cannot work with."""
+
+
+class DataError(NegMergeError):
+    """A data set, manifest, image or forget-set selection is missing or malformed."""

@@ -1,0 +1,112 @@
+"""Fine-tuning one variant on the forget set, giving its task vector tau_k.
+
+Deterministic for a seed on CPU (same seed, same tau bit for bit): the data order, the
+RandAugment draws and the initialisation all come from seeded generators, and images are
+loaded in the main process. On CUDA it trains under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from negmerge.data import ImageDataset, Manifest, Sample
+from negmerge.models.base import UnlearningModel
+from negmerge.variants import Variant
+
+StepCallback = Callable[[int, int, float], None]
+
+
+def finetune_task_vector(
+    model: UnlearningModel,
+    manifest: Manifest,
+    samples: Sequence[Sample],
+    variant: Variant,
+    device: str = "cpu",
+    on_step: StepCallback | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fine-tune `model` on `samples` with `variant`'s hyperparameters and return tau (fp32).
+
+    The model's weights are restored afterwards, so one loaded model serves every variant.
+    `on_step(step, total_steps, loss)` runs after each step; raising from it stops training
+    (that is how a job is cancelled between steps).
+    """
+    _seed_everything(variant.seed)
+    module = model.module
+    state = module.state_dict()
+    pretrained = {key: value.detach().clone() for key, value in state.items()}
+    data = ImageDataset(manifest, samples, model.classes, model.train_transform(variant.augment))
+    loader = DataLoader(
+        data,
+        batch_size=variant.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(variant.seed),
+        num_workers=0,
+    )
+    total = variant.steps or variant.epochs * len(loader)
+    parameters = model.trainable_parameters()
+    optimizer = _optimizer(variant, parameters)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(variant.warmup_steps, total)
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=variant.label_smoothing)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    module.train()
+    step = 0
+    try:
+        while step < total:
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                with autocast:
+                    loss = loss_fn(module(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if variant.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(parameters, variant.grad_clip)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                if on_step is not None:
+                    on_step(step, total, loss.detach().item())
+                if step >= total:
+                    break
+        finetuned = module.state_dict()
+        return {
+            key: finetuned[key].detach().float().cpu() - pretrained[key].float().cpu()
+            for key in model.tau_keys
+        }
+    finally:
+        module.eval()
+        with torch.no_grad():
+            for key, value in pretrained.items():
+                state[key].copy_(value)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)  # RandAugment draws from Python's random module
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer(variant: Variant, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if variant.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=variant.lr, momentum=variant.momentum, weight_decay=variant.weight_decay
+        )
+    return torch.optim.AdamW(parameters, lr=variant.lr, weight_decay=variant.weight_decay)
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor

@@ -1,0 +1,71 @@
+"""The models NegMerge edits, each family behind one small adapter.
+
+An adapter turns a model description into a classifier module (images -> logits over the
+model's classes) and says which of its state-dict keys a task vector covers. For CLIP that is
+the image tower: the zero-shot head is frozen and the text tower is not part of tau.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from negmerge.models.base import UnlearningModel
+
+DEFAULT_TEMPLATES = ["a photo of a {}.", "an image of a {}."]
+
+
+class ModelSpec(BaseModel):
+    """Where a model comes from and what it classifies."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    family: Literal["open_clip", "classifier"]
+    architecture: str = Field(
+        description="open_clip model name (ViT-B-32, ...) or a custom config's name; a timm "
+        "model name (resnet18, ...); or an import path module:Class for a torch module.",
+        examples=["ViT-B-32", "resnet18", "my_package.models:Net"],
+    )
+    classes: list[str] = Field(min_length=2, description="Class names, in the model's order.")
+    weights: str | None = Field(
+        None, description="Local safetensors or PyTorch state-dict file with the weights."
+    )
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (needs the model hub).", examples=["openai"]
+    )
+    model_config_path: str | None = Field(
+        None, description="open_clip: JSON config of a custom architecture named `architecture`."
+    )
+    templates: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES),
+        description="open_clip: prompt templates for the zero-shot head, '{}' is the class name.",
+    )
+    init_args: dict[str, object] = Field(
+        default_factory=dict, description="classifier import path: keyword arguments."
+    )
+    image_size: int | None = Field(None, gt=0, description="Override the input size.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: names must be unique")
+        if self.family == "open_clip" and not all("{}" in t for t in self.templates):
+            raise ValueError("templates: each must contain '{}' for the class name")
+        if self.family == "classifier" and self.pretrained:
+            raise ValueError("pretrained: only for open_clip; give classifier weights as a file")
+        return self
+
+
+def load_model(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
+    """Build the model `spec` describes, with its weights, on `device`."""
+    if spec.family == "open_clip":
+        from negmerge.models.open_clip import load_open_clip
+
+        return load_open_clip(spec, device)
+    from negmerge.models.classifier import load_classifier
+
+    return load_classifier(spec, device)
+
+
+__all__ = ["ModelSpec", "UnlearningModel", "load_model"]

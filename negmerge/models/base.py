@@ -1,0 +1,62 @@
+"""What the pipeline needs from a model, whatever its family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from negmerge.errors import NegMergeError
+from negmerge.io import load_state_dict
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class UnlearningModel:
+    """A classifier and the facts the unlearning pipeline needs about it.
+
+    `module(images)` gives logits over `classes`. `tau_keys` are the keys of
+    `module.state_dict()` that a task vector covers: the learned parameters. Buffers such as
+    BatchNorm's running statistics are carried over from the original model: they are
+    statistics of the data seen, and negating the shift that fine-tuning on the forget set gave
+    them is meaningless (on the digits classifier it raised forget accuracy instead of lowering
+    it). Keys are named as in `full_state()`, the model's complete checkpoint (for CLIP: with
+    the text tower), so a task vector applies to the stored checkpoint directly.
+    """
+
+    module: nn.Module
+    classes: list[str]
+    tau_keys: list[str]
+    eval_transform: Transform
+    mean: tuple[float, ...]
+    full_state: Callable[[], dict[str, torch.Tensor]]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        covered = set(self.tau_keys)
+        return [p for name, p in self.module.named_parameters() if name in covered]
+
+    def train_transform(self, augment: str | None) -> Transform:
+        """RandAugment (timm's `rand-m{M}-n{N}` strings) before the usual preprocessing."""
+        if not augment:
+            return self.eval_transform
+        from timm.data.auto_augment import rand_augment_transform
+        from torchvision import transforms
+
+        fill = tuple(round(255 * m) for m in self.mean)
+        return transforms.Compose(
+            [rand_augment_transform(augment, {"img_mean": fill}), self.eval_transform]
+        )
+
+
+def load_weights(module: nn.Module, path: str, architecture: str) -> None:
+    """Load a checkpoint file strictly, with an error naming the first key that does not fit."""
+    try:
+        module.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise NegMergeError(f"weights: {path} does not fit {architecture}: {detail}") from None

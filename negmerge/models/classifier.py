@@ -1,0 +1,66 @@
+"""Ordinary image classifiers: timm models by name, or an operator's own torch module."""
+
+from __future__ import annotations
+
+import importlib
+
+import timm
+import timm.data
+from torch import nn
+from torchvision import transforms
+
+from negmerge.errors import NegMergeError
+from negmerge.models import ModelSpec
+from negmerge.models.base import UnlearningModel, load_weights
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_classifier(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
+    module = _build(spec)
+    if spec.weights:
+        load_weights(module, spec.weights, spec.architecture)
+    module = module.to(device).eval()
+    eval_transform, mean = _eval_transform(module, spec)
+    tau_keys = [name for name, _ in module.named_parameters()]
+    return UnlearningModel(
+        module=module,
+        classes=list(spec.classes),
+        tau_keys=tau_keys,
+        eval_transform=eval_transform,
+        mean=mean,
+        full_state=lambda: {k: v.detach().cpu() for k, v in module.state_dict().items()},
+    )
+
+
+def _build(spec: ModelSpec) -> nn.Module:
+    if ":" in spec.architecture:
+        module_name, _, attr = spec.architecture.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise NegMergeError(f"architecture: cannot import {spec.architecture}: {exc}") from None
+        return factory(num_classes=len(spec.classes), **spec.init_args)
+    if not timm.is_model(spec.architecture):
+        raise NegMergeError(f"architecture: timm knows no model {spec.architecture!r}")
+    return timm.create_model(
+        spec.architecture, pretrained=False, num_classes=len(spec.classes), **spec.init_args
+    )
+
+
+def _eval_transform(module: nn.Module, spec: ModelSpec):
+    if hasattr(module, "pretrained_cfg"):  # a timm model knows its preprocessing
+        config = timm.data.resolve_data_config({}, model=module)
+        if spec.image_size:
+            config["input_size"] = (3, spec.image_size, spec.image_size)
+            config["crop_pct"] = 1.0
+        return timm.data.create_transform(**config, is_training=False), tuple(config["mean"])
+    size = spec.image_size or 224
+    transform = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return transform, IMAGENET_MEAN

@@ -1,0 +1,518 @@
+"""The whole unlearning job as a library call.
+
+    evaluate the original -> fine-tune n variants -> merge -> search lambda -> evaluate -> store
+
+Each stage writes its output into the work directory atomically and a re-run skips what is
+there, so a crash or a kill costs only the stage that was running (finished variants are not
+trained again). The stages are separate functions so that workers can run them as separate
+tasks; `run_unlearning` runs them all in one process.
+
+Data splits. Every manifest row has a split (train when absent). The forget set is the rows
+the request names; the retain data is the retain data set's rows minus the forget set.
+    forget       forget & train   fine-tuned on; reported (Acc D_f)
+    forget_val   forget & val     lambda search (falls back to `forget`)
+    forget_test  forget & test    reported
+    retain       retain & train   reported (Acc D_r); MIA members
+    retain_val   retain & val     lambda search (falls back to `retain`)
+    test         retain & test    reported (Acc D_test); MIA non-members
+    holdout      retain & val     holdout-match rule: accuracy on data the model never saw
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from negmerge.data import Manifest, Sample
+from negmerge.errors import DataError, NegMergeError
+from negmerge.evaluate import EvalSet, evaluate_accuracy, true_label_probs
+from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
+from negmerge.merge.streaming import merge_files
+from negmerge.metrics import mia_efficacy
+from negmerge.models import ModelSpec, UnlearningModel, load_model
+from negmerge.search import Evaluation, SearchResult, lambda_grid, search_lambda
+from negmerge.task_vector import apply_task_vector, apply_task_vector_file
+from negmerge.variants import Variant, VariantGrid
+
+SEARCH_SPLITS = ("forget_val", "retain_val")
+REPORT_SPLITS = ("forget", "forget_test", "retain", "test")
+
+
+class DataRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: str = Field(description="Manifest file, folder or fsspec URI.")
+    root: str | None = Field(None, description="Root of the image paths (default: beside it).")
+
+
+class ForgetSpec(DataRef):
+    """What to forget: samples by id, whole classes, or (neither) the whole data set."""
+
+    ids: list[str] | None = Field(None, min_length=1)
+    classes: list[str] | None = Field(None, min_length=1)
+
+
+class MergeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str = "negmerge"
+    params: dict[str, object] = Field(default_factory=dict)
+
+
+class SearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rule: Literal["retain-threshold", "holdout-match"] = "retain-threshold"
+    strategy: Literal["fast", "grid"] = "fast"
+    grid: list[float] | None = Field(None, description="Lambdas to try (default 0..1, 21).")
+    retain_ratio: float = Field(0.95, gt=0, le=1)
+
+
+class JobSpec(BaseModel):
+    """An unlearning job: the model, what to forget, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec
+    forget: ForgetSpec
+    retain: DataRef | None = Field(None, description="Default: the forget set's data set.")
+    variants: VariantGrid
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    seed: int = Field(0, description="Added to every variant's seed.")
+    max_eval_samples: int | None = Field(2000, gt=0, description="Cap per evaluation split.")
+    eval_batch_size: int = Field(256, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> JobSpec:
+        """Read a job from YAML or JSON; relative data and weight paths are taken from there."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise NegMergeError(f"{path}: cannot read the job: {exc}") from None
+        try:
+            spec = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise NegMergeError(f"{path}: {describe_validation_error(exc)}") from None
+        return spec.relative_to(path.parent)
+
+    def relative_to(self, folder: Path) -> JobSpec:
+        """Resolve relative local paths against `folder`."""
+
+        def resolve(value: str | None) -> str | None:
+            if value is None or "://" in value or Path(value).is_absolute():
+                return value
+            return str((folder / value).resolve())
+
+        data = self.model_dump()
+        for key in ("weights", "model_config_path"):
+            data["model"][key] = resolve(data["model"][key])
+        for part in ("forget", "retain"):
+            if data[part] is not None:
+                data[part]["dataset"] = resolve(data[part]["dataset"])
+                data[part]["root"] = resolve(data[part]["root"])
+        return JobSpec.model_validate(data)
+
+    def variant_list(self) -> list[Variant]:
+        return [v.model_copy(update={"seed": v.seed + self.seed}) for v in self.variants.expand()]
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+class Progress:
+    """Callbacks for a job's progress; the defaults do nothing."""
+
+    def stage(self, name: str) -> None: ...
+
+    def variant_step(self, index: int, n: int, step: int, total: int, loss: float) -> None: ...
+
+    def variant_done(self, index: int, n: int) -> None: ...
+
+    def lambda_evaluated(self, lam: float, evaluation: Evaluation) -> None: ...
+
+
+@dataclass
+class Workdir:
+    """Where a job keeps its stages' outputs."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    job = property(lambda self: self.root / "job.json")
+    base = property(lambda self: self.root / "base.safetensors")
+    original = property(lambda self: self.root / "original.json")
+    merged = property(lambda self: self.root / "merged.safetensors")
+    search = property(lambda self: self.root / "search.json")
+    model = property(lambda self: self.root / "model.safetensors")
+    report = property(lambda self: self.root / "report.json")
+
+    def variant(self, index: int, variant: Variant) -> Path:
+        return self.root / "variants" / f"{index:03d}-{variant.key()}.safetensors"
+
+    def claim(self, spec: JobSpec) -> None:
+        """Create the work directory for `spec`, or check that it already belongs to it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = spec.model_dump_json(indent=2)
+        if self.job.exists():
+            if json.loads(self.job.read_text()) != json.loads(text):
+                raise NegMergeError(f"{self.root}: holds another job; use a fresh --workdir")
+            return
+        write_json_atomic(self.job, json.loads(text))
+
+
+@dataclass
+class JobContext:
+    """What every stage needs, loaded once per process: the model and the data splits."""
+
+    spec: JobSpec
+    workdir: Workdir
+    model: UnlearningModel
+    device: str
+    forget_manifest: Manifest
+    retain_manifest: Manifest
+    splits: dict[str, list[Sample]]
+    pretrained: dict[str, torch.Tensor]  # the tau keys' original values
+    _eval_sets: dict[str, EvalSet] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, spec: JobSpec, workdir: str | os.PathLike) -> JobContext:
+        device = resolve_device(spec.device)
+        model = load_model(spec.model, device)
+        forget_manifest = Manifest.load(spec.forget.dataset, spec.forget.root)
+        retain_ref = spec.retain or spec.forget
+        retain_manifest = (
+            forget_manifest
+            if spec.retain is None
+            else Manifest.load(retain_ref.dataset, retain_ref.root)
+        )
+        forget_manifest.check_labels(model.classes)
+        retain_manifest.check_labels(model.classes)
+        splits = make_splits(spec, forget_manifest, retain_manifest)
+        state = model.module.state_dict()
+        pretrained = {key: state[key].detach().clone() for key in model.tau_keys}
+        return cls(
+            spec,
+            Workdir(Path(workdir)),
+            model,
+            device,
+            forget_manifest,
+            retain_manifest,
+            splits,
+            pretrained,
+        )
+
+    def manifest_for(self, split: str) -> Manifest:
+        return self.forget_manifest if split.startswith("forget") else self.retain_manifest
+
+    def eval_set(self, split: str) -> EvalSet:
+        if split not in self._eval_sets:
+            self._eval_sets[split] = EvalSet.build(
+                split,
+                self.model,
+                self.manifest_for(split),
+                self.splits[split],
+                self.spec.max_eval_samples,
+                self.spec.seed,
+            )
+        return self._eval_sets[split]
+
+    def accuracy(self, split: str) -> float | None:
+        data = self.eval_set(split)
+        if not len(data):
+            return None
+        return evaluate_accuracy(self.model, data, self.device, self.spec.eval_batch_size)
+
+    def set_scale(self, vector: dict[str, torch.Tensor], lam: float) -> None:
+        """Put theta_pre - lam * tau into the model, in place."""
+        apply_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
+
+    def metrics(self) -> dict[str, float | None]:
+        """Accuracy on every report split, and MIA-efficacy, of the model as it is now."""
+        result: dict[str, float | None] = {f"{s}_acc": self.accuracy(s) for s in REPORT_SPLITS}
+        retain, forget, test = (self.eval_set(s) for s in ("retain", "forget", "test"))
+        result["mia"] = None
+        if len(retain) and len(forget) and len(test):
+            args = (self.device, self.spec.eval_batch_size)
+            result["mia"] = mia_efficacy(
+                true_label_probs(self.model, retain, *args),
+                true_label_probs(self.model, forget, *args),
+                true_label_probs(self.model, test, *args),
+            )
+        return result
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NegMergeError("device: cuda was asked for, but no CUDA device is available")
+    return device
+
+
+def make_splits(spec: JobSpec, forget: Manifest, retain: Manifest) -> dict[str, list[Sample]]:
+    """The named splits of a job (see the module's docstring)."""
+    chosen = forget.select(ids=spec.forget.ids, classes=spec.forget.classes)
+    if not chosen:
+        raise DataError("forget: the forget set is empty")
+    forgotten = {(forget.source, s.id) for s in chosen}
+    kept = [s for s in retain.samples if (retain.source, s.id) not in forgotten]
+
+    def part(samples: list[Sample], split: str) -> list[Sample]:
+        return [s for s in samples if s.split == split]
+
+    splits = {
+        "forget": part(chosen, "train"),
+        "forget_val": part(chosen, "val"),
+        "forget_test": part(chosen, "test"),
+        "retain": part(kept, "train"),
+        "retain_val": part(kept, "val"),
+        "test": part(kept, "test"),
+    }
+    splits["holdout"] = splits["retain_val"]
+    if not splits["forget"]:
+        raise DataError("forget: no training-split samples to fine-tune on")
+    if not kept:
+        raise DataError("retain: no data left to measure what must be kept")
+    splits["forget_val"] = splits["forget_val"] or splits["forget"]
+    splits["retain_val"] = splits["retain_val"] or splits["retain"] or kept
+    if spec.search.rule == "holdout-match" and not splits["holdout"]:
+        raise DataError("search.rule: holdout-match needs retain samples in the val split")
+    return splits
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+
+def prepare(ctx: JobContext) -> dict:
+    """Store the base model and measure the original: the 'before' of the report."""
+    wd = ctx.workdir
+    if wd.original.exists():
+        return json.loads(wd.original.read_text())
+    began = time.perf_counter()
+    if not wd.base.exists():
+        save_file(ctx.model.full_state(), wd.base)
+    original = {
+        "metrics": ctx.metrics(),
+        "base_sha256": file_sha256(wd.base),
+        "weights_sha256": file_sha256(ctx.spec.model.weights) if ctx.spec.model.weights else None,
+        "forget_manifest_sha256": ctx.forget_manifest.sha256(_forget_set(ctx)),
+        "forget_count": len(_forget_set(ctx)),
+        "split_sizes": {name: len(samples) for name, samples in ctx.splits.items()},
+        "seconds": time.perf_counter() - began,
+    }
+    write_json_atomic(wd.original, original)
+    return original
+
+
+def finetune_variant(
+    ctx: JobContext, index: int, on_step: Callable[[int, int, float], None] | None = None
+) -> dict:
+    """Fine-tune variant `index` and write its task vector; a finished variant is not redone."""
+    from negmerge.finetune import finetune_task_vector
+
+    variant = ctx.spec.variant_list()[index]
+    path = ctx.workdir.variant(index, variant)
+    if path.exists():
+        return _variant_record(path)
+    began = time.perf_counter()
+    losses: list[float] = []
+
+    def step(done: int, total: int, loss: float) -> None:
+        losses.append(loss)
+        if on_step is not None:
+            on_step(done, total, loss)
+
+    tau = finetune_task_vector(
+        ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
+    )
+    metadata = {
+        "format": "negmerge.task_vector",
+        "variant": variant.model_dump_json(),
+        "index": str(index),
+        "seconds": f"{time.perf_counter() - began:.3f}",
+        "final_loss": f"{losses[-1]:.6f}" if losses else "",
+    }
+    save_file(tau, path, metadata)
+    return _variant_record(path)
+
+
+def _variant_record(path: Path) -> dict:
+    with open_checkpoint(path) as ckpt:
+        meta = ckpt.metadata
+    return {
+        "index": int(meta["index"]),
+        "key": path.stem.split("-", 1)[1],
+        "hyperparameters": json.loads(meta["variant"]),
+        "seconds": float(meta["seconds"]),
+        "final_loss": float(meta["final_loss"]) if meta.get("final_loss") else None,
+        "tau_sha256": file_sha256(path),
+        "path": str(path),
+    }
+
+
+def merge_variants(ctx: JobContext) -> dict:
+    """Merge the n task vectors (streaming) into merged.safetensors."""
+    wd = ctx.workdir
+    records = [_variant_record(wd.variant(i, v)) for i, v in enumerate(ctx.spec.variant_list())]
+    if not wd.merged.exists():
+        merge_files(
+            ctx.spec.merge.method,
+            [r["path"] for r in records],
+            wd.merged,
+            params=ctx.spec.merge.params,
+            input_sha256=[r["tau_sha256"] for r in records],
+        )
+    with open_checkpoint(wd.merged) as ckpt:
+        meta = ckpt.metadata
+    return {
+        "method": meta["method"],
+        "params": json.loads(meta["params"]),
+        "n": int(meta["n"]),
+        "kept_fraction": float(meta["kept_fraction"]),
+        "merged_sha256": file_sha256(wd.merged),
+        "variants": records,
+    }
+
+
+def search(
+    ctx: JobContext, on_evaluation: Callable[[float, Evaluation], None] | None = None
+) -> dict:
+    """Choose lambda on the validation splits."""
+    wd = ctx.workdir
+    if wd.search.exists():
+        return json.loads(wd.search.read_text())
+    began = time.perf_counter()
+    vector = load_state_dict(wd.merged)
+    holdout = ctx.spec.search.rule == "holdout-match"
+
+    def evaluate(lam: float) -> Evaluation:
+        ctx.set_scale(vector, lam)
+        return Evaluation(
+            forget_acc=ctx.accuracy("forget_val"),
+            retain_acc=ctx.accuracy("retain_val"),
+            holdout_acc=ctx.accuracy("holdout") if holdout else None,
+        )
+
+    try:
+        result: SearchResult = search_lambda(
+            evaluate,
+            ctx.spec.search.rule,
+            strategy=ctx.spec.search.strategy,
+            grid=ctx.spec.search.grid or lambda_grid(),
+            retain_ratio=ctx.spec.search.retain_ratio,
+            on_evaluation=on_evaluation,
+        )
+    finally:
+        ctx.set_scale(vector, 0.0)
+    found = {**result.to_dict(), "seconds": time.perf_counter() - began}
+    write_json_atomic(wd.search, found)
+    return found
+
+
+def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timings: dict) -> dict:
+    """Write the unlearned model, measure it, and write the evidence report."""
+    wd = ctx.workdir
+    if wd.report.exists():
+        return json.loads(wd.report.read_text())
+    lam = searched["lambda"]
+    began = time.perf_counter()
+    if not wd.model.exists():
+        apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
+    vector = load_state_dict(wd.merged)
+    ctx.set_scale(vector, lam)
+    try:
+        after = ctx.metrics()
+    finally:
+        ctx.set_scale(vector, 0.0)
+    timings = {**timings, "evaluate_and_store": time.perf_counter() - began}
+    report = {
+        "format": "negmerge.report/1",
+        "code_version": code_version(),
+        "job": json.loads(ctx.spec.model_dump_json()),
+        "seeds": {"job": ctx.spec.seed, "variants": [v.seed for v in ctx.spec.variant_list()]},
+        "base_model": {
+            "sha256": original["base_sha256"],
+            "weights_sha256": original["weights_sha256"],
+        },
+        "forget_set": {
+            "manifest_sha256": original["forget_manifest_sha256"],
+            "count": original["forget_count"],
+        },
+        "split_sizes": original["split_sizes"],
+        "variants": merged["variants"],
+        "merge": {k: v for k, v in merged.items() if k != "variants"},
+        "search": searched,
+        "lambda": lam,
+        "metrics": {"before": original["metrics"], "after": after},
+        "model": {"path": str(wd.model), "sha256": file_sha256(wd.model)},
+        "timings": timings,
+    }
+    write_json_atomic(wd.report, report)
+    return report
+
+
+def run_unlearning(
+    spec: JobSpec, workdir: str | os.PathLike, progress: Progress | None = None
+) -> dict:
+    """Run (or resume) the whole job in this process and return the report."""
+    progress = progress or Progress()
+    timings: dict[str, float] = {}
+    Workdir(Path(workdir)).claim(spec)
+
+    def timed(name: str, call: Callable[[], object]) -> object:
+        progress.stage(name)
+        began = time.perf_counter()
+        result = call()
+        timings[name] = time.perf_counter() - began
+        return result
+
+    ctx = timed("load", lambda: JobContext.load(spec, workdir))
+    original = timed("prepare", lambda: prepare(ctx))
+    variants = spec.variant_list()
+
+    def finetune_all() -> None:
+        for index in range(len(variants)):
+            finetune_variant(
+                ctx,
+                index,
+                lambda s, t, loss, i=index: progress.variant_step(i, len(variants), s, t, loss),
+            )
+            progress.variant_done(index, len(variants))
+
+    timed("finetune", finetune_all)
+    merged = timed("merge", lambda: merge_variants(ctx))
+    searched = timed("search", lambda: search(ctx, progress.lambda_evaluated))
+    progress.stage("evaluate")
+    return finalize(ctx, original, merged, searched, timings)
+
+
+def _forget_set(ctx: JobContext) -> list[Sample]:
+    return ctx.forget_manifest.select(ids=ctx.spec.forget.ids, classes=ctx.spec.forget.classes)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def code_version() -> str:
+    try:
+        return version("negmerge-service")
+    except PackageNotFoundError:
+        return "unknown"
