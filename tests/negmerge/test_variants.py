@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from negmerge.variants import PRESETS, Variant, VariantGrid
+
+
+def test_paper_presets_have_the_papers_sizes():
+    clip = VariantGrid(preset="clip-paper").expand()
+    assert len(clip) == 30
+    assert {v.augment for v in clip} == {
+        f"rand-m{m}-n{n}" for m in range(1, 11) for n in range(1, 4)
+    }
+    assert {(v.optimizer, v.lr, v.weight_decay, v.grad_clip) for v in clip} == {
+        ("adamw", 1e-5, 0.1, 1.0)
+    }
+    classifier = VariantGrid(preset="classifier-paper").expand()
+    assert len(classifier) == 27 and {v.optimizer for v in classifier} == {"sgd"}
+    assert len({v.key() for v in classifier}) == 27
+
+
+def test_grid_is_a_cartesian_product_over_a_base():
+    grid = VariantGrid(
+        base={"lr": 0.1, "steps": 5}, grid={"seed": [1, 2], "weight_decay": [0.0, 0.5]}
+    )
+    variants = grid.expand()
+    assert [(v.seed, v.weight_decay) for v in variants] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
+    assert all(v.lr == 0.1 and v.steps == 5 for v in variants)
+
+
+def test_preset_values_can_be_overridden():
+    variants = VariantGrid(preset="tiny-clip", base={"steps": 3}).expand()
+    assert len(variants) == len(PRESETS["tiny-clip"]["grid"]["augment"])
+    assert all(v.steps == 3 for v in variants)
+
+
+def test_keys_depend_on_every_hyperparameter():
+    assert Variant().key() == Variant().key()
+    assert Variant(seed=1).key() != Variant().key()
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"preset": "huge"}, "unknown 'huge'"),
+        ({"grid": {"learning_rate": [1]}}, "'learning_rate' is not a hyperparameter"),
+        ({"grid": {"augment": ["strong"]}}, "'strong' is not a RandAugment config"),
+        ({"base": {"lr": -1}}, "greater than 0"),
+        ({"grid": {"seed": []}}, "grid.seed: give at least one value"),
+    ],
+)
+def test_bad_grids_name_the_field(grid, message):
+    with pytest.raises(ValidationError, match=message):
+        VariantGrid(**grid)
