@@ -212,8 +212,8 @@ def main() -> None:
     if not args.skip_load_all:
         contenders.append(("load-all", "load-all"))
     for n in args.n:
-        folder = args.folder / f"n{n}-x{scale:g}"
-        pre, _ = generate(folder, n, scale)
+        folder = args.folder / f"x{scale:g}"  # n = 10 uses the first ten of n = 30's files
+        pre, _ = generate(folder, max(args.n), scale)
         known_hashes(folder)
         checkpoint_mb = pre.stat().st_size / 2**20
         run("floor", folder, n)  # warm the page cache

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,11 @@ from negmerge.io import Checkpoint, SafetensorsWriter, TensorSpec, open_checkpoi
 from negmerge.merge.base import Chunk, MergeMethod, State, get_method
 from negmerge.task_vector import check_same_layout, float_keys
 
-CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per input: fits the caches, keeps buffers tiny
+# Inputs are read in chunks of 2 MiB of fp32 (fewer, larger reads) and reduced in slices of
+# 256 KiB, whose working set (slice, sum, min, max) stays in L2. Measured per element and
+# input: 0.24 ns at 64 Ki elements a slice, 0.32 ns at 256 Ki, 0.36 ns at 1 Mi.
+CHUNK_ELEMENTS = 1 << 19
+SLICE_ELEMENTS = 1 << 16
 OUTPUT_FORMAT = "negmerge.task_vector"
 
 
@@ -49,6 +54,19 @@ class MergeResult:
         return data
 
 
+def merge_chunk(method: MergeMethod, chunk: Chunk, n: int) -> torch.Tensor:
+    """The merged values of one chunk, reduced slice by cache-sized slice."""
+    size = chunk.stop - chunk.start
+    if size <= SLICE_ELEMENTS:
+        return method.finish(reduce_chunk(method, chunk.taus, chunk.indices), n)
+    merged = torch.empty(size)
+    for start in range(0, size, SLICE_ELEMENTS):
+        stop = min(start + SLICE_ELEMENTS, size)
+        taus = [tau[start:stop] for tau in chunk.taus]
+        merged[start:stop] = method.finish(reduce_chunk(method, taus, chunk.indices), n)
+    return merged
+
+
 def reduce_chunk(
     method: MergeMethod, taus: Sequence[torch.Tensor], indices: Sequence[int]
 ) -> State:
@@ -65,7 +83,7 @@ class _KeptCounter:
         self._kept = dict.fromkeys(specs, 0)
 
     def count(self, key: str, merged: torch.Tensor) -> None:
-        self._kept[key] += int(torch.count_nonzero(merged))
+        self._kept[key] += int(merged.bool().sum())  # 10x faster than count_nonzero here
 
     def per_tensor(self) -> dict[str, float]:
         return {key: kept / max(self._numel[key], 1) for key, kept in self._kept.items()}
@@ -205,6 +223,45 @@ def merge_files(
     (content-addressed artifacts) pass `input_sha256` (and `pretrained_sha256`) instead.
     """
     began = time.perf_counter()
+    with _one_intra_op_thread():
+        return _merge_files(
+            method,
+            inputs,
+            output,
+            pretrained,
+            params,
+            chunk_elements,
+            on_progress,
+            input_sha256,
+            pretrained_sha256,
+            began,
+        )
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """The engine keeps two cores busy itself (the reader and the reducer); torch's intra-op
+    pool on top oversubscribes them and made the reducer three to four times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_files(
+    method: str | MergeMethod,
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    pretrained: str | os.PathLike | None,
+    params: Mapping[str, object] | None,
+    chunk_elements: int,
+    on_progress: Callable[[int, int], None] | None,
+    input_sha256: Sequence[str] | None,
+    pretrained_sha256: str | None,
+    began: float,
+) -> MergeResult:
     known = input_sha256 is not None and (pretrained is None or pretrained_sha256 is not None)
     if input_sha256 is not None and len(input_sha256) != len(inputs):
         raise MergeError(f"input_sha256: {len(input_sha256)} hashes for {len(inputs)} inputs")
@@ -225,7 +282,7 @@ def merge_files(
         with SafetensorsWriter(output, out_specs, metadata, reserve=256 + 96 * data.n) as writer:
             done = 0
             for chunk in data.stream(indices, chunk_elements):
-                merged = method.finish(reduce_chunk(method, chunk.taus, chunk.indices), data.n)
+                merged = merge_chunk(method, chunk, data.n)
                 kept.count(chunk.key, merged)
                 writer.write(chunk.key, merged)
                 done += merged.numel() * 4
@@ -273,7 +330,7 @@ def merge_task_vectors(
     kept = _KeptCounter(specs)
     merged = {}
     for chunk in iter_memory_chunks(vectors, specs, indices):
-        values = method.finish(reduce_chunk(method, chunk.taus, chunk.indices), len(vectors))
+        values = merge_chunk(method, chunk, len(vectors))
         kept.count(chunk.key, values)
         merged[chunk.key] = values.reshape(specs[chunk.key].shape)
     return MergeResult(
