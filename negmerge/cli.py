@@ -158,13 +158,12 @@ def print_report_summary(report: dict) -> None:
     console.print(table)
     search, merge = report["search"], report["merge"]
     edge = "  (upper end of the grid: consider a wider grid)" if search.get("at_upper_end") else ""
-    console.print(f"lambda        {report['lambda']:g}{edge}")
-    console.print(
-        f"kept          {merge['kept_fraction']:.2%} of tau ({merge['method']}, n = {merge['n']})"
-    )
-    console.print(f"base model    sha256 {report['base_model']['sha256']}")
-    console.print(f"new model     sha256 {report['model']['sha256']}")
-    console.print(f"              {report['model']['path']}")
+    kept = f"{merge['kept_fraction']:.2%} of tau ({merge['method']}, n = {merge['n']})"
+    click.echo(f"lambda        {report['lambda']:g}{edge}")
+    click.echo(f"kept          {kept}")
+    click.echo(f"base model    sha256 {report['base_model']['sha256']}")
+    click.echo(f"new model     sha256 {report['model']['sha256']}")
+    click.echo(f"              {report['model']['path']}")
 
 
 class _JobProgress:

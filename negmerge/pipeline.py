@@ -340,13 +340,15 @@ def finetune_variant(
     tau = finetune_task_vector(
         ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
     )
+    # Only deterministic facts go into the task vector file, so that the same seed gives the
+    # same bytes and hash; the time taken goes beside it.
     metadata = {
         "format": "negmerge.task_vector",
         "variant": variant.model_dump_json(),
         "index": str(index),
-        "seconds": f"{time.perf_counter() - began:.3f}",
-        "final_loss": f"{losses[-1]:.6f}" if losses else "",
     }
+    stats = {"seconds": time.perf_counter() - began, "final_loss": losses[-1] if losses else None}
+    write_json_atomic(path.with_suffix(".json"), stats)
     save_file(tau, path, metadata)
     return _variant_record(path)
 
@@ -358,8 +360,7 @@ def _variant_record(path: Path) -> dict:
         "index": int(meta["index"]),
         "key": path.stem.split("-", 1)[1],
         "hyperparameters": json.loads(meta["variant"]),
-        "seconds": float(meta["seconds"]),
-        "final_loss": float(meta["final_loss"]) if meta.get("final_loss") else None,
+        **json.loads(path.with_suffix(".json").read_text()),
         "tau_sha256": file_sha256(path),
         "path": str(path),
     }
@@ -506,6 +507,7 @@ def _forget_set(ctx: JobContext) -> list[Sample]:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
     os.replace(tmp, path)

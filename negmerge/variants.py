@@ -85,7 +85,7 @@ PRESETS: dict[str, dict] = {
     },
     # Small grids for the offline fixtures: tests and the demo.
     "tiny-clip": {
-        "base": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.1, "steps": 12},
+        "base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "steps": 30},
         "grid": {"augment": ["rand-m1-n1", "rand-m5-n2", "rand-m9-n3"]},
     },
     "tiny-classifier": {

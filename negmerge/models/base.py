@@ -43,13 +43,15 @@ class UnlearningModel:
         """RandAugment (timm's `rand-m{M}-n{N}` strings) before the usual preprocessing."""
         if not augment:
             return self.eval_transform
-        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.auto_augment import _RAND_TRANSFORMS, rand_augment_transform
         from torchvision import transforms
 
+        # timm's Posterize keeps 0 bits at magnitudes below 3, which current Pillow refuses;
+        # PosterizeOriginal (keep 4..8 bits) is the same operation in the valid range.
+        ops = ["PosterizeOriginal" if op == "Posterize" else op for op in _RAND_TRANSFORMS]
         fill = tuple(round(255 * m) for m in self.mean)
-        return transforms.Compose(
-            [rand_augment_transform(augment, {"img_mean": fill}), self.eval_transform]
-        )
+        randaugment = rand_augment_transform(augment, {"img_mean": fill}, transforms=ops)
+        return transforms.Compose([randaugment, self.eval_transform])
 
 
 def load_weights(module: nn.Module, path: str, architecture: str) -> None:

@@ -69,7 +69,7 @@ def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(spec.architecture)
     head = zero_shot_head(model, tokenizer, spec.classes, spec.templates, device)
-    classifier = ZeroShotClassifier(model.visual, head, float(model.logit_scale.exp()))
+    classifier = ZeroShotClassifier(model.visual, head, model.logit_scale.exp().item())
     tau_keys = [name for name, _ in classifier.named_parameters()]
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     return UnlearningModel(

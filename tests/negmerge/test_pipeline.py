@@ -1,0 +1,232 @@
+"""The whole unlearning job on the offline fixtures, for each model family."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from negmerge.cli import main
+from negmerge.errors import CheckpointError, DataError, NegMergeError
+from negmerge.fixtures import ensure_tiny_classifier, ensure_tiny_clip
+from negmerge.io import file_sha256, load_state_dict
+from negmerge.pipeline import JobContext, JobSpec, finetune_variant, run_unlearning
+
+
+@pytest.fixture(scope="session")
+def clip():
+    return ensure_tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    return ensure_tiny_classifier()
+
+
+def clip_job(clip, **overrides) -> dict:
+    """Forget the whole shapes domain, keep digits (the paper's CLIP experiment's shape)."""
+    job = {
+        "model": {
+            "family": "open_clip",
+            "architecture": clip.model_name,
+            "model_config_path": str(clip.config_path),
+            "weights": str(clip.weights_path),
+            "classes": [*clip.classes["digits"], *clip.classes["shapes"]],
+            "templates": sorted({*clip.templates["digits"], *clip.templates["shapes"]}),
+        },
+        "forget": {"dataset": str(clip.dataset_roots["shapes"])},
+        "retain": {"dataset": str(clip.dataset_roots["digits"])},
+        "variants": {"preset": "tiny-clip"},
+        "max_eval_samples": 200,
+    }
+    return {**job, **overrides}
+
+
+def classifier_job(classifier, **overrides) -> dict:
+    """Forget the class 'three' of the digits classifier."""
+    job = {
+        "model": {
+            "family": "classifier",
+            "architecture": classifier.model_name,
+            "weights": str(classifier.weights_path),
+            "classes": list(classifier.classes),
+            "image_size": classifier.input_size[-1],
+        },
+        "forget": {"dataset": str(classifier.dataset_root), "classes": ["three"]},
+        "variants": {"preset": "tiny-classifier"},
+        "max_eval_samples": 200,
+    }
+    return {**job, **overrides}
+
+
+def check_unlearned(report: dict) -> None:
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert after["forget_acc"] < before["forget_acc"]
+    search = report["search"]
+    chosen = next(e for e in search["evaluations"] if e["lambda"] == report["lambda"])
+    assert report["lambda"] > 0
+    assert chosen["retain_acc"] >= search["retain_ratio"] * search["reference"]["retain_acc"]
+
+
+def test_clip_forgets_a_domain_and_keeps_the_other(clip, tmp_path):
+    report = run_unlearning(JobSpec.model_validate(clip_job(clip)), tmp_path)
+    check_unlearned(report)
+    assert 0 < report["merge"]["kept_fraction"] < 1
+    assert report["merge"]["n"] == 3
+    # The task vector covers the image tower only: the text tower is carried over unchanged.
+    base, model = (
+        load_state_dict(tmp_path / "base.safetensors"),
+        load_state_dict(tmp_path / "model.safetensors"),
+    )
+    assert all(torch.equal(base[k], model[k]) for k in base if not k.startswith("visual."))
+    assert any(not torch.equal(base[k], model[k]) for k in base if k.startswith("visual."))
+    assert report["model"]["sha256"] == file_sha256(tmp_path / "model.safetensors")
+
+
+def test_classifier_forgets_a_class(classifier, tmp_path):
+    report = run_unlearning(JobSpec.model_validate(classifier_job(classifier)), tmp_path)
+    check_unlearned(report)
+    assert report["forget_set"]["count"] == sum(
+        1
+        for line in (classifier.dataset_root / "manifest.jsonl").read_text().splitlines()
+        if json.loads(line)["label"] == "three"
+    )
+    for key in ("config", "job", "seeds", "base_model", "variants", "merge", "search", "timings"):
+        assert key in report or key == "config"
+    assert len(report["variants"]) == 4 and all(v["tau_sha256"] for v in report["variants"])
+
+
+def test_fast_search_picks_the_grid_lambda(classifier, tmp_path):
+    fast = run_unlearning(JobSpec.model_validate(classifier_job(classifier)), tmp_path / "fast")
+    job = classifier_job(classifier, search={"strategy": "grid"})
+    grid = run_unlearning(JobSpec.model_validate(job), tmp_path / "grid")
+    assert fast["lambda"] == grid["lambda"]
+    assert fast["search"]["n_evaluated"] <= grid["search"]["n_evaluated"] / 3 + 1
+
+
+def test_finetuning_is_deterministic_for_a_seed(classifier, tmp_path):
+    spec = JobSpec.model_validate(classifier_job(classifier))
+    taus = []
+    for run in ("a", "b"):
+        ctx = JobContext.load(spec, tmp_path / run)
+        ctx.workdir.claim(spec)
+        record = finetune_variant(ctx, 1)
+        taus.append(load_state_dict(record["path"]))
+    assert taus[0].keys() == taus[1].keys()
+    assert all(torch.equal(taus[0][k], taus[1][k]) for k in taus[0])
+    other = JobSpec.model_validate(classifier_job(classifier, seed=5))
+    ctx = JobContext.load(other, tmp_path / "c")
+    ctx.workdir.claim(other)
+    changed = load_state_dict(finetune_variant(ctx, 1)["path"])
+    assert any(not torch.equal(changed[k], taus[0][k]) for k in changed)
+
+
+def test_a_killed_run_resumes_without_retraining_and_ends_the_same(classifier, tmp_path):
+    spec = JobSpec.model_validate(classifier_job(classifier))
+    uninterrupted = run_unlearning(spec, tmp_path / "once")
+
+    ctx = JobContext.load(spec, tmp_path / "twice")
+    ctx.workdir.claim(spec)
+    first = finetune_variant(ctx, 0)  # ... and the process dies here, between variants
+    mtime = (
+        (tmp_path / "twice" / "variants")
+        .joinpath(first["path"].rsplit("/", 1)[1])
+        .stat()
+        .st_mtime_ns
+    )
+    resumed = run_unlearning(spec, tmp_path / "twice")
+
+    assert (tmp_path / "twice" / "variants").joinpath(
+        first["path"].rsplit("/", 1)[1]
+    ).stat().st_mtime_ns == mtime
+    assert resumed["model"]["sha256"] == uninterrupted["model"]["sha256"]
+    assert resumed["lambda"] == uninterrupted["lambda"]
+
+
+def test_a_workdir_belongs_to_one_job(classifier, tmp_path):
+    run_spec = JobSpec.model_validate(classifier_job(classifier, variants={"base": {"steps": 1}}))
+    run_unlearning(run_spec, tmp_path)
+    other = JobSpec.model_validate(
+        classifier_job(classifier, seed=3, variants={"base": {"steps": 1}})
+    )
+    with pytest.raises(NegMergeError, match="holds another job"):
+        run_unlearning(other, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (
+            lambda j: j["forget"].update(classes=["eleven"]),
+            DataError,
+            "classes: 'eleven' is not a label",
+        ),
+        (lambda j: j["forget"].update(classes=None, ids=["nope-1"]), DataError, "ids: 1 not in"),
+        (
+            lambda j: j["model"]["classes"].__setitem__(9, "ten"),
+            DataError,
+            "label 'nine', which is not one of the model's 10 classes",
+        ),
+    ],
+)
+def test_bad_requests_fail_with_a_clear_error(classifier, tmp_path, change, error, message):
+    job = classifier_job(classifier)
+    change(job)
+    with pytest.raises(error, match=message):
+        run_unlearning(JobSpec.model_validate(job), tmp_path)
+    assert not (tmp_path / "variants").exists()
+
+
+def test_an_empty_forget_set_is_refused_by_the_job_schema(classifier):
+    job = classifier_job(classifier)
+    job["forget"].update(classes=None, ids=[])
+    with pytest.raises(ValueError, match="forget.ids"):
+        JobSpec.model_validate(job)
+
+
+def test_an_unreadable_image_is_named(classifier, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(classifier.dataset_root, data)
+    row = next(
+        json.loads(line)
+        for line in (data / "manifest.jsonl").read_text().splitlines()
+        if json.loads(line)["label"] == "three" and json.loads(line)["split"] == "train"
+    )
+    (data / row["path"]).write_bytes(b"this is not a png")
+    job = classifier_job(classifier)
+    job["forget"]["dataset"] = str(data)
+    with pytest.raises(DataError, match=f"sample '{row['id']}': .*not a readable image"):
+        run_unlearning(JobSpec.model_validate(job), tmp_path / "work")
+
+
+def test_a_pickled_checkpoint_is_refused(classifier, tmp_path):
+    import timm
+
+    torch.save(timm.create_model("test_resnet", num_classes=10), tmp_path / "model.pt")
+    job = classifier_job(classifier)
+    job["model"]["weights"] = str(tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        run_unlearning(JobSpec.model_validate(job), tmp_path / "work")
+
+
+def test_cli_runs_a_job_file_with_relative_paths(classifier, tmp_path):
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 2}})
+    shutil.copy(classifier.weights_path, tmp_path / "weights.safetensors")
+    job["model"]["weights"] = "weights.safetensors"  # relative to the job file
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(
+        main, ["unlearn", str(tmp_path / "job.yaml"), "--workdir", str(tmp_path / "w")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "forget accuracy (Acc D_f)" in result.output and "lambda" in result.output
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert f"sha256 {report['model']['sha256']}" in result.output
+
+    bad = CliRunner().invoke(
+        main, ["unlearn", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path / "x")]
+    )
+    assert bad.exit_code != 0 and "missing.yaml: cannot read the job" in bad.output
