@@ -23,11 +23,8 @@ lint: install
 	$(BIN)/ruff format --check .
 
 demo: install
-	$(BIN)/python examples/make_checkpoints.py var/demo --variants 5
-	$(BIN)/negmerge merge --pretrained var/demo/pretrained.safetensors \
-		--output var/demo/merged.safetensors var/demo/finetuned-*.safetensors
-	$(BIN)/negmerge apply --pretrained var/demo/pretrained.safetensors \
-		--vector var/demo/merged.safetensors --scale 0.5 --output var/demo/unlearned.safetensors
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/write_demo_job.py var/demo
+	HF_HUB_OFFLINE=1 $(BIN)/negmerge unlearn var/demo/job.yaml --workdir var/demo/run
 
 bench: install
 	$(BIN)/python bench/merge.py

@@ -9,7 +9,10 @@ the head frozen; the text tower is not part of the task vector.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -61,9 +64,11 @@ def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
             "(give model_config_path for a custom one)"
         )
     pretrained = None if spec.weights else spec.pretrained
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        spec.architecture, pretrained=pretrained, force_image_size=spec.image_size
-    )
+    with _root_log_level(logging.ERROR if spec.weights else logging.NOTSET):
+        # open_clip warns "No pretrained weights loaded" although the weights follow below.
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.architecture, pretrained=pretrained, force_image_size=spec.image_size
+        )
     if spec.weights:
         load_weights(model, spec.weights, spec.architecture)
     model = model.to(device).eval()
@@ -80,6 +85,18 @@ def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
         mean=tuple(mean),
         full_state=lambda: {k: v.detach().cpu() for k, v in model.state_dict().items()},
     )
+
+
+@contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    previous = root.level
+    if level:
+        root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 def _register_config(name: str, path: str) -> None:
