@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from negmerge.fixtures import ensure_tiny_clip
+from negmerge.fixtures.jobs import forget_domain_job
 
 
 def main() -> None:
@@ -24,23 +25,10 @@ def main() -> None:
 
     print("building the offline fixtures (about a minute, once)...", flush=True)
     clip = ensure_tiny_clip()
-    job = {
-        "model": {
-            "family": "open_clip",
-            "architecture": clip.model_name,
-            "model_config_path": str(clip.config_path),
-            "weights": str(clip.weights_path),
-            "classes": [*clip.classes["digits"], *clip.classes["shapes"]],
-            "templates": sorted({*clip.templates["digits"], *clip.templates["shapes"]}),
-        },
-        "forget": {"dataset": str(clip.dataset_roots["shapes"])},
-        "retain": {"dataset": str(clip.dataset_roots["digits"])},
-        "variants": {
-            "base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "steps": 30},
-            "grid": {"augment": [f"rand-m{m}-n{n}" for m in (1, 5, 9) for n in (1, 2)]},
-        },
-        "merge": {"method": "negmerge"},
-        "search": {"rule": "retain-threshold", "strategy": "fast"},
+    job = forget_domain_job(clip, forget="shapes", keep="digits")
+    job["variants"] = {  # six variants, as the paper's RandAugment grid but smaller
+        "base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "steps": 30},
+        "grid": {"augment": [f"rand-m{m}-n{n}" for m in (1, 5, 9) for n in (1, 2)]},
     }
     args.folder.mkdir(parents=True, exist_ok=True)
     (args.folder / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))

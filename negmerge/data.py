@@ -12,12 +12,11 @@ import hashlib
 import io
 import json
 import posixpath
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from negmerge.errors import DataError
@@ -135,31 +134,10 @@ class Manifest:
             return image.convert("RGB")
         except FileNotFoundError:
             raise DataError(f"sample {sample.id!r}: {url}: no such file") from None
+        except Image.DecompressionBombError:
+            raise DataError(f"sample {sample.id!r}: {url}: image has too many pixels") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"sample {sample.id!r}: {url}: not a readable image ({exc})") from None
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Samples of a manifest as (image tensor, class index) pairs."""
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        samples: Sequence[Sample],
-        classes: Sequence[str],
-        transform: Callable[[Image.Image], torch.Tensor],
-    ) -> None:
-        self.manifest = manifest
-        self.samples = list(samples)
-        self.class_index = {name: i for i, name in enumerate(classes)}
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        sample = self.samples[i]
-        return self.transform(self.manifest.open(sample)), self.class_index[sample.label]
 
 
 def safe_relative_path(path: str, where: str) -> str:

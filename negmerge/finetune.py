@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from negmerge.data import ImageDataset, Manifest, Sample
+from negmerge.data import Manifest, Sample
 from negmerge.models.base import UnlearningModel
 from negmerge.variants import Variant
 
@@ -86,6 +87,29 @@ def finetune_task_vector(
         with torch.no_grad():
             for key, value in pretrained.items():
                 state[key].copy_(value)
+
+
+class ImageDataset(Dataset):
+    """Samples of a manifest as (image tensor, class index) pairs."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        samples: Sequence[Sample],
+        classes: Sequence[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
+        self.manifest = manifest
+        self.samples = list(samples)
+        self.class_index = {name: i for i, name in enumerate(classes)}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[i]
+        return self.transform(self.manifest.open(sample)), self.class_index[sample.label]
 
 
 def _seed_everything(seed: int) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_VARIANTS = 1024  # checked before expanding, so a huge grid is refused, not enumerated
 _AUGMENT = re.compile(r"^rand(-[a-z]+[0-9.]*)+$")
 
 
@@ -115,6 +117,12 @@ class VariantGrid(BaseModel):
         for name, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid.{name}: give at least one value")
+        count = math.prod(
+            len(v)
+            for v in {**PRESETS.get(self.preset or "", {}).get("grid", {}), **self.grid}.values()
+        )
+        if count > MAX_VARIANTS:
+            raise ValueError(f"grid: {count} combinations; at most {MAX_VARIANTS}")
         self.expand()  # every combination must be a valid variant
         return self
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from negmerge.cli import main
 from negmerge.errors import CheckpointError, DataError, NegMergeError
 from negmerge.fixtures import ensure_tiny_classifier, ensure_tiny_clip
+from negmerge.fixtures.jobs import forget_class_job, forget_domain_job
 from negmerge.io import file_sha256, load_state_dict
 from negmerge.pipeline import JobContext, JobSpec, finetune_variant, run_unlearning
 
@@ -28,39 +29,11 @@ def classifier():
 
 
 def clip_job(clip, **overrides) -> dict:
-    """Forget the whole shapes domain, keep digits (the paper's CLIP experiment's shape)."""
-    job = {
-        "model": {
-            "family": "open_clip",
-            "architecture": clip.model_name,
-            "model_config_path": str(clip.config_path),
-            "weights": str(clip.weights_path),
-            "classes": [*clip.classes["digits"], *clip.classes["shapes"]],
-            "templates": sorted({*clip.templates["digits"], *clip.templates["shapes"]}),
-        },
-        "forget": {"dataset": str(clip.dataset_roots["shapes"])},
-        "retain": {"dataset": str(clip.dataset_roots["digits"])},
-        "variants": {"preset": "tiny-clip"},
-        "max_eval_samples": 200,
-    }
-    return {**job, **overrides}
+    return {**forget_domain_job(clip), "max_eval_samples": 200, **overrides}
 
 
 def classifier_job(classifier, **overrides) -> dict:
-    """Forget the class 'three' of the digits classifier."""
-    job = {
-        "model": {
-            "family": "classifier",
-            "architecture": classifier.model_name,
-            "weights": str(classifier.weights_path),
-            "classes": list(classifier.classes),
-            "image_size": classifier.input_size[-1],
-        },
-        "forget": {"dataset": str(classifier.dataset_root), "classes": ["three"]},
-        "variants": {"preset": "tiny-classifier"},
-        "max_eval_samples": 200,
-    }
-    return {**job, **overrides}
+    return {**forget_class_job(classifier, "three"), "max_eval_samples": 200, **overrides}
 
 
 def check_unlearned(report: dict) -> None:

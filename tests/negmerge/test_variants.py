@@ -48,6 +48,7 @@ def test_keys_depend_on_every_hyperparameter():
         ({"grid": {"augment": ["strong"]}}, "'strong' is not a RandAugment config"),
         ({"base": {"lr": -1}}, "greater than 0"),
         ({"grid": {"seed": []}}, "grid.seed: give at least one value"),
+        ({"grid": {"seed": list(range(50)), "lr": [0.1] * 50}}, "2500 combinations; at most 1024"),
     ],
 )
 def test_bad_grids_name_the_field(grid, message):
