@@ -1,0 +1,117 @@
+"""/v1/datasets: register a data set by manifest URI or upload it as an archive."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+
+from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
+from app.auth import Principal, require
+from app.db.models import Dataset
+from app.db.repositories import DatasetRepository, InvalidPageToken
+from app.dependencies import DbSession
+from app.errors import InvalidRequest, NotFound
+from app.schemas.common import ListResponse
+from app.schemas.datasets import DatasetCreate, DatasetOut
+from app.services import datasets as service
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+Writer = Annotated[Principal, Depends(require("models:write"))]
+Reader = Annotated[Principal, Depends(require("models:read", "jobs:read"))]
+
+
+def dataset_out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        source=dataset.source,  # type: ignore[arg-type]
+        manifest_uri=dataset.manifest_uri if dataset.source == "uri" else None,
+        manifest_sha256=dataset.manifest_sha256,
+        content_sha256=dataset.content_sha256,
+        archive_sha256=dataset.archive_sha256,
+        sample_count=dataset.sample_count,
+        labels=dataset.labels,
+        split_counts=dataset.split_counts,
+        created_at=dataset.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses=errors(*AUTH_ERRORS, 413, 422),
+    summary="Register a data set by the URI of its manifest",
+)
+def register_dataset(
+    body: DatasetCreate,
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    response: Response,
+) -> DatasetOut:
+    """Reads and validates the manifest and every image (ids unique, paths inside the root,
+    labels among the model's classes when `model_id` is given, images decode)."""
+    dataset = service.register_from_uri(session, principal, body, settings)
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return dataset_out(dataset)
+
+
+@router.post(
+    ":upload",
+    status_code=201,
+    response_model=DatasetOut,
+    responses=errors(*AUTH_ERRORS, 413, 422),
+    summary="Upload a data set as a zip or tar archive",
+)
+def upload_dataset(
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description="zip or tar(.gz): images and a manifest.")],
+    name: Annotated[str, Form(min_length=1, max_length=200, pattern=r"^[^\x00]+$")],
+    model_id: Annotated[uuid.UUID | None, Form(description="Check labels against it.")] = None,
+) -> DatasetOut:
+    """The archive holds manifest.jsonl or manifest.csv (id, path, label, split) and the
+    images, or an ImageFolder tree (class/image). Links, paths leaving the archive, bombs,
+    files that are not images and duplicate ids are refused, and then nothing is stored."""
+    dataset = service.register_upload(session, principal, name, file.file, model_id, settings)
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return dataset_out(dataset)
+
+
+@router.get(
+    "",
+    response_model=ListResponse[DatasetOut],
+    responses=errors(*AUTH_ERRORS, 422),
+    summary="List data sets",
+)
+def list_datasets(
+    principal: Reader, session: DbSession, paging: PagingDep
+) -> ListResponse[DatasetOut]:
+    try:
+        page = DatasetRepository(session, principal.tenant_id).page(
+            paging.page_size, paging.page_token
+        )
+    except InvalidPageToken as exc:
+        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    return ListResponse(
+        items=[dataset_out(d) for d in page.items], next_page_token=page.next_page_token
+    )
+
+
+@router.get(
+    "/{dataset_id}",
+    response_model=DatasetOut,
+    responses=errors(*AUTH_ERRORS, 404, 422),
+    summary="Get a data set",
+)
+def get_dataset(dataset_id: uuid.UUID, principal: Reader, session: DbSession) -> DatasetOut:
+    dataset = DatasetRepository(session, principal.tenant_id).get(dataset_id)
+    if dataset is None:
+        raise NotFound(f"data set {dataset_id} not found")
+    return dataset_out(dataset)

@@ -1,0 +1,255 @@
+"""/v1/unlearning-jobs: deletion requests as long-running jobs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+
+from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
+from app.auth import Principal, require
+from app.db.models import JobState, ModelVersion, UnlearningJob
+from app.db.repositories import InvalidPageToken, JobFilter, JobRepository
+from app.dependencies import DbSession, get_queue
+from app.errors import InvalidRequest
+from app.queue import JobQueue
+from app.schemas.common import ListResponse
+from app.schemas.jobs import (
+    JobError,
+    JobForgetSet,
+    JobLinks,
+    JobModelRef,
+    JobProgress,
+    JobResult,
+    ReportModel,
+    ReportRequester,
+    TimelineEvent,
+    UnlearningJobCreate,
+    UnlearningJobOut,
+    UnlearningReport,
+)
+from app.services import jobs as service
+
+router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
+
+Writer = Annotated[Principal, Depends(require("jobs:write"))]
+Reader = Annotated[Principal, Depends(require("jobs:read"))]
+
+
+def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
+    base = f"/v1/unlearning-jobs/{job.id}"
+    return UnlearningJobOut(
+        id=job.id,
+        state=job.state,
+        stage=job.stage,
+        progress=JobProgress(
+            variants_done=job.variants_done,
+            variants_total=job.variants_total,
+            lambdas_evaluated=job.lambdas_evaluated,
+            percent=job.percent,
+        ),
+        model=JobModelRef(id=job.model_id, version=version),
+        forget=JobForgetSet(
+            dataset_id=job.forget_dataset_id,
+            count=job.forget_count,
+            manifest_sha256=job.forget_manifest_sha256,
+        ),
+        subject_reference=job.subject_reference,
+        legal_basis=job.legal_basis,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        cancel_requested_at=job.cancel_requested_at,
+        error=JobError(code=job.error_code, message=job.error_message or "")
+        if job.error_code
+        else None,
+        result=JobResult.model_validate(job.result) if job.result else None,
+        links=JobLinks(self=base, report=f"{base}/report", cancel=f"{base}:cancel"),
+    )
+
+
+def _version_number(session: DbSession, job: UnlearningJob) -> int:
+    version = session.get(ModelVersion, job.model_version_id)
+    return version.version if version is not None else 0
+
+
+def _retry_after(response: Response, job: UnlearningJob, seconds: int) -> None:
+    if not job.state.is_terminal:
+        response.headers["Retry-After"] = str(seconds)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=UnlearningJobOut,
+    responses={
+        202: {
+            "description": "Accepted; Location names the job. A repeated Idempotency-Key "
+            "with the same body answers with the same job."
+        },
+        **errors(*AUTH_ERRORS, 413, 422),
+    },
+    summary="Submit a deletion request",
+)
+def submit_job(
+    body: UnlearningJobCreate,
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    queue: Annotated[JobQueue, Depends(get_queue)],
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="Makes retries safe: the same key and body give the same job; the "
+            "same key with another body is refused (422).",
+        ),
+    ] = None,
+) -> UnlearningJobOut:
+    """Validates the request against the model, the data and the method, and queues the job.
+    Nothing is done in the request itself: workers carry the job out."""
+    submission = service.submit_job(session, principal, body, idempotency_key, settings, queue)
+    job = submission.job
+    response.headers["Location"] = f"/v1/unlearning-jobs/{job.id}"
+    if not submission.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    _retry_after(response, job, settings.retry_after_seconds)
+    return job_out(job, _version_number(session, job))
+
+
+@router.get(
+    "",
+    response_model=ListResponse[UnlearningJobOut],
+    responses=errors(*AUTH_ERRORS, 422),
+    summary="List jobs, newest first",
+)
+def list_jobs(
+    principal: Reader,
+    session: DbSession,
+    paging: PagingDep,
+    state: Annotated[list[JobState] | None, Query(description="One or more states.")] = None,
+    model_id: Annotated[uuid.UUID | None, Query()] = None,
+    subject_reference: Annotated[str | None, Query(max_length=200)] = None,
+    created_after: Annotated[datetime | None, Query(description="At or after (UTC).")] = None,
+    created_before: Annotated[datetime | None, Query(description="Before (UTC).")] = None,
+) -> ListResponse[UnlearningJobOut]:
+    where = JobFilter(
+        states=state or (),
+        model_id=model_id,
+        subject_reference=subject_reference,
+        created_after=_aware(created_after),
+        created_before=_aware(created_before),
+    )
+    try:
+        page = JobRepository(session, principal.tenant_id).page(
+            where, paging.page_size, paging.page_token
+        )
+    except InvalidPageToken as exc:
+        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    return ListResponse(
+        items=[job_out(job, _version_number(session, job)) for job in page.items],
+        next_page_token=page.next_page_token,
+    )
+
+
+@router.get(
+    "/{job_id}",
+    response_model=UnlearningJobOut,
+    responses={
+        200: {"description": "The job; Retry-After is set while it has not ended."},
+        **errors(*AUTH_ERRORS, 404, 422),
+    },
+    summary="Get a job's state and progress",
+)
+def get_job(
+    job_id: uuid.UUID,
+    principal: Reader,
+    session: DbSession,
+    settings: SettingsDep,
+    response: Response,
+) -> UnlearningJobOut:
+    job = service.get_job(session, principal.tenant_id, job_id)
+    _retry_after(response, job, settings.retry_after_seconds)
+    return job_out(job, _version_number(session, job))
+
+
+@router.post(
+    "/{job_id}:cancel",
+    response_model=UnlearningJobOut,
+    responses=errors(*AUTH_ERRORS, 404, 409, 422),
+    summary="Cancel a job (best effort)",
+)
+def cancel_job(
+    job_id: uuid.UUID,
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    response: Response,
+) -> UnlearningJobOut:
+    """A queued job is CANCELLED at once; a running one becomes CANCELLING and ends
+    CANCELLED when its worker stops. A job that has ended answers 409."""
+    job = service.cancel_job(session, principal, job_id)
+    _retry_after(response, job, settings.retry_after_seconds)
+    return job_out(job, _version_number(session, job))
+
+
+@router.get(
+    "/{job_id}/report",
+    response_model=UnlearningReport,
+    responses=errors(*AUTH_ERRORS, 404, 422),
+    summary="The evidence report of a job",
+)
+def get_report(job_id: uuid.UUID, principal: Reader, session: DbSession) -> UnlearningReport:
+    """Who asked and when, what was forgotten, the models' hashes, the lambda curve, the
+    metrics before and after, code version, seeds and every state change."""
+    job = service.get_job(session, principal.tenant_id, job_id)
+    events = JobRepository(session, principal.tenant_id).events(job.id)
+    base = session.get(ModelVersion, job.model_version_id)
+    result = job.result or {}
+    unlearned = result.get("model") if isinstance(result.get("model"), dict) else None
+    return UnlearningReport(
+        job_id=job.id,
+        state=job.state,
+        final=job.state.is_terminal,
+        requested_by=ReportRequester(
+            tenant_id=job.tenant_id,
+            api_key_id=job.created_by_key_id,
+            requested_at=job.created_at,
+            subject_reference=job.subject_reference,
+            legal_basis=job.legal_basis,
+        ),
+        forgotten=JobForgetSet(
+            dataset_id=job.forget_dataset_id,
+            count=job.forget_count,
+            manifest_sha256=job.forget_manifest_sha256,
+        ),
+        forget_selection={k: job.request["forget"].get(k) for k in ("ids", "classes")},
+        base_model=ReportModel(
+            model_id=job.model_id,
+            version=base.version if base else 0,
+            weights_sha256=base.weights_sha256 if base else "",
+        ),
+        unlearned_model=ReportModel.model_validate(unlearned) if unlearned else None,
+        **{"lambda": result.get("lambda")},
+        lambda_curve=result.get("lambda_curve"),
+        metrics=result.get("metrics"),
+        code_version=result.get("code_version"),
+        seeds=result.get("seeds"),
+        error=JobError(code=job.error_code, message=job.error_message or "")
+        if job.error_code
+        else None,
+        timeline=[
+            TimelineEvent(at=e.at, kind=e.kind, state=e.state, stage=e.stage, details=e.details)
+            for e in events
+        ],
+        request=job.request,
+    )
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment

@@ -1,0 +1,185 @@
+"""/v1/models: register models, list them and their versions, download weights."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Response
+from fastapi.responses import FileResponse, StreamingResponse
+
+from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
+from app.auth import Principal, require
+from app.db.models import Model, ModelVersion
+from app.db.repositories import InvalidPageToken, ModelRepository
+from app.dependencies import DbSession
+from app.errors import InvalidRequest, NotFound
+from app.schemas.common import ListResponse
+from app.schemas.models import ModelCreate, ModelOut, ModelVersionOut
+from app.services import models as service
+from app.storage import is_local, local_path
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+Writer = Annotated[Principal, Depends(require("models:write"))]
+Reader = Annotated[Principal, Depends(require("models:read", "jobs:read"))]
+Downloader = Annotated[Principal, Depends(require("models:read"))]
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="1 is the base model.")]
+
+
+def model_out(model: Model) -> ModelOut:
+    return ModelOut(
+        id=model.id,
+        name=model.name,
+        description=model.description,
+        family=model.family,  # type: ignore[arg-type]
+        architecture=model.architecture,
+        classes=model.classes,
+        templates=model.spec.get("templates"),
+        image_size=model.spec.get("image_size"),
+        latest_version=model.latest_version,
+        created_at=model.created_at,
+        updated_at=model.updated_at,
+    )
+
+
+def version_out(version: ModelVersion, parents: dict[uuid.UUID, int]) -> ModelVersionOut:
+    return ModelVersionOut(
+        version=version.version,
+        weights_sha256=version.weights_sha256,
+        size_bytes=version.size_bytes,
+        parent_version=parents.get(version.parent_version_id)
+        if version.parent_version_id
+        else None,
+        produced_by_job_id=version.produced_by_job_id,
+        created_at=version.created_at,
+        download_url=f"/v1/models/{version.model_id}/versions/{version.version}/weights",
+    )
+
+
+def _model(repo: ModelRepository, model_id: uuid.UUID) -> Model:
+    model = repo.get(model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    responses=errors(*AUTH_ERRORS, 409, 413, 422),
+    summary="Register a base model",
+)
+def register_model(
+    body: ModelCreate,
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    response: Response,
+) -> ModelOut:
+    """Registers a model; the server reads the weights and stores their sha256 as version 1."""
+    model, _ = service.register_model(session, principal, body, settings)
+    response.headers["Location"] = f"/v1/models/{model.id}"
+    return model_out(model)
+
+
+@router.get(
+    "",
+    response_model=ListResponse[ModelOut],
+    responses=errors(*AUTH_ERRORS, 422),
+    summary="List models",
+)
+def list_models(principal: Reader, session: DbSession, paging: PagingDep) -> ListResponse[ModelOut]:
+    try:
+        page = ModelRepository(session, principal.tenant_id).page(
+            paging.page_size, paging.page_token
+        )
+    except InvalidPageToken as exc:
+        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    return ListResponse(
+        items=[model_out(m) for m in page.items], next_page_token=page.next_page_token
+    )
+
+
+@router.get(
+    "/{model_id}",
+    response_model=ModelOut,
+    responses=errors(*AUTH_ERRORS, 404, 422),
+    summary="Get a model",
+)
+def get_model(model_id: uuid.UUID, principal: Reader, session: DbSession) -> ModelOut:
+    return model_out(_model(ModelRepository(session, principal.tenant_id), model_id))
+
+
+@router.get(
+    "/{model_id}/versions",
+    response_model=ListResponse[ModelVersionOut],
+    responses=errors(*AUTH_ERRORS, 404, 422),
+    summary="List a model's versions, oldest first",
+)
+def list_versions(
+    model_id: uuid.UUID, principal: Reader, session: DbSession
+) -> ListResponse[ModelVersionOut]:
+    repo = ModelRepository(session, principal.tenant_id)
+    _model(repo, model_id)
+    versions = repo.versions(model_id)
+    parents = {v.id: v.version for v in versions}
+    return ListResponse(items=[version_out(v, parents) for v in versions])
+
+
+@router.get(
+    "/{model_id}/versions/{version}",
+    response_model=ModelVersionOut,
+    responses=errors(*AUTH_ERRORS, 404, 422),
+    summary="Get one version of a model",
+)
+def get_version(
+    model_id: uuid.UUID, version: VersionNumber, principal: Reader, session: DbSession
+) -> ModelVersionOut:
+    repo = ModelRepository(session, principal.tenant_id)
+    found = repo.version(model_id, version)
+    if found is None:
+        raise NotFound(f"model {model_id} has no version {version}")
+    parents = {v.id: v.version for v in repo.versions(model_id)}
+    return version_out(found, parents)
+
+
+@router.get(
+    "/{model_id}/versions/{version}/weights",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "The weights file; its sha256 is in the X-Checksum-Sha256 header.",
+        },
+        **errors(*AUTH_ERRORS, 404, 422),
+    },
+    summary="Download a version's weights",
+)
+def download_weights(
+    model_id: uuid.UUID, version: VersionNumber, principal: Downloader, session: DbSession
+) -> Response:
+    found = ModelRepository(session, principal.tenant_id).version(model_id, version)
+    if found is None:
+        raise NotFound(f"model {model_id} has no version {version}")
+    headers = {"X-Checksum-Sha256": found.weights_sha256}
+    filename = f"{model_id}-v{version}.safetensors"
+    if is_local(found.weights_uri):
+        path = local_path(found.weights_uri)
+        if not path.is_file():
+            raise NotFound(f"model {model_id} version {version}: the weights file is gone")
+        return FileResponse(
+            path, media_type="application/octet-stream", filename=filename, headers=headers
+        )
+    import fsspec
+
+    def chunks():  # type: ignore[no-untyped-def]
+        with fsspec.open(found.weights_uri, "rb") as f:
+            while block := f.read(1024 * 1024):
+                yield block
+
+    headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)

@@ -1,0 +1,1 @@
+"""Persistence: the SQLAlchemy models, the session and unit of work, and the repositories."""

@@ -1,0 +1,247 @@
+"""The tables. Every row of tenant data carries tenant_id; repositories filter on it."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db.base import Base, new_id, utcnow
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class JobStage(enum.StrEnum):
+    PREPARING = "preparing"
+    FINETUNING = "finetuning"
+    MERGING = "merging"
+    SEARCHING = "searching"
+    EVALUATING = "evaluating"
+    STORING = "storing"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # VARCHAR + CHECK rather than a native PostgreSQL enum: adding a value needs no migration
+    # dance, and SQLite gets the same column.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only its sha256 is stored; `prefix` lets people tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
+
+
+class Model(Base):
+    """A registered model; its weights live in versions (1 = the base, then one per job)."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    family: Mapped[str] = mapped_column(String(32))
+    architecture: Mapped[str] = mapped_column(String(200))
+    classes: Mapped[list] = mapped_column()
+    # The rest of negmerge's ModelSpec (templates, image_size, init_args, ...), without weights.
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    latest_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ModelVersion(Base):
+    """One set of weights of a model, with its lineage."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    weights_uri: Mapped[str] = mapped_column(Text)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    parent_version_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("model_versions.id"))
+    # use_alter: jobs point at versions and versions at the job that made them.
+    produced_by_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("unlearning_jobs.id", use_alter=True)
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(Base):
+    """A validated image data set: a manifest under a root, registered by URI or uploaded."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(16))  # "uri" or "upload"
+    manifest_uri: Mapped[str] = mapped_column(Text)
+    root_uri: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))  # ids, paths, labels, splits
+    content_sha256: Mapped[str] = mapped_column(String(64))  # ... and every image's bytes
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
+    sample_count: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[list] = mapped_column()
+    split_counts: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UnlearningJob(Base):
+    """A deletion request and the truth about its progress (workers update this row)."""
+
+    __tablename__ = "unlearning_jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_unlearning_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_unlearning_jobs_state", "state"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), index=True)
+    model_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model_versions.id"))
+    forget_dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"))
+    retain_dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("datasets.id"))
+    created_by_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED)
+    stage: Mapped[JobStage | None] = mapped_column(_enum(JobStage, "job_stage"))
+    variants_total: Mapped[int] = mapped_column(Integer)
+    variants_done: Mapped[int] = mapped_column(Integer, default=0)
+    lambdas_evaluated: Mapped[int] = mapped_column(Integer, default=0)
+    percent: Mapped[float] = mapped_column(default=0.0)
+
+    subject_reference: Mapped[str | None] = mapped_column(String(200), index=True)
+    legal_basis: Mapped[str | None] = mapped_column(String(200))
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+
+    request: Mapped[dict[str, Any]] = mapped_column()  # the request body, as accepted
+    spec: Mapped[dict[str, Any]] = mapped_column()  # negmerge JobSpec the workers run
+    forget_manifest_sha256: Mapped[str] = mapped_column(String(64))
+    forget_count: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column()
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    cancel_requested_at: Mapped[datetime | None] = mapped_column()
+
+
+class JobEvent(Base):
+    """One change of a job's state, stage or progress: the report's timeline, and SSE's feed
+    (the id is the event id a client resumes from)."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("unlearning_jobs.id"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))  # "state", "stage" or "progress"
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_event_state"))
+    stage: Mapped[JobStage | None] = mapped_column(_enum(JobStage, "job_event_stage"))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AuditChainHead(Base):
+    """The last link of each audit chain. Appends lock this row, so a chain never forks, and
+    verification compares it with the last row, so deleting the newest rows is detected."""
+
+    __tablename__ = "audit_chain_heads"
+
+    chain: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditEntry(Base):
+    """An append-only, hash-chained record of a state change or state-changing request.
+
+    One chain per tenant (chain = the tenant's id) and one for tenant-less events such as
+    creating a tenant (chain = "system"). Each row stores the previous row's hash and its own
+    hash over its canonical content; see app.services.audit.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (UniqueConstraint("chain", "seq"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    chain: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id"))
+    at: Mapped[datetime] = mapped_column()
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column()
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

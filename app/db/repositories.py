@@ -1,0 +1,280 @@
+"""All queries live here. Every repository of tenant data is built for one tenant and filters
+every statement by it, so a service cannot reach another tenant's rows by mistake.
+
+The exceptions, named as such: `ApiKeyRepository.find_by_hash` (authentication happens before
+the tenant is known) and `TenantRepository` (used by administrators' commands).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.orm import Session
+
+from app.db.models import (
+    ApiKey,
+    AuditEntry,
+    Dataset,
+    JobEvent,
+    JobState,
+    Model,
+    ModelVersion,
+    Tenant,
+    UnlearningJob,
+)
+
+Row = TypeVar("Row")
+
+
+class InvalidPageToken(ValueError):
+    """A page token that this service did not hand out."""
+
+
+@dataclass(frozen=True)
+class Page(Generic[Row]):
+    items: list[Row]
+    next_page_token: str | None
+
+
+def encode_page_token(values: Sequence[Any]) -> str:
+    raw = json.dumps([v.isoformat() if isinstance(v, datetime) else str(v) for v in values])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> list[str]:
+    try:
+        values = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidPageToken("page_token: not a token this service handed out") from None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise InvalidPageToken("page_token: not a token this service handed out")
+    return values
+
+
+def newest_first_page(
+    session: Session, stmt: Select, model: type, page_size: int, page_token: str | None
+) -> Page:
+    """Keyset pagination over (created_at, id), newest first: stable while rows are added."""
+    if page_token:
+        values = decode_page_token(page_token)
+        try:
+            created_at, row_id = datetime.fromisoformat(values[0]), uuid.UUID(values[1])
+        except (ValueError, IndexError):
+            raise InvalidPageToken("page_token: not a token this service handed out") from None
+        # Spelled out rather than a row-value comparison: SQLite and PostgreSQL agree on it.
+        stmt = stmt.where(
+            or_(
+                model.created_at < created_at,
+                (model.created_at == created_at) & (model.id < row_id),
+            )
+        )
+    stmt = stmt.order_by(model.created_at.desc(), model.id.desc()).limit(page_size + 1)
+    rows = list(session.scalars(stmt))
+    next_token = None
+    if len(rows) > page_size:
+        rows = rows[:page_size]
+        next_token = encode_page_token([rows[-1].created_at, rows[-1].id])
+    return Page(rows, next_token)
+
+
+class TenantScoped(Generic[Row]):
+    """Base of the repositories of tenant data: every statement starts from `_select`."""
+
+    model: type
+
+    def __init__(self, session: Session, tenant_id: uuid.UUID) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+
+    def _select(self) -> Select:
+        return select(self.model).where(self.model.tenant_id == self.tenant_id)
+
+    def get(self, row_id: uuid.UUID, *, for_update: bool = False) -> Row | None:
+        stmt = self._select().where(self.model.id == row_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return self.session.scalars(stmt).one_or_none()
+
+    def add(self, row: Row) -> Row:
+        row.tenant_id = self.tenant_id  # type: ignore[attr-defined]
+        self.session.add(row)
+        self.session.flush()
+        return row
+
+
+class ModelRepository(TenantScoped[Model]):
+    model = Model
+
+    def get_by_name(self, name: str) -> Model | None:
+        return self.session.scalars(self._select().where(Model.name == name)).one_or_none()
+
+    def page(self, page_size: int, page_token: str | None) -> Page[Model]:
+        return newest_first_page(self.session, self._select(), Model, page_size, page_token)
+
+    def versions(self, model_id: uuid.UUID) -> list[ModelVersion]:
+        stmt = (
+            select(ModelVersion)
+            .where(ModelVersion.tenant_id == self.tenant_id, ModelVersion.model_id == model_id)
+            .order_by(ModelVersion.version)
+        )
+        return list(self.session.scalars(stmt))
+
+    def version(self, model_id: uuid.UUID, version: int) -> ModelVersion | None:
+        stmt = select(ModelVersion).where(
+            ModelVersion.tenant_id == self.tenant_id,
+            ModelVersion.model_id == model_id,
+            ModelVersion.version == version,
+        )
+        return self.session.scalars(stmt).one_or_none()
+
+    def add_version(self, version: ModelVersion) -> ModelVersion:
+        version.tenant_id = self.tenant_id
+        self.session.add(version)
+        self.session.flush()
+        return version
+
+
+class DatasetRepository(TenantScoped[Dataset]):
+    model = Dataset
+
+    def page(self, page_size: int, page_token: str | None) -> Page[Dataset]:
+        return newest_first_page(self.session, self._select(), Dataset, page_size, page_token)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    states: Sequence[JobState] = ()
+    model_id: uuid.UUID | None = None
+    subject_reference: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class JobRepository(TenantScoped[UnlearningJob]):
+    model = UnlearningJob
+
+    def get_by_idempotency_key(self, key: str) -> UnlearningJob | None:
+        stmt = self._select().where(UnlearningJob.idempotency_key == key)
+        return self.session.scalars(stmt).one_or_none()
+
+    def page(self, where: JobFilter, page_size: int, page_token: str | None) -> Page:
+        stmt = self._select()
+        if where.states:
+            stmt = stmt.where(UnlearningJob.state.in_(list(where.states)))
+        if where.model_id is not None:
+            stmt = stmt.where(UnlearningJob.model_id == where.model_id)
+        if where.subject_reference is not None:
+            stmt = stmt.where(UnlearningJob.subject_reference == where.subject_reference)
+        if where.created_after is not None:
+            stmt = stmt.where(UnlearningJob.created_at >= where.created_after)
+        if where.created_before is not None:
+            stmt = stmt.where(UnlearningJob.created_at < where.created_before)
+        return newest_first_page(self.session, stmt, UnlearningJob, page_size, page_token)
+
+    def add_event(self, event: JobEvent) -> None:
+        event.tenant_id = self.tenant_id
+        self.session.add(event)
+
+    def events(self, job_id: uuid.UUID) -> list[JobEvent]:
+        stmt = (
+            select(JobEvent)
+            .where(JobEvent.tenant_id == self.tenant_id, JobEvent.job_id == job_id)
+            .order_by(JobEvent.id)
+        )
+        return list(self.session.scalars(stmt))
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    action: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class AuditRepository(TenantScoped[AuditEntry]):
+    """The tenant's own chain, newest first."""
+
+    model = AuditEntry
+
+    def page(self, where: AuditFilter, page_size: int, page_token: str | None) -> Page:
+        stmt = self._select()
+        for column, value in (
+            (AuditEntry.action, where.action),
+            (AuditEntry.resource_type, where.resource_type),
+            (AuditEntry.resource_id, where.resource_id),
+        ):
+            if value is not None:
+                stmt = stmt.where(column == value)
+        if where.since is not None:
+            stmt = stmt.where(AuditEntry.at >= where.since)
+        if where.until is not None:
+            stmt = stmt.where(AuditEntry.at < where.until)
+        if page_token:
+            values = decode_page_token(page_token)
+            if len(values) != 1 or not values[0].isdigit():
+                raise InvalidPageToken("page_token: not a token this service handed out")
+            stmt = stmt.where(AuditEntry.id < int(values[0]))
+        rows = list(self.session.scalars(stmt.order_by(AuditEntry.id.desc()).limit(page_size + 1)))
+        if len(rows) <= page_size:
+            return Page(rows, None)
+        return Page(rows[:page_size], encode_page_token([rows[page_size - 1].id]))
+
+
+class ApiKeyRepository:
+    """API keys. Looking one up by its hash is the one query made before the tenant is known."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def find_by_hash(self, key_hash: str) -> ApiKey | None:
+        stmt = select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+        return self.session.scalars(stmt).one_or_none()
+
+    def for_tenant(self, tenant_id: uuid.UUID) -> list[ApiKey]:
+        stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
+        return list(self.session.scalars(stmt))
+
+    def get(self, key_id: uuid.UUID) -> ApiKey | None:
+        return self.session.get(ApiKey, key_id)
+
+    def add(self, key: ApiKey) -> ApiKey:
+        self.session.add(key)
+        self.session.flush()
+        return key
+
+
+class TenantRepository:
+    """Tenants themselves: administrators' commands only."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get_by_name(self, name: str) -> Tenant | None:
+        return self.session.scalars(select(Tenant).where(Tenant.name == name)).one_or_none()
+
+    def get(self, tenant_id: uuid.UUID) -> Tenant | None:
+        return self.session.get(Tenant, tenant_id)
+
+    def all(self) -> list[Tenant]:
+        return list(self.session.scalars(select(Tenant).order_by(Tenant.created_at)))
+
+    def add(self, tenant: Tenant) -> Tenant:
+        self.session.add(tenant)
+        self.session.flush()
+        return tenant
+
+
+def count_jobs_by_state(session: Session) -> dict[str, int]:
+    """Jobs per state over all tenants: operators' metrics, never shown to a tenant."""
+    stmt = select(UnlearningJob.state, func.count()).group_by(UnlearningJob.state)
+    return {state.value: count for state, count in session.execute(stmt)}

@@ -1,0 +1,96 @@
+"""Engines, sessions, and the unit of work: the one place a request commits or rolls back.
+
+Services add and change rows but never commit. Work that must only happen once the rows are
+durable (sending a job to the broker, keeping an uploaded data set's files) is registered
+with `after_commit` / `after_rollback` and run by the unit of work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+_AFTER_COMMIT = "after_commit"
+_AFTER_ROLLBACK = "after_rollback"
+
+
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    """An engine for `url`; SQLite gets foreign keys, real transactions and a folder."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    # pysqlite's own transaction handling breaks SAVEPOINT; let SQLAlchemy emit BEGIN itself
+    # (the recipe from SQLAlchemy's SQLite documentation).
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        dbapi_connection.execute("PRAGMA journal_mode = WAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Database:
+    """An engine and its sessions."""
+
+    def __init__(self, url: str, pool_size: int = 10) -> None:
+        self.engine = make_engine(url, pool_size)
+        # Rows stay readable after commit: responses are built from them afterwards.
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[Session]:
+        """A session that commits if the block succeeds and rolls back if it raises; then runs
+        the callbacks registered for that outcome."""
+        session = self.sessions()
+        try:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                _run(session.info.pop(_AFTER_ROLLBACK, []))
+                raise
+            _run(session.info.pop(_AFTER_COMMIT, []))
+        finally:
+            session.info.clear()
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the unit of work that owns `session` has committed (never if not)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def after_rollback(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` if the unit of work that owns `session` rolls back (e.g. delete files)."""
+    session.info.setdefault(_AFTER_ROLLBACK, []).append(callback)
+
+
+def _run(callbacks: list[Callable[[], None]]) -> None:
+    # The transaction's outcome is settled; a failing callback is logged, not raised, so it
+    # cannot turn a committed request into an error response.
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("callback %r failed", callback)

@@ -1,0 +1,151 @@
+"""Errors a client can act on, and the one JSON shape every error response has:
+
+{"error": {"code": "...", "message": "...", "fields": [{"field": "...", "problem": "..."}]}}
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(examples=["forget.ids"])
+    problem: str = Field(examples=["3 ids are not in the data set, e.g. 'img-0042'"])
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_request"])
+    message: str = Field(examples=["forget.ids: 3 ids are not in the data set, e.g. 'img-0042'"])
+    fields: list[FieldProblem] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, fields: list[FieldProblem] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or []
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = ErrorResponse(
+            error=ErrorDetail(code=self.code, message=self.message, fields=self.fields)
+        )
+        return JSONResponse(body.model_dump(), status_code=self.status_code, headers=headers)
+
+
+class Unauthenticated(ApiError):
+    status_code, code = 401, "unauthenticated"
+
+
+class Forbidden(ApiError):
+    status_code, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status_code, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status_code, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status_code, code = 413, "payload_too_large"
+
+
+class InvalidRequest(ApiError):
+    """422 naming the field at fault."""
+
+    status_code, code = 422, "invalid_request"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}", [FieldProblem(field=field, problem=problem)])
+
+
+class IdempotencyMismatch(ApiError):
+    status_code, code = 422, "idempotency_key_reused"
+
+
+def describe_errors(errors: list[dict], drop_location: bool = True) -> list[FieldProblem]:
+    """pydantic's errors as field problems; 'body.forget.ids' becomes 'forget.ids'."""
+    problems = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        if drop_location and loc and loc[0] in {"body", "query", "path", "header", "cookie"}:
+            loc = loc[1:] or loc[:1]
+        field = ".".join(loc) or "body"
+        kind = error.get("type", "")
+        if kind == "missing":
+            problem = "is required"
+        elif kind == "extra_forbidden":
+            problem = "is not a known field"
+        elif kind == "json_invalid":
+            field, problem = "body", f"is not valid JSON ({error.get('ctx', {}).get('error')})"
+        else:
+            problem = error.get("msg", "is invalid").removeprefix("Value error, ")
+        problems.append(FieldProblem(field=field, problem=problem))
+    return problems
+
+
+def invalid(problems: list[FieldProblem]) -> JSONResponse:
+    message = "; ".join(f"{p.field}: {p.problem}" for p in problems)
+    body = ErrorResponse(
+        error=ErrorDetail(code="invalid_request", message=message, fields=problems)
+    )
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
+    """A library model's ValidationError as a 422 naming the first field, under `prefix`."""
+    problems = describe_errors(exc.errors(), drop_location=False)
+    first = problems[0]
+    error = InvalidRequest(f"{prefix}{first.field}" if prefix else first.field, first.problem)
+    error.fields = [FieldProblem(field=f"{prefix}{p.field}", problem=p.problem) for p in problems]
+    error.message = "; ".join(f"{p.field}: {p.problem}" for p in error.fields)
+    return error
+
+
+_STATUS_CODES = {
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return exc.response(headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid(describe_errors(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        body = ErrorResponse(error=ErrorDetail(code=code, message=str(exc.detail)))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        body = ErrorResponse(error=ErrorDetail(code="internal", message="internal server error"))
+        return JSONResponse(body.model_dump(), status_code=500)

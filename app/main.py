@@ -1,0 +1,81 @@
+"""The FastAPI application: `uvicorn app.main:app` (or create_app(settings) in tests)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app.api import ROUTERS
+from app.db.repositories import count_jobs_by_state
+from app.db.session import Database
+from app.errors import install_error_handlers
+from app.limits import BodyLimitMiddleware
+from app.observability import JobsByState, RequestContextMiddleware, configure_logging
+from app.queue import JobQueue
+from app.settings import Settings, get_settings
+
+DESCRIPTION = """
+Make a trained image model forget data: a deletion request becomes a long-running
+**unlearning job** (NegMerge, arXiv 2410.05583). Register a model and a data set, submit a
+job naming what to forget, poll it, and file its evidence report.
+
+Authenticate with an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+Errors are JSON: `{"error": {"code", "message", "fields": [{"field", "problem"}]}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment), with its database and queue."""
+    settings = settings or get_settings()
+    database = Database(settings.database_url, settings.db_pool_size)
+    queue = JobQueue(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        queue.close()
+        database.dispose()
+
+    app = FastAPI(
+        title="NegMerge Service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = database
+    app.state.queue = queue
+
+    def count() -> dict[str, int]:
+        with database.unit_of_work() as session:
+            return count_jobs_by_state(session)
+
+    app.state.metrics_registry = CollectorRegistry(auto_describe=False)
+    app.state.metrics_registry.register(JobsByState(count))
+
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        upload_max_bytes=settings.max_upload_bytes,
+    )
+    app.add_middleware(RequestContextMiddleware)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+def _default_app() -> FastAPI:
+    configure_logging(get_settings().log_level)
+    return create_app()
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` builds the app on first use, so importing this module (tests,
+    # tools) does not connect to anything.
+    if name == "app":
+        globals()["app"] = application = _default_app()
+        return application
+    raise AttributeError(name)

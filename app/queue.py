@@ -1,0 +1,70 @@
+"""Sending job steps to the workers. A message carries only (job_id, step): the database row
+is the truth about a job, so a lost or repeated message costs nothing but a retry (issue 5's
+workers claim each step in the database and its watchdog re-sends QUEUED jobs).
+
+Only this module knows the broker; the worker side (worker/) registers the task by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from celery import Celery
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_STEP_TASK = "negmerge.run_step"
+FIRST_STEP = "prepare"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for the broker in `settings` (shared with the workers)."""
+    celery = Celery("negmerge", broker=settings.broker_url, set_as_current=False)
+    options: dict[str, object] = {}
+    if settings.broker_url.startswith("filesystem://"):
+        folder = Path(settings.broker_folder)
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    celery.conf.update(
+        broker_transport_options=options,
+        task_default_queue=settings.queue_name,
+        broker_connection_timeout=3,
+    )
+    return celery
+
+
+class JobQueue:
+    """Sends "run step S of job J" messages."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.celery = make_celery(settings)
+        self.queue_name = settings.queue_name
+
+    def send_step(self, job_id: uuid.UUID, step: str = FIRST_STEP) -> None:
+        self.celery.send_task(
+            RUN_STEP_TASK,
+            args=[str(job_id), step],
+            queue=self.queue_name,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+        log.info("sent step", extra={"job_id": str(job_id), "step": step})
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached."""
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    def close(self) -> None:
+        self.celery.close()

@@ -1,0 +1,73 @@
+"""Models and their versions."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import Strict
+
+MODEL_EXAMPLE = {
+    "name": "shapes-resnet",
+    "description": "ResNet-18 trained on the shapes data set",
+    "family": "classifier",
+    "architecture": "resnet18",
+    "classes": ["circle", "square", "triangle"],
+    "weights_uri": "/srv/negmerge/models/shapes-resnet.safetensors",
+    "image_size": 32,
+}
+
+
+class ModelCreate(Strict):
+    """A base model to register; the server reads its weights and stores their sha256."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [MODEL_EXAMPLE]})
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str | None = Field(None, max_length=2000)
+    family: Literal["open_clip", "classifier"]
+    architecture: str = Field(
+        min_length=1, max_length=200, description="open_clip model name, timm name or module:Class."
+    )
+    classes: list[str] = Field(min_length=2, max_length=100_000)
+    weights_uri: str = Field(
+        min_length=1, max_length=4000, description="safetensors or PyTorch state-dict file."
+    )
+    templates: list[str] | None = Field(
+        None, max_length=1000, description="open_clip: prompt templates, '{}' is the class name."
+    )
+    image_size: int | None = Field(None, gt=0, le=4096)
+    init_args: dict[str, Any] = Field(
+        default_factory=dict, description="classifier given as module:Class: its arguments."
+    )
+
+
+class ModelVersionOut(BaseModel):
+    version: int = Field(examples=[2])
+    weights_sha256: str = Field(
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+    )
+    size_bytes: int = Field(examples=[44_787_432])
+    parent_version: int | None = Field(None, description="The version this one was made from.")
+    produced_by_job_id: uuid.UUID | None = Field(None, description="The job that made it.")
+    created_at: datetime
+    download_url: str = Field(
+        examples=["/v1/models/3fa85f64-5717-4562-b3fc-2c963f66afa6/versions/2/weights"]
+    )
+
+
+class ModelOut(BaseModel):
+    id: uuid.UUID
+    name: str = Field(examples=["shapes-resnet"])
+    description: str | None = None
+    family: Literal["open_clip", "classifier"]
+    architecture: str = Field(examples=["resnet18"])
+    classes: list[str] = Field(examples=[["circle", "square", "triangle"]])
+    templates: list[str] | None = None
+    image_size: int | None = None
+    latest_version: int = Field(examples=[1])
+    created_at: datetime
+    updated_at: datetime

@@ -1,0 +1,1 @@
+"""Business rules. Services change rows through repositories and never commit."""

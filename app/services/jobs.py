@@ -1,0 +1,379 @@
+"""Unlearning jobs: accepting a deletion request, and the state machine workers drive.
+
+A request is validated completely before it is accepted (the model, the data, the forget
+set, the variant grid, the merge method's parameters), using the library's own rules, so a
+job that is QUEUED can run. Its first step is sent to the broker only after the row is
+committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.db.base import utcnow
+from app.db.models import (
+    Dataset,
+    JobEvent,
+    JobStage,
+    JobState,
+    Model,
+    ModelVersion,
+    UnlearningJob,
+)
+from app.db.repositories import DatasetRepository, JobRepository, ModelRepository
+from app.db.session import after_commit
+from app.errors import (
+    Conflict,
+    IdempotencyMismatch,
+    InvalidRequest,
+    NotFound,
+    from_validation_error,
+)
+from app.observability import STAGE_SECONDS
+from app.queue import FIRST_STEP, JobQueue
+from app.schemas.jobs import UnlearningJobCreate
+from app.services import audit
+from app.settings import Settings
+from app.storage import local_path
+from negmerge.data import Manifest
+from negmerge.errors import DataError, MergeError
+from negmerge.merge import get_method
+from negmerge.models import ModelSpec
+from negmerge.pipeline import DataRef, ForgetSpec, JobSpec, make_splits
+
+# Which state may follow which. Workers move jobs along these edges too (issue 5).
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING}),
+    JobState.CANCELLING: frozenset({JobState.CANCELLED, JobState.FAILED, JobState.SUCCEEDED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(Conflict):
+    pass
+
+
+def request_sha256(body: UnlearningJobCreate) -> str:
+    """A hash of the request's meaning: the same JSON written differently hashes the same."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: UnlearningJob
+    created: bool  # False: an earlier request with the same Idempotency-Key
+
+
+def submit_job(
+    session: Session,
+    principal: Principal,
+    body: UnlearningJobCreate,
+    idempotency_key: str | None,
+    settings: Settings,
+    queue: JobQueue,
+) -> Submission:
+    """Accept a deletion request as a QUEUED job (or find the one this key already made)."""
+    repo = JobRepository(session, principal.tenant_id)
+    digest = request_sha256(body)
+    if idempotency_key is not None:
+        existing = repo.get_by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return Submission(_same_request(existing, digest), created=False)
+
+    job = _resolve(session, principal, body, settings)
+    job.idempotency_key = idempotency_key
+    job.request_sha256 = digest
+    job.created_by_key_id = principal.key_id
+    try:
+        # Concurrent requests with one key: the unique index makes all but one wait for the
+        # first to commit and then fail here; they answer with the first one's job.
+        with session.begin_nested():
+            repo.add(job)
+    except IntegrityError:
+        existing = repo.get_by_idempotency_key(idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return Submission(_same_request(existing, digest), created=False)
+
+    repo.add_event(JobEvent(job_id=job.id, kind="state", state=JobState.QUEUED, details={}))
+    audit.record(
+        session,
+        tenant_id=principal.tenant_id,
+        actor=principal.actor,
+        action="job.created",
+        resource_type="unlearning_job",
+        resource_id=job.id,
+        details={
+            "model_id": str(job.model_id),
+            "model_version_id": str(job.model_version_id),
+            "forget_dataset_id": str(job.forget_dataset_id),
+            "forget_count": job.forget_count,
+            "forget_manifest_sha256": job.forget_manifest_sha256,
+            "subject_reference": job.subject_reference,
+            "request_sha256": digest,
+            "state": JobState.QUEUED.value,
+        },
+    )
+    job_id = job.id
+    after_commit(session, lambda: queue.send_step(job_id, FIRST_STEP))
+    return Submission(job, created=True)
+
+
+def _same_request(existing: UnlearningJob, digest: str) -> UnlearningJob:
+    if existing.request_sha256 != digest:
+        raise IdempotencyMismatch(
+            "Idempotency-Key: already used for a different request; use a new key"
+        )
+    return existing
+
+
+def _resolve(
+    session: Session, principal: Principal, body: UnlearningJobCreate, settings: Settings
+) -> UnlearningJob:
+    """Check the request against the tenant's models and data and the library's rules, and
+    build the job row with the JobSpec the workers will run."""
+    models = ModelRepository(session, principal.tenant_id)
+    model = models.get(body.model.id)
+    if model is None:
+        raise InvalidRequest("model.id", "no such model")
+    number = body.model.version or model.latest_version
+    version = models.version(model.id, number)
+    if version is None:
+        raise InvalidRequest(
+            "model.version", f"the model has no version {number} (latest: {model.latest_version})"
+        )
+    datasets = DatasetRepository(session, principal.tenant_id)
+    forget_ds = datasets.get(body.forget.dataset_id)
+    if forget_ds is None:
+        raise InvalidRequest("forget.dataset_id", "no such data set")
+    retain_ds = None
+    if body.retain is not None:
+        retain_ds = datasets.get(body.retain.dataset_id)
+        if retain_ds is None:
+            raise InvalidRequest("retain.dataset_id", "no such data set")
+
+    forget_manifest = _load(forget_ds, model, "forget.dataset_id")
+    retain_manifest = _load(retain_ds, model, "retain.dataset_id") if retain_ds else None
+    try:
+        chosen = forget_manifest.select(ids=body.forget.ids, classes=body.forget.classes)
+    except DataError as exc:
+        raise _data_problem(exc, "forget") from None
+    if not chosen:
+        raise InvalidRequest("forget", "the forget set is empty")
+
+    spec = _job_spec(body, model, version, forget_ds, retain_ds)
+    n = len(spec.variant_list())
+    if n > settings.max_variants:
+        raise InvalidRequest("variants", f"{n} variants, more than {settings.max_variants}")
+    try:
+        get_method(spec.merge.method, n, **spec.merge.params)
+        make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
+    except MergeError as exc:
+        field = "merge.method" if "unknown" in str(exc) else "merge.params"
+        raise InvalidRequest(field, str(exc)) from None
+    except DataError as exc:
+        raise _data_problem(exc, "forget") from None
+
+    return UnlearningJob(
+        model_id=model.id,
+        model_version_id=version.id,
+        forget_dataset_id=forget_ds.id,
+        retain_dataset_id=retain_ds.id if retain_ds else None,
+        state=JobState.QUEUED,
+        variants_total=n,
+        subject_reference=body.subject_reference,
+        legal_basis=body.legal_basis,
+        webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        request=body.model_dump(mode="json", by_alias=True),
+        spec=json.loads(spec.model_dump_json()),
+        forget_manifest_sha256=forget_manifest.sha256(chosen),
+        forget_count=len(chosen),
+    )
+
+
+def _load(dataset: Dataset, model: Model, field: str) -> Manifest:
+    try:
+        manifest = Manifest.load(dataset.manifest_uri, dataset.root_uri)
+        manifest.check_labels(model.classes)
+    except DataError as exc:
+        raise InvalidRequest(field, str(exc)) from None
+    return manifest
+
+
+def _data_problem(exc: DataError, default_field: str) -> InvalidRequest:
+    """The library's DataError messages start with the part at fault ('ids: ...')."""
+    message = str(exc)
+    head, _, rest = message.partition(": ")
+    fields = {
+        "ids": "forget.ids",
+        "classes": "forget.classes",
+        "forget": "forget",
+        "retain": "retain",
+        "search.rule": "search.rule",
+    }
+    if head in fields and rest:
+        return InvalidRequest(fields[head], rest)
+    return InvalidRequest(default_field, message)
+
+
+def _job_spec(
+    body: UnlearningJobCreate,
+    model: Model,
+    version: ModelVersion,
+    forget_ds: Dataset,
+    retain_ds: Dataset | None,
+) -> JobSpec:
+    weights = version.weights_uri
+    weights = (
+        str(local_path(weights))
+        if "://" not in weights or weights.startswith("file://")
+        else weights
+    )
+    try:
+        return JobSpec(
+            model=ModelSpec(
+                family=model.family,
+                architecture=model.architecture,
+                classes=model.classes,
+                weights=weights,
+                **model.spec,
+            ),
+            forget=ForgetSpec(
+                dataset=forget_ds.manifest_uri,
+                root=forget_ds.root_uri,
+                ids=body.forget.ids,
+                classes=body.forget.classes,
+            ),
+            retain=DataRef(dataset=retain_ds.manifest_uri, root=retain_ds.root_uri)
+            if retain_ds
+            else None,
+            variants=body.variants,
+            merge=body.merge,
+            search=body.search,
+            seed=body.seed,
+            max_eval_samples=body.max_eval_samples,
+        )
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> UnlearningJob:
+    job = JobRepository(session, tenant_id).get(job_id)
+    if job is None:
+        raise NotFound(f"unlearning job {job_id} not found")
+    return job
+
+
+def cancel_job(session: Session, principal: Principal, job_id: uuid.UUID) -> UnlearningJob:
+    """Best effort: a QUEUED job is CANCELLED at once; a RUNNING one becomes CANCELLING and
+    its worker stops at the next check. Cancelling a cancelling job changes nothing."""
+    repo = JobRepository(session, principal.tenant_id)
+    job = repo.get(job_id, for_update=True)
+    if job is None:
+        raise NotFound(f"unlearning job {job_id} not found")
+    if job.state is JobState.CANCELLING:
+        return job
+    if job.state.is_terminal:
+        raise Conflict(f"state: the job has already ended ({job.state.value})")
+    job.cancel_requested_at = utcnow()
+    audit.record(
+        session,
+        tenant_id=principal.tenant_id,
+        actor=principal.actor,
+        action="job.cancel_requested",
+        resource_type="unlearning_job",
+        resource_id=job.id,
+        details={"state": job.state.value},
+    )
+    target = JobState.CANCELLED if job.state is JobState.QUEUED else JobState.CANCELLING
+    change_state(session, job, target, principal.actor)
+    return job
+
+
+def change_state(
+    session: Session,
+    job: UnlearningJob,
+    state: JobState,
+    actor: str,
+    *,
+    error: tuple[str, str] | None = None,
+    result: dict[str, Any] | None = None,
+) -> None:
+    """Move `job` to `state` along an allowed edge, recording the event and the audit entry."""
+    if state not in TRANSITIONS[job.state]:
+        raise InvalidTransition(f"state: cannot go from {job.state.value} to {state.value}")
+    previous, now = job.state, utcnow()
+    job.state = state
+    job.updated_at = now
+    if state is JobState.RUNNING and job.started_at is None:
+        job.started_at = now
+    if state.is_terminal:
+        job.finished_at = now
+        if job.stage is not None:
+            _observe_stage(session, job, now)
+    if error is not None:
+        job.error_code, job.error_message = error
+    if result is not None:
+        job.result = result
+    details: dict[str, Any] = {"from": previous.value, "to": state.value}
+    if error is not None:
+        details["error_code"] = error[0]
+    JobRepository(session, job.tenant_id).add_event(
+        JobEvent(job_id=job.id, kind="state", state=state, stage=job.stage, details=details, at=now)
+    )
+    audit.record(
+        session,
+        tenant_id=job.tenant_id,
+        actor=actor,
+        action="job.state_changed",
+        resource_type="unlearning_job",
+        resource_id=job.id,
+        details=details,
+    )
+
+
+def change_stage(session: Session, job: UnlearningJob, stage: JobStage, actor: str) -> None:
+    """Enter `stage` (workers call this); the time spent in the previous one is measured."""
+    now = utcnow()
+    if job.stage is not None:
+        _observe_stage(session, job, now)
+    job.stage = stage
+    job.updated_at = now
+    JobRepository(session, job.tenant_id).add_event(
+        JobEvent(job_id=job.id, kind="stage", state=job.state, stage=stage, details={}, at=now)
+    )
+    audit.record(
+        session,
+        tenant_id=job.tenant_id,
+        actor=actor,
+        action="job.stage_changed",
+        resource_type="unlearning_job",
+        resource_id=job.id,
+        details={"stage": stage.value},
+    )
+
+
+def _observe_stage(session: Session, job: UnlearningJob, now) -> None:  # type: ignore[no-untyped-def]
+    started = next(
+        (
+            e.at
+            for e in reversed(JobRepository(session, job.tenant_id).events(job.id))
+            if e.kind == "stage" and e.stage == job.stage
+        ),
+        None,
+    )
+    if started is not None and job.stage is not None:
+        STAGE_SECONDS.labels(job.stage.value).observe((now - started).total_seconds())

@@ -1,0 +1,125 @@
+"""Registering models and adding versions to them."""
+
+from __future__ import annotations
+
+import uuid
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.db.models import Model, ModelVersion
+from app.db.repositories import ModelRepository
+from app.errors import Conflict, InvalidRequest, NotFound, from_validation_error
+from app.schemas.models import ModelCreate
+from app.services import audit
+from app.settings import Settings
+from app.storage import UriNotAllowed, check_allowed, sha256_and_size
+from negmerge.models import ModelSpec
+
+
+def register_model(
+    session: Session, principal: Principal, body: ModelCreate, settings: Settings
+) -> tuple[Model, ModelVersion]:
+    """A new model with its weights as version 1."""
+    repo = ModelRepository(session, principal.tenant_id)
+    spec = {
+        key: value
+        for key, value in {
+            "templates": body.templates,
+            "image_size": body.image_size,
+            "init_args": body.init_args,
+        }.items()
+        if value
+    }
+    try:  # the library's own rules: unique classes, '{}' in templates, ...
+        ModelSpec(family=body.family, architecture=body.architecture, classes=body.classes, **spec)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    try:
+        weights_uri = check_allowed(body.weights_uri, settings.data_roots)
+        sha256, size = sha256_and_size(weights_uri)
+    except UriNotAllowed as exc:
+        raise InvalidRequest("weights_uri", str(exc)) from None
+    if repo.get_by_name(body.name) is not None:
+        raise Conflict(f"name: this tenant already has a model named {body.name!r}")
+
+    model = Model(
+        name=body.name,
+        description=body.description,
+        family=body.family,
+        architecture=body.architecture,
+        classes=body.classes,
+        spec=spec,
+        latest_version=1,
+    )
+    try:
+        with session.begin_nested():  # a concurrent registration of the same name
+            repo.add(model)
+    except IntegrityError:
+        raise Conflict(f"name: this tenant already has a model named {body.name!r}") from None
+    version = repo.add_version(
+        ModelVersion(
+            model_id=model.id,
+            version=1,
+            weights_uri=weights_uri,
+            weights_sha256=sha256,
+            size_bytes=size,
+        )
+    )
+    audit.record(
+        session,
+        tenant_id=principal.tenant_id,
+        actor=principal.actor,
+        action="model.registered",
+        resource_type="model",
+        resource_id=model.id,
+        details={"name": model.name, "version": 1, "weights_sha256": sha256},
+    )
+    return model, version
+
+
+def add_version(
+    session: Session,
+    tenant_id: uuid.UUID,
+    model_id: uuid.UUID,
+    *,
+    weights_uri: str,
+    weights_sha256: str,
+    size_bytes: int,
+    parent_version_id: uuid.UUID | None,
+    produced_by_job_id: uuid.UUID | None,
+    actor: str,
+) -> ModelVersion:
+    """Add the next version of a model (the workers do, when a job succeeds)."""
+    repo = ModelRepository(session, tenant_id)
+    model = repo.get(model_id, for_update=True)  # serialises version numbers
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    model.latest_version += 1
+    version = repo.add_version(
+        ModelVersion(
+            model_id=model.id,
+            version=model.latest_version,
+            weights_uri=weights_uri,
+            weights_sha256=weights_sha256,
+            size_bytes=size_bytes,
+            parent_version_id=parent_version_id,
+            produced_by_job_id=produced_by_job_id,
+        )
+    )
+    audit.record(
+        session,
+        tenant_id=tenant_id,
+        actor=actor,
+        action="model.version_added",
+        resource_type="model",
+        resource_id=model.id,
+        details={
+            "version": version.version,
+            "weights_sha256": weights_sha256,
+            "job_id": str(produced_by_job_id) if produced_by_job_id else None,
+        },
+    )
+    return version

@@ -1,0 +1,68 @@
+"""Every setting of the service, in one object read from NEGMERGE_* environment variables.
+
+The defaults are the embedded one-machine setup: SQLite and Celery's filesystem transport
+under ./var. Production sets NEGMERGE_DATABASE_URL (PostgreSQL) and NEGMERGE_BROKER_URL (Redis).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _var(*parts: str) -> str:
+    return str(Path.cwd().joinpath("var", *parts))
+
+
+class Settings(BaseSettings):
+    """The service's configuration; NEGMERGE_<NAME> sets <name>."""
+
+    model_config = SettingsConfigDict(env_prefix="NEGMERGE_", extra="ignore")
+
+    database_url: str = Field(
+        default_factory=lambda: f"sqlite:///{_var('negmerge.db')}",
+        description="SQLAlchemy URL: sqlite:///... or postgresql+psycopg://...",
+    )
+    db_pool_size: int = Field(10, gt=0, description="Connections kept per process (PostgreSQL).")
+    broker_url: str = Field(
+        "filesystem://", description="Celery broker: redis://... in production."
+    )
+    broker_folder: str = Field(
+        default_factory=lambda: _var("broker"), description="filesystem:// broker's folder."
+    )
+    queue_name: str = Field("negmerge", description="Celery queue the job steps are sent to.")
+    artifact_root: str = Field(
+        default_factory=lambda: _var("artifacts"),
+        description="Where uploaded data sets and job outputs are stored (a path or fsspec URI).",
+    )
+    data_roots: list[str] = Field(
+        default_factory=lambda: [_var()],
+        description="Registered weights and manifests must lie under one of these paths/URIs, "
+        "so that a tenant cannot make the server read arbitrary files.",
+    )
+
+    max_body_bytes: int = Field(1 * MiB, gt=0, description="Largest JSON request body.")
+    max_upload_bytes: int = Field(512 * MiB, gt=0, description="Largest data set archive.")
+    max_extracted_bytes: int = Field(2048 * MiB, gt=0, description="Largest unpacked archive.")
+    max_archive_members: int = Field(200_000, gt=0, description="Most files in an archive.")
+    max_compression_ratio: float = Field(
+        100.0, gt=1, description="Refuse archive members that expand more than this (bombs)."
+    )
+    max_dataset_samples: int = Field(200_000, gt=0, description="Most samples in a data set.")
+    max_variants: int = Field(64, gt=0, description="Most fine-tuning variants in one job.")
+
+    page_size_default: int = Field(50, gt=0)
+    page_size_max: int = Field(200, gt=0)
+    retry_after_seconds: int = Field(5, gt=0, description="Retry-After on unfinished jobs.")
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The settings of this process, read once from the environment."""
+    return Settings()

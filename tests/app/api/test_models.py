@@ -1,0 +1,87 @@
+"""/v1/models: registration with a server-computed hash, versions, weights download."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from app.services.models import add_version
+from tests.app.conftest import model_body
+
+
+def test_register_get_list_versions_and_download(client, caller, weights_file):
+    response = client.post("/v1/models", json=model_body(weights_file), headers=caller.headers)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert response.headers["Location"] == f"/v1/models/{model['id']}"
+    assert model["latest_version"] == 1 and model["image_size"] == 32
+    assert client.get(f"/v1/models/{model['id']}", headers=caller.headers).json() == model
+    assert [m["id"] for m in client.get("/v1/models", headers=caller.headers).json()["items"]] == [
+        model["id"]
+    ]
+
+    versions = client.get(f"/v1/models/{model['id']}/versions", headers=caller.headers).json()
+    expected = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert [(v["version"], v["weights_sha256"]) for v in versions["items"]] == [(1, expected)]
+    one = client.get(f"/v1/models/{model['id']}/versions/1", headers=caller.headers).json()
+    assert one["size_bytes"] == weights_file.stat().st_size
+
+    download = client.get(one["download_url"], headers=caller.headers)
+    assert download.status_code == 200
+    assert download.content == weights_file.read_bytes()
+    assert download.headers["X-Checksum-Sha256"] == expected
+
+
+def test_a_new_version_records_its_lineage(client, caller, db, weights_file):
+    model = client.post("/v1/models", json=model_body(weights_file), headers=caller.headers).json()
+    with db.unit_of_work() as session:
+        from app.db.repositories import ModelRepository
+
+        parent = ModelRepository(session, caller.tenant_id).version(uuid.UUID(model["id"]), 1)
+        add_version(
+            session,
+            caller.tenant_id,
+            uuid.UUID(model["id"]),
+            weights_uri=str(weights_file),
+            weights_sha256="ab" * 32,
+            size_bytes=1,
+            parent_version_id=parent.id,
+            produced_by_job_id=None,
+            actor="test",
+        )
+    versions = client.get(f"/v1/models/{model['id']}/versions", headers=caller.headers).json()
+    assert [(v["version"], v["parent_version"]) for v in versions["items"]] == [(1, None), (2, 1)]
+    assert (
+        client.get(f"/v1/models/{model['id']}", headers=caller.headers).json()["latest_version"]
+        == 2
+    )
+
+
+def test_duplicate_name_is_409(client, caller, weights_file):
+    assert (
+        client.post("/v1/models", json=model_body(weights_file), headers=caller.headers).status_code
+        == 201
+    )
+    again = client.post("/v1/models", json=model_body(weights_file), headers=caller.headers)
+    assert again.status_code == 409 and "name" in again.json()["error"]["message"]
+
+
+def test_weights_outside_the_data_roots_or_missing_are_422(client, caller, tmp_path):
+    outside = tmp_path / "w.safetensors"
+    outside.write_bytes(b"x")
+    for uri in (str(outside), "/etc/passwd", "file:///etc/hostname"):
+        response = client.post(
+            "/v1/models", json={**model_body(outside), "weights_uri": uri}, headers=caller.headers
+        )
+        assert response.status_code == 422, uri
+        assert response.json()["error"]["fields"][0]["field"] == "weights_uri"
+
+
+def test_the_library_rules_apply(client, caller, weights_file):
+    body = {**model_body(weights_file), "classes": ["a", "a"]}
+    response = client.post("/v1/models", json=body, headers=caller.headers)
+    assert response.status_code == 422
+    assert "unique" in response.json()["error"]["message"]
+    clip = {**model_body(weights_file), "family": "open_clip", "templates": ["no placeholder"]}
+    response = client.post("/v1/models", json=clip, headers=caller.headers)
+    assert response.status_code == 422 and "templates" in response.json()["error"]["message"]

@@ -1,0 +1,78 @@
+"""`negmerge admin ...`, through the library's `negmerge` command (attached by entry point)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from app.settings import get_settings
+from negmerge.cli import main
+from tests.app.conftest import job_body
+
+
+@pytest.fixture
+def admin(db, settings, monkeypatch):  # type: ignore[no-untyped-def]
+    """Runs `negmerge admin ARGS` against the test database."""
+    monkeypatch.setenv("NEGMERGE_DATABASE_URL", settings.database_url)
+    get_settings.cache_clear()
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+        result = runner.invoke(main, ["admin", *args])
+        assert result.exit_code == code, result.output
+        return result
+
+    yield run
+    get_settings.cache_clear()
+
+
+def test_create_tenant_and_key_then_call_the_api(admin, client):
+    admin("tenants", "create", "globex")
+    assert "globex" in admin("tenants", "list").output
+    admin("tenants", "create", "globex", code=1)
+    created = json.loads(
+        admin("keys", "create", "--tenant", "globex", "--scopes", "jobs:read", "--json").output
+    )
+    assert created["scopes"] == ["jobs:read"]
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    assert client.get("/v1/unlearning-jobs", headers=headers).status_code == 200
+    assert client.post("/v1/unlearning-jobs", json={}, headers=headers).status_code == 403
+    admin("keys", "create", "--tenant", "globex", "--scopes", "root", code=1)
+    admin("keys", "revoke", created["id"])
+    assert client.get("/v1/unlearning-jobs", headers=headers).status_code == 401
+
+
+TAMPERING = {
+    "edited": (
+        'UPDATE audit_log SET details = \'{"name": "someone else"}\' '
+        "WHERE chain = :chain AND seq = 2",
+        "was edited",
+    ),
+    "deleted": ("DELETE FROM audit_log WHERE chain = :chain AND seq = 2", "rows are missing"),
+    "newest deleted": (
+        "DELETE FROM audit_log WHERE chain = :chain AND seq = "
+        "(SELECT max(seq) FROM audit_log WHERE chain = :chain)",
+        "newest rows",
+    ),
+    "reattributed": (
+        "UPDATE audit_log SET actor = 'api_key:innocent' WHERE chain = :chain AND seq = 3",
+        "was edited",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERING))
+def test_audit_verify_detects_tampering(admin, client, registered, db, how):
+    client.post("/v1/unlearning-jobs", json=job_body(registered), headers=registered.caller.headers)
+    verified = admin("audit", "verify")
+    chain = str(registered.caller.tenant_id)
+    assert f"{chain}  4 entries" in verified.output and "BROKEN" not in verified.output
+
+    statement, words = TAMPERING[how]
+    with db.engine.begin() as connection:
+        assert connection.execute(text(statement), {"chain": chain}).rowcount == 1
+    broken = admin("audit", "verify", code=1)
+    assert "BROKEN" in broken.output and words in broken.output
