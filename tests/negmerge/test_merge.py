@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from negmerge.errors import MergeError
 from negmerge.io import load_state_dict, save_file
-from negmerge.merge import METHODS, get_method
+from negmerge.merge import METHODS, get_method, streaming
 from negmerge.merge.partial import PartialMerge, partial_merge
 from negmerge.merge.streaming import merge_files, merge_task_vectors
 
@@ -305,3 +305,27 @@ def test_no_task_vectors_is_an_error(tmp_path: Path):
     with pytest.raises(MergeError, match="n = 0"):
         merge_files("negmerge", [], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_chunks_reduced_in_smaller_slices_give_the_same_merge(tmp_path, monkeypatch, method):
+    """The engine reads chunks and reduces them in cache-sized slices; shrink both so that
+    slices split chunks and chunks split tensors."""
+    monkeypatch.setattr(streaming, "SLICE_ELEMENTS", 7)
+    gen = torch.Generator().manual_seed(3)
+    values = torch.tensor(DYADIC)
+    pre = {"a": torch.zeros(13, 11), "b": torch.zeros(29)}
+    save_file(pre, tmp_path / "pre.safetensors")
+    vectors, paths = [], []
+    for k in range(5):
+        vector = {
+            key: values[torch.randint(len(DYADIC), t.shape, generator=gen)]
+            for key, t in pre.items()
+        }
+        save_file(vector, tmp_path / f"ft{k}.safetensors")
+        vectors.append(vector)
+        paths.append(tmp_path / f"ft{k}.safetensors")
+    merge_files(
+        method, paths, tmp_path / "out.safetensors", tmp_path / "pre.safetensors", chunk_elements=50
+    )
+    assert_same(load_state_dict(tmp_path / "out.safetensors"), reference(method, vectors, {}))
