@@ -19,25 +19,38 @@ log = logging.getLogger(__name__)
 
 RUN_STEP_TASK = "negmerge.run_step"
 FIRST_STEP = "prepare"
+GPU_STEP_PREFIX = "finetune:"  # fine-tuning variants go to the gpu queue; the rest to the default
 
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app configured for the broker in `settings` (shared with the workers)."""
-    celery = Celery("negmerge", broker=settings.broker_url, set_as_current=False)
-    options: dict[str, object] = {}
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    """The broker's transport options, the same in the API, the workers and the watchdog.
+
+    visibility_timeout (Redis): a message a worker took but has not acknowledged is delivered
+    again after this time. Messages are acknowledged when their step ends (acks_late), so it
+    must be longer than the longest step, or Redis would hand a running step to a second
+    worker (harmless, the step's lease turns it away, but wasteful).
+    """
     if settings.broker_url.startswith("filesystem://"):
         folder = Path(settings.broker_folder)
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        options = {
+        return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
             "store_processed": False,
+            # The folder is polled; once a second (the default) adds up over a job's steps.
+            "polling_interval": 0.2,
         }
+    return {"visibility_timeout": settings.visibility_timeout_seconds}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for the broker in `settings` (shared with the workers)."""
+    celery = Celery("negmerge", broker=settings.broker_url, set_as_current=False)
     celery.conf.update(
-        broker_transport_options=options,
+        broker_transport_options=broker_transport_options(settings),
         task_default_queue=settings.queue_name,
         broker_connection_timeout=3,
     )
@@ -50,16 +63,28 @@ class JobQueue:
     def __init__(self, settings: Settings) -> None:
         self.celery = make_celery(settings)
         self.queue_name = settings.queue_name
+        self.gpu_queue_name = settings.gpu_queue_name
+
+    def queue_for(self, step: str) -> str:
+        return self.gpu_queue_name if step.startswith(GPU_STEP_PREFIX) else self.queue_name
 
     def send_step(self, job_id: uuid.UUID, step: str = FIRST_STEP) -> None:
         self.celery.send_task(
             RUN_STEP_TASK,
             args=[str(job_id), step],
-            queue=self.queue_name,
+            queue=self.queue_for(step),
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
         log.info("sent step", extra={"job_id": str(job_id), "step": step})
+
+    def send_steps(self, job_id: uuid.UUID, steps: list[str]) -> None:
+        """Send several steps; one that fails to send is left to the watchdog (logged)."""
+        for step in steps:
+            try:
+                self.send_step(job_id, step)
+            except Exception:
+                log.exception("could not send step %s of job %s", step, job_id)
 
     def ping(self) -> None:
         """Raise if the broker cannot be reached."""

@@ -36,6 +36,34 @@ class Settings(BaseSettings):
         default_factory=lambda: _var("broker"), description="filesystem:// broker's folder."
     )
     queue_name: str = Field("negmerge", description="Celery queue the job steps are sent to.")
+    gpu_queue_name: str = Field(
+        "gpu", description="Celery queue of the fine-tuning steps (one worker process per GPU)."
+    )
+    visibility_timeout_seconds: int = Field(
+        6 * 3600,
+        gt=0,
+        description="Redis redelivers a message not acknowledged within this time; it must be "
+        "longer than the longest step (messages are acknowledged when the step ends).",
+    )
+    step_lease_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="A running step's lease, renewed every quarter of it; a step whose lease "
+        "has expired (its worker died) is sent again by the watchdog.",
+    )
+    step_max_attempts: int = Field(
+        3, gt=0, description="Starts of one step before the job is FAILED."
+    )
+    resend_after_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="The watchdog sends a waiting step (or a QUEUED job's first step) again "
+        "when its message was sent this long ago: a message may have been lost.",
+    )
+    watchdog_interval_seconds: float = Field(10.0, gt=0, description="Watchdog period.")
+    progress_interval_seconds: float = Field(
+        1.0, gt=0, description="Least time between two progress writes (current loss)."
+    )
     artifact_root: str = Field(
         default_factory=lambda: _var("artifacts"),
         description="Where uploaded data sets and job outputs are stored (a path or fsspec URI).",

@@ -49,6 +49,7 @@ def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
             variants_total=job.variants_total,
             lambdas_evaluated=job.lambdas_evaluated,
             percent=job.percent,
+            current_loss=job.current_loss,
         ),
         model=JobModelRef(id=job.model_id, version=version),
         forget=JobForgetSet(

@@ -171,6 +171,7 @@ class UnlearningJob(Base):
     variants_done: Mapped[int] = mapped_column(Integer, default=0)
     lambdas_evaluated: Mapped[int] = mapped_column(Integer, default=0)
     percent: Mapped[float] = mapped_column(default=0.0)
+    current_loss: Mapped[float | None] = mapped_column()
 
     subject_reference: Mapped[str | None] = mapped_column(String(200), index=True)
     legal_basis: Mapped[str | None] = mapped_column(String(200))
@@ -192,6 +193,39 @@ class UnlearningJob(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     cancel_requested_at: Mapped[datetime | None] = mapped_column()
+
+
+class StepState(enum.StrEnum):
+    PENDING = "PENDING"  # its message is sent (or about to be)
+    RUNNING = "RUNNING"  # a worker holds the lease
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class JobStep(Base):
+    """One step of a job ("prepare", "finetune:3", "merge", "search", "finalize"): the row a
+    worker claims with a lease (compare-and-set) before it runs the step. A Celery message
+    only names the step; this row says whether it still needs running."""
+
+    __tablename__ = "job_steps"
+    __table_args__ = (Index("ix_job_steps_state_lease", "state", "lease_expires_at"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("unlearning_jobs.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    state: Mapped[StepState] = mapped_column(
+        _enum(StepState, "step_state"), default=StepState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()  # when its message was last sent
+    output: Mapped[dict[str, Any] | None] = mapped_column()  # what later steps need
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class JobEvent(Base):

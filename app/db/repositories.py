@@ -2,7 +2,9 @@
 every statement by it, so a service cannot reach another tenant's rows by mistake.
 
 The exceptions, named as such: `ApiKeyRepository.find_by_hash` (authentication happens before
-the tenant is known) and `TenantRepository` (used by administrators' commands).
+the tenant is known), `TenantRepository` (used by administrators' commands) and
+`StepRepository` (the workers and the watchdog act for the system: a message names a job by
+id only; what they write for a tenant goes through that tenant's repositories).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import (
@@ -25,8 +27,10 @@ from app.db.models import (
     Dataset,
     JobEvent,
     JobState,
+    JobStep,
     Model,
     ModelVersion,
+    StepState,
     Tenant,
     UnlearningJob,
 )
@@ -278,3 +282,117 @@ def count_jobs_by_state(session: Session) -> dict[str, int]:
     """Jobs per state over all tenants: operators' metrics, never shown to a tenant."""
     stmt = select(UnlearningJob.state, func.count()).group_by(UnlearningJob.state)
     return {state.value: count for state, count in session.execute(stmt)}
+
+
+class StepRepository:
+    """Jobs by id and their steps, for the workers and the watchdog (not tenant-scoped: see
+    the module's docstring)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def lock_job(self, job_id: uuid.UUID) -> UnlearningJob | None:
+        """The job's row, locked until the transaction ends: every change to a job's steps
+        happens under this lock, so claims, completions and the fan-in are serialised."""
+        stmt = select(UnlearningJob).where(UnlearningJob.id == job_id).with_for_update()
+        return self.session.scalars(stmt).one_or_none()
+
+    def job_state(self, job_id: uuid.UUID) -> JobState | None:
+        stmt = select(UnlearningJob.state).where(UnlearningJob.id == job_id)
+        return self.session.scalars(stmt).one_or_none()
+
+    def step(self, job_id: uuid.UUID, name: str) -> JobStep | None:
+        stmt = select(JobStep).where(JobStep.job_id == job_id, JobStep.name == name)
+        return self.session.scalars(stmt.with_for_update()).one_or_none()
+
+    def steps(self, job_id: uuid.UUID) -> list[JobStep]:
+        stmt = select(JobStep).where(JobStep.job_id == job_id).order_by(JobStep.created_at)
+        return list(self.session.scalars(stmt))
+
+    def add_step(self, step: JobStep) -> JobStep:
+        self.session.add(step)
+        self.session.flush()
+        return step
+
+    def count_steps(self, job_id: uuid.UUID, prefix: str, state: StepState) -> int:
+        stmt = select(func.count()).where(
+            JobStep.job_id == job_id, JobStep.name.startswith(prefix), JobStep.state == state
+        )
+        return int(self.session.scalar(stmt) or 0)
+
+    def renew_lease(self, job_id: uuid.UUID, name: str, owner: str, until: datetime) -> bool:
+        """Extend the lease `owner` holds; False if it holds it no more."""
+        stmt = (
+            update(JobStep)
+            .where(
+                JobStep.job_id == job_id,
+                JobStep.name == name,
+                JobStep.lease_owner == owner,
+                JobStep.state == StepState.RUNNING,
+            )
+            .values(lease_expires_at=until)
+        )
+        return self.session.execute(stmt).rowcount == 1
+
+    def set_current_loss(self, job_id: uuid.UUID, loss: float, now: datetime) -> None:
+        stmt = (
+            update(UnlearningJob)
+            .where(UnlearningJob.id == job_id)
+            .values(current_loss=loss, updated_at=now)
+        )
+        self.session.execute(stmt)
+
+    def expired_leases(self, now: datetime, limit: int = 100) -> list[tuple[uuid.UUID, str]]:
+        stmt = (
+            select(JobStep.job_id, JobStep.name)
+            .where(JobStep.state == StepState.RUNNING, JobStep.lease_expires_at < now)
+            .limit(limit)
+        )
+        return [(row[0], row[1]) for row in self.session.execute(stmt)]
+
+    def unsent_steps(self, sent_before: datetime, limit: int = 100) -> list[tuple[uuid.UUID, str]]:
+        """Steps waiting for a worker whose message was sent before `sent_before`, of jobs
+        that are still going."""
+        stmt = (
+            select(JobStep.job_id, JobStep.name)
+            .join(UnlearningJob, UnlearningJob.id == JobStep.job_id)
+            .where(
+                JobStep.state == StepState.PENDING,
+                or_(JobStep.sent_at.is_(None), JobStep.sent_at < sent_before),
+                UnlearningJob.state.in_([JobState.QUEUED, JobState.RUNNING]),
+            )
+            .limit(limit)
+        )
+        return [(row[0], row[1]) for row in self.session.execute(stmt)]
+
+    def queued_without_steps(self, created_before: datetime, limit: int = 100) -> list[uuid.UUID]:
+        """QUEUED jobs no worker has seen: their first message may never have been sent."""
+        has_steps = select(JobStep.job_id).where(JobStep.job_id == UnlearningJob.id).exists()
+        stmt = (
+            select(UnlearningJob.id)
+            .where(
+                UnlearningJob.state == JobState.QUEUED,
+                UnlearningJob.created_at < created_before,
+                ~has_steps,
+            )
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
+
+    def cancelling_without_runner(self, now: datetime, limit: int = 100) -> list[uuid.UUID]:
+        """CANCELLING jobs with no step under a live lease: nobody is left to notice."""
+        running = (
+            select(JobStep.job_id)
+            .where(
+                JobStep.job_id == UnlearningJob.id,
+                JobStep.state == StepState.RUNNING,
+                JobStep.lease_expires_at >= now,
+            )
+            .exists()
+        )
+        stmt = (
+            select(UnlearningJob.id)
+            .where(UnlearningJob.state == JobState.CANCELLING, ~running)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))

@@ -7,7 +7,15 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from app.db.models import JobStage, JobState
 from app.schemas.common import Strict
@@ -68,6 +76,11 @@ class UnlearningJobCreate(Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_eval_samples: int | None = Field(2000, gt=0, le=1_000_000)
+    keep_task_vectors: bool = Field(
+        False,
+        description="Keep the n fine-tuned task vectors after the merge (default: deleted "
+        "once merged; their sha256 stay in the report).",
+    )
     subject_reference: str | None = Field(
         None, max_length=200, description="Your reference for the data subject or ticket."
     )
@@ -90,6 +103,18 @@ class JobProgress(BaseModel):
     variants_total: int = Field(examples=[4])
     lambdas_evaluated: int = Field(examples=[0])
     percent: float = Field(examples=[60.0])
+    current_loss: float | None = Field(
+        None,
+        description="The latest fine-tuning loss a worker reported (absent before any).",
+        examples=[0.42],
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unknown_loss(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("current_loss") is None:
+            data.pop("current_loss", None)
+        return data
 
 
 class JobError(BaseModel):

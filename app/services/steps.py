@@ -1,0 +1,424 @@
+"""A job's steps as rows: leases, the fan-out and fan-in, and what the watchdog repairs.
+
+A Celery message says only "run step S of job J", and a message may arrive twice, late, or
+never. Whether a step runs is decided here, in the database, under the job's row lock:
+
+- claim: a worker takes the step's lease by compare-and-set (PENDING, or RUNNING with an
+  expired lease -> RUNNING with its own lease). A duplicate finds the step held or done and
+  does nothing. A message for a step nobody created (a merge before the variants are done)
+  does nothing either.
+- complete: the step is DONE and the next steps' rows are created in the same transaction;
+  their messages are sent after it commits. prepare fans out one finetune:k per variant; the
+  variant whose completion makes the count of DONE variants reach n creates merge (once:
+  completions are serialised by the job's row lock, and merge's row is created only if absent).
+- the watchdog: an expired lease (its worker died) puts the step back to PENDING and sends it
+  again; after `step_max_attempts` starts the job is FAILED. Waiting steps whose message may
+  have been lost are sent again.
+
+Functions here change rows and register messages with `after_commit`; they never commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import JobEvent, JobStage, JobState, JobStep, StepState, UnlearningJob
+from app.db.repositories import JobRepository, StepRepository
+from app.db.session import after_commit
+from app.queue import GPU_STEP_PREFIX, JobQueue
+from app.services.jobs import change_stage, change_state
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREPARE, MERGE, SEARCH, FINALIZE = "prepare", "merge", "search", "finalize"
+WORKER = "worker"
+WATCHDOG = "watchdog"
+
+# Where a job is, in percent, when each step starts (fine-tuning spans 10..80).
+PERCENT_AT = {PREPARE: 0.0, MERGE: 80.0, SEARCH: 85.0, FINALIZE: 95.0}
+
+
+def finetune_step(index: int) -> str:
+    return f"{GPU_STEP_PREFIX}{index}"
+
+
+def variant_index(step: str) -> int | None:
+    """k for "finetune:k", else None."""
+    if not step.startswith(GPU_STEP_PREFIX):
+        return None
+    try:
+        return int(step[len(GPU_STEP_PREFIX) :])
+    except ValueError:
+        return None
+
+
+def stage_of(step: str) -> JobStage | None:
+    if variant_index(step) is not None:
+        return JobStage.FINETUNING
+    return {
+        PREPARE: JobStage.PREPARING,
+        MERGE: JobStage.MERGING,
+        SEARCH: JobStage.SEARCHING,
+        FINALIZE: JobStage.EVALUATING,
+    }.get(step)
+
+
+def same_delivery_chain(held_by: str | None, owner: str) -> bool:
+    """True if `owner` is a retry (by Celery, after a database error) of the task that holds
+    the lease. Owners are "<task id>/<retry number>": a redelivered duplicate of a message
+    has the same retry number as the original and is turned away."""
+    if not held_by:
+        return False
+    held_task, _, held_retry = held_by.partition("/")
+    task, _, retry = owner.partition("/")
+    return (
+        held_task == task
+        and held_retry.isdigit()
+        and retry.isdigit()
+        and int(retry) > int(held_retry)
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A step this worker holds: what it needs to run it."""
+
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    step: str
+    owner: str
+    attempt: int
+    spec: dict[str, Any]
+    request: dict[str, Any]
+    variants_total: int
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier steps' outputs
+
+
+def claim_step(
+    session: Session, job_id: uuid.UUID, name: str, owner: str, settings: Settings
+) -> Claim | None:
+    """Take the lease of step `name` of job `job_id`, or None if it is not ours to run."""
+    repo = StepRepository(session)
+    job = repo.lock_job(job_id)
+    if job is None or job.state.is_terminal or stage_of(name) is None:
+        return None
+    if job.state is JobState.CANCELLING:
+        change_state(session, job, JobState.CANCELLED, WORKER)
+        return None
+    now = utcnow()
+    step = repo.step(job_id, name)
+    if step is None:
+        if name != PREPARE:
+            return None  # nobody enqueued this step: a stray message
+        step = repo.add_step(
+            JobStep(job_id=job_id, tenant_id=job.tenant_id, name=PREPARE, sent_at=now)
+        )
+    if step.state not in (StepState.PENDING, StepState.RUNNING):
+        return None
+    retry = same_delivery_chain(step.lease_owner, owner)
+    if (
+        step.state is StepState.RUNNING
+        and not retry
+        and step.lease_expires_at is not None
+        and step.lease_expires_at > now
+    ):
+        return None  # another worker holds it
+    if not retry:
+        if step.attempts >= settings.step_max_attempts:
+            _attempts_exhausted(session, job, step)
+            return None
+        step.attempts += 1
+    step.state = StepState.RUNNING
+    step.lease_owner = owner
+    step.lease_expires_at = now + timedelta(seconds=settings.step_lease_seconds)
+    step.started_at = now
+    if job.state is JobState.QUEUED:
+        change_state(session, job, JobState.RUNNING, WORKER)
+    stage = stage_of(name)
+    if stage is not None and job.stage is not stage:
+        change_stage(session, job, stage, WORKER)
+        job.percent = max(job.percent, PERCENT_AT.get(name, job.percent))
+    outputs = {
+        s.name: s.output
+        for s in repo.steps(job_id)
+        if s.name in (PREPARE, MERGE, SEARCH) and s.output is not None
+    }
+    return Claim(
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        step=name,
+        owner=owner,
+        attempt=step.attempts,
+        spec=job.spec,
+        request=job.request,
+        variants_total=job.variants_total,
+        outputs=outputs,
+    )
+
+
+def _attempts_exhausted(session: Session, job: UnlearningJob, step: JobStep) -> None:
+    message = (
+        f"step {step.name} was started {step.attempts} times and never finished: the worker "
+        "running it stopped (killed, out of memory, or cut off from the database)"
+    )
+    step.state = StepState.FAILED
+    step.error = message
+    step.lease_owner = step.lease_expires_at = None
+    fail_job(session, job, "step_attempts_exhausted", message)
+
+
+def fail_job(session: Session, job: UnlearningJob, code: str, message: str) -> None:
+    """End `job` as FAILED with error {code, message} (unless it has ended already)."""
+    if not job.state.is_terminal:
+        change_state(session, job, JobState.FAILED, WORKER, error=(code, message[:4000]))
+
+
+def _held(repo: StepRepository, claim: Claim) -> tuple[UnlearningJob | None, JobStep | None]:
+    """The job (locked) and the step, if `claim` still holds the step's lease."""
+    job = repo.lock_job(claim.job_id)
+    step = repo.step(claim.job_id, claim.step)
+    if step is None or step.state is not StepState.RUNNING or step.lease_owner != claim.owner:
+        # The lease was lost (expired and taken over): the other worker records the step; its
+        # outputs are the same bytes, so nothing is lost by dropping ours.
+        log.warning("lost the lease of %s of job %s", claim.step, claim.job_id)
+        return job, None
+    return job, step
+
+
+def complete_step(
+    session: Session, claim: Claim, output: dict[str, Any], queue: JobQueue
+) -> list[str]:
+    """Record step `claim.step` as DONE with `output`, create the next steps and send them
+    after commit. Returns the names of the steps it will send."""
+    repo = StepRepository(session)
+    job, step = _held(repo, claim)
+    if job is None or step is None:
+        return []
+    now = utcnow()
+    step.state = StepState.DONE
+    step.output = output
+    step.finished_at = now
+    step.lease_owner = step.lease_expires_at = None
+    if job.state.is_terminal:
+        return []
+    if job.state is JobState.CANCELLING:
+        change_state(session, job, JobState.CANCELLED, WORKER)
+        return []
+
+    following: list[str] = []
+    index = variant_index(claim.step)
+    if claim.step == PREPARE:
+        following = [finetune_step(k) for k in range(job.variants_total)]
+        job.percent = 10.0
+    elif index is not None:
+        done = repo.count_steps(job.id, GPU_STEP_PREFIX, StepState.DONE)
+        job.variants_done = done
+        job.percent = 10.0 + 70.0 * done / max(job.variants_total, 1)
+        JobRepository(session, job.tenant_id).add_event(
+            JobEvent(
+                job_id=job.id,
+                kind="progress",
+                state=job.state,
+                stage=job.stage,
+                details={"variants_done": done, "variants_total": job.variants_total},
+                at=now,
+            )
+        )
+        # The fan-in: only the completion that makes the count reach n sees it, because
+        # completions hold the job's row lock; merge's row is created only if absent.
+        if done >= job.variants_total and repo.step(job.id, MERGE) is None:
+            following = [MERGE]
+    elif claim.step == MERGE:
+        following = [SEARCH]
+    elif claim.step == SEARCH:
+        following = [FINALIZE]
+    job.updated_at = now
+    for name in following:
+        repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
+    if following:
+        job_id = job.id
+        after_commit(session, lambda: queue.send_steps(job_id, following))
+    return following
+
+
+def finish_job(
+    session: Session, claim: Claim, output: dict[str, Any], result: dict[str, Any]
+) -> UnlearningJob | None:
+    """Record finalize as DONE and the job as SUCCEEDED with `result` (the caller has added
+    the model version in the same transaction). None if the lease was lost."""
+    repo = StepRepository(session)
+    job, step = _held(repo, claim)
+    if job is None or step is None:
+        return None
+    now = utcnow()
+    step.state = StepState.DONE
+    step.output = output
+    step.finished_at = now
+    step.lease_owner = step.lease_expires_at = None
+    if job.state.is_terminal:
+        return None
+    change_stage(session, job, JobStage.STORING, WORKER)
+    job.percent = 100.0
+    # CANCELLING -> SUCCEEDED: the work finished before the cancel could stop it.
+    change_state(session, job, JobState.SUCCEEDED, WORKER, result=result)
+    return job
+
+
+def held_job(session: Session, claim: Claim) -> UnlearningJob | None:
+    """The job, locked, if `claim` still holds its step (used before adding a model version)."""
+    job, step = _held(StepRepository(session), claim)
+    return job if step is not None and job is not None and not job.state.is_terminal else None
+
+
+def step_cancelled(session: Session, claim: Claim) -> None:
+    """The step stopped because the job is being cancelled: the job is CANCELLED."""
+    repo = StepRepository(session)
+    job, step = _held(repo, claim)
+    if step is not None:
+        step.state = StepState.CANCELLED
+        step.lease_owner = step.lease_expires_at = None
+        step.finished_at = utcnow()
+    if job is not None and job.state is JobState.CANCELLING:
+        change_state(session, job, JobState.CANCELLED, WORKER)
+
+
+def step_failed(session: Session, claim: Claim, code: str, message: str) -> None:
+    """The step failed for good (bad input, a bug): the job is FAILED with {code, message}."""
+    repo = StepRepository(session)
+    job, step = _held(repo, claim)
+    if step is None or job is None:
+        return
+    step.state = StepState.FAILED
+    step.error = message
+    step.lease_owner = step.lease_expires_at = None
+    step.finished_at = utcnow()
+    fail_job(session, job, code, message)
+
+
+def renew_lease(session: Session, claim: Claim, settings: Settings) -> bool:
+    until = utcnow() + timedelta(seconds=settings.step_lease_seconds)
+    return StepRepository(session).renew_lease(claim.job_id, claim.step, claim.owner, until)
+
+
+def report_loss(session: Session, job_id: uuid.UUID, loss: float) -> JobState | None:
+    """Write the current fine-tuning loss; returns the job's state (the cancel flag)."""
+    repo = StepRepository(session)
+    repo.set_current_loss(job_id, loss, utcnow())
+    return repo.job_state(job_id)
+
+
+def lambda_evaluated(session: Session, job_id: uuid.UUID, lam: float) -> JobState | None:
+    """Count one more lambda evaluated; returns the job's state (the cancel flag)."""
+    job = StepRepository(session).lock_job(job_id)
+    if job is None:
+        return None
+    job.lambdas_evaluated += 1
+    job.percent = min(94.0, job.percent + 1.0)
+    job.updated_at = utcnow()
+    JobRepository(session, job.tenant_id).add_event(
+        JobEvent(
+            job_id=job.id,
+            kind="progress",
+            state=job.state,
+            stage=job.stage,
+            details={"lambda": lam, "lambdas_evaluated": job.lambdas_evaluated},
+        )
+    )
+    return job.state
+
+
+# ---- the watchdog's repairs: each one its own short transaction ------------------------------
+
+
+def requeue_expired(
+    session: Session, job_id: uuid.UUID, name: str, settings: Settings, queue: JobQueue
+) -> str | None:
+    """If step `name` of `job_id` is RUNNING with an expired lease: back to PENDING and sent
+    again, or the job FAILED after too many attempts. Returns what it did."""
+    repo = StepRepository(session)
+    job = repo.lock_job(job_id)
+    step = repo.step(job_id, name)
+    now = utcnow()
+    if (
+        job is None
+        or step is None
+        or step.state is not StepState.RUNNING
+        or step.lease_expires_at is None
+        or step.lease_expires_at >= now
+    ):
+        return None  # changed since it was found
+    if job.state.is_terminal:
+        step.state = StepState.CANCELLED if job.state is JobState.CANCELLED else StepState.FAILED
+        step.lease_owner = step.lease_expires_at = None
+        return "closed"
+    if job.state is JobState.CANCELLING:
+        step.state = StepState.CANCELLED
+        step.lease_owner = step.lease_expires_at = None
+        change_state(session, job, JobState.CANCELLED, WATCHDOG)
+        return "cancelled"
+    if step.attempts >= settings.step_max_attempts:
+        _attempts_exhausted(session, job, step)
+        return "failed"
+    step.state = StepState.PENDING
+    step.lease_owner = step.lease_expires_at = None
+    step.sent_at = now
+    after_commit(session, lambda: queue.send_steps(job_id, [name]))
+    return "requeued"
+
+
+def resend_pending(
+    session: Session, job_id: uuid.UUID, name: str, settings: Settings, queue: JobQueue
+) -> bool:
+    """Send a waiting step again if its last message is older than resend_after_seconds."""
+    repo = StepRepository(session)
+    job = repo.lock_job(job_id)
+    step = repo.step(job_id, name)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.resend_after_seconds)
+    if job is None or job.state.is_terminal or step is None or step.state is not StepState.PENDING:
+        return False
+    if step.sent_at is not None and step.sent_at >= cutoff:
+        return False
+    step.sent_at = now
+    after_commit(session, lambda: queue.send_steps(job_id, [name]))
+    return True
+
+
+def resend_first_step(
+    session: Session, job_id: uuid.UUID, settings: Settings, queue: JobQueue
+) -> bool:
+    """A QUEUED job no worker has claimed: create its prepare row and send it again."""
+    repo = StepRepository(session)
+    job = repo.lock_job(job_id)
+    if job is None or job.state is not JobState.QUEUED or repo.step(job_id, PREPARE) is not None:
+        return False
+    repo.add_step(JobStep(job_id=job_id, tenant_id=job.tenant_id, name=PREPARE, sent_at=utcnow()))
+    after_commit(session, lambda: queue.send_steps(job_id, [PREPARE]))
+    return True
+
+
+def cancel_orphaned(session: Session, job_id: uuid.UUID, now: datetime) -> bool:
+    """A CANCELLING job with no live lease left: nobody will notice the flag, so end it."""
+    repo = StepRepository(session)
+    job = repo.lock_job(job_id)
+    if job is None or job.state is not JobState.CANCELLING:
+        return False
+    live = [
+        s
+        for s in repo.steps(job_id)
+        if s.state is StepState.RUNNING
+        and s.lease_expires_at is not None
+        and s.lease_expires_at >= now
+    ]
+    if live:
+        return False
+    change_state(session, job, JobState.CANCELLED, WATCHDOG)
+    return True

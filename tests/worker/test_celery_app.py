@@ -1,0 +1,39 @@
+"""The workers' Celery configuration for long GPU steps, and no CUDA before fork."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from app.queue import JobQueue
+from app.settings import Settings
+from worker.celery_app import PromptChildReplacement, create_celery
+
+
+def test_the_celery_app_is_configured_for_long_gpu_steps():
+    settings = Settings(broker_url="redis://127.0.0.1:6379/0", visibility_timeout_seconds=7200)
+    celery = create_celery(settings)
+    conf = celery.conf
+    assert PromptChildReplacement in celery.steps["worker"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_max_tasks_per_child == 1
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss
+    assert {q.name for q in conf.task_queues} == {"negmerge", "gpu"}
+    # The API sends with the same broker options as the workers read.
+    assert conf.broker_transport_options == {"visibility_timeout": 7200}
+    assert JobQueue(settings).celery.conf.broker_transport_options == {"visibility_timeout": 7200}
+    assert settings.visibility_timeout_seconds > settings.step_lease_seconds
+
+
+def test_fine_tuning_goes_to_the_gpu_queue_and_the_rest_to_the_default():
+    queue = JobQueue(Settings(broker_url="redis://127.0.0.1:6379/0"))
+    assert queue.queue_for("finetune:3") == "gpu"
+    assert {queue.queue_for(s) for s in ("prepare", "merge", "search", "finalize")} == {"negmerge"}
+
+
+def test_importing_the_workers_does_not_initialise_cuda():
+    code = (
+        "import worker.celery_app, worker.tasks, worker.watchdog, torch; "
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised before fork'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
