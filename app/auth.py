@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +69,43 @@ class Principal:
         return f"api_key:{self.key_id}"
 
 
+class _KeyCache:
+    """Recently authenticated keys, by hash, for a few seconds: polling clients send the same
+    key many times a second, and looking it up each time cost one query per request.
+
+    Only keys that were found are kept (an unknown key is looked up every time). A key revoked
+    by this process is dropped at once (`forget`); one revoked elsewhere (the admin command,
+    another worker process) keeps working here for at most `ttl` seconds.
+    """
+
+    def __init__(self, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                now = time.monotonic()
+                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()
+            self._entries[key_hash] = (time.monotonic() + self.ttl, principal)
+
+    def forget(self, key_id: uuid.UUID) -> None:
+        with self._lock:
+            self._entries = {k: v for k, v in self._entries.items() if v[1].key_id != key_id}
+
+
+key_cache = _KeyCache()
+
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer nmk_...`")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 
@@ -80,10 +119,14 @@ def authenticate(
     key = bearer.credentials if bearer is not None else header_key
     if not key:
         raise Unauthenticated("Authorization: send an API key as 'Bearer <key>' or X-API-Key")
-    row = ApiKeyRepository(session).find_by_hash(hash_key(key))
-    if row is None:
-        raise Unauthenticated("Authorization: unknown or revoked API key")
-    principal = Principal(row.tenant_id, row.id, expand_scopes(row.scopes))
+    key_hash = hash_key(key)
+    principal = key_cache.get(key_hash)
+    if principal is None:
+        row = ApiKeyRepository(session).find_by_hash(key_hash)
+        if row is None:
+            raise Unauthenticated("Authorization: unknown or revoked API key")
+        principal = Principal(row.tenant_id, row.id, expand_scopes(row.scopes))
+        key_cache.put(key_hash, principal)
     request.state.principal = principal
     return principal
 
@@ -91,7 +134,8 @@ def authenticate(
 def require(*any_of: str) -> Callable[..., Principal]:
     """A dependency giving the caller, who must hold at least one of the scopes `any_of`."""
 
-    def dependency(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    # async: it does no I/O, so it runs on the event loop instead of taking a worker thread.
+    async def dependency(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if not principal.scopes & set(any_of):
             raise Forbidden(f"this API key lacks the scope {' or '.join(any_of)}")
         return principal

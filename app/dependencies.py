@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -46,16 +47,33 @@ async def database_slot(request: Request) -> AsyncIterator[None]:
         yield
 
 
-def get_session(
+async def get_session(
     request: Request, _slot: Annotated[None, Depends(database_slot, scope="function")]
-) -> Iterator[Session]:
+) -> AsyncIterator[Session]:
     """The request's unit of work: commits when the endpoint returns, rolls back if it raises.
 
     Used with scope="function" (see DbSession), so the commit happens before the response is
     sent: a client never sees 202 for a job that was not committed.
+
+    Opening the unit of work does no I/O (a session takes its connection at its first query),
+    so it runs on the event loop; only its end (commit or rollback) goes to a worker thread,
+    shielded from cancellation and outside the thread limit, as FastAPI does for a sync
+    generator dependency. That saves one thread hop per request.
     """
-    with request.app.state.db.unit_of_work() as session:
+    unit = request.app.state.db.unit_of_work()
+    session = unit.__enter__()
+    exit_limiter = anyio.CapacityLimiter(1)  # see fastapi.concurrency.contextmanager_in_threadpool
+    try:
         yield session
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                unit.__exit__, type(exc), exc, exc.__traceback__, limiter=exit_limiter
+            )
+        raise
+    else:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(unit.__exit__, None, None, None, limiter=exit_limiter)
 
 
 # scope="function": the unit of work ends (commits) before the response is sent.

@@ -6,10 +6,11 @@ import uuid
 
 from sqlalchemy.orm import Session
 
-from app.auth import SCOPES, generate_key, hash_key
+from app.auth import SCOPES, generate_key, hash_key, key_cache
 from app.db.base import utcnow
 from app.db.models import ApiKey, Tenant
 from app.db.repositories import ApiKeyRepository, TenantRepository
+from app.db.session import after_commit
 from app.services import audit
 
 
@@ -92,4 +93,6 @@ def revoke_key(session: Session, key_id: uuid.UUID, actor: str) -> ApiKey:
             resource_id=row.id,
             details={"prefix": row.prefix},
         )
+        # This process stops accepting the key at once; other processes within key_cache.ttl.
+        after_commit(session, lambda: key_cache.forget(key_id))
     return row
