@@ -1,0 +1,525 @@
+"""The paper's experiments at small scale, on the project's offline fixtures.
+
+    1  CLIP, forget a domain: the tiny CLIP forgets "shapes" and keeps "digits"
+       (the shape of the paper's Table 1; rule retain-threshold).
+    2  Classifier, 10% random sample deletion: the shapes classifier that memorises its 300
+       training examples forgets a random 10% of them; compared with the model retrained
+       without them (the shape of the paper's Table 3; rule holdout-match).
+    3  Classifier, class deletion: the digits classifier forgets the class "three"
+       (rule retain-threshold).
+
+Each experiment and seed fine-tunes the n variants once (the pipeline's stages, into
+var/bench-experiments/), then runs every merge method on the same task vectors with the same
+lambda search (rule, strategy, grid). Task Arithmetic is the best single task vector of the n:
+the search runs once per index and the index that scores best on the validation splits, by
+the rule, is reported (its time is the sum of the n searches). Tables show mean +- std over
+the seeds.
+
+    .venv/bin/python bench/experiments.py                  # all three (~12 min on 2 cores)
+    .venv/bin/python bench/experiments.py 2 --seeds 0 1    # one experiment, other seeds
+    .venv/bin/python bench/experiments.py --quick          # smoke test (~1 min)
+    .venv/bin/python bench/experiments.py --write-results  # and update docs/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from negmerge.fixtures import ensure_datasets, ensure_tiny_classifier, ensure_tiny_clip
+from negmerge.metrics import UnlearningMetrics, avg_gap
+from negmerge.models import ModelSpec
+from negmerge.pipeline import (
+    DataRef,
+    ForgetSpec,
+    JobContext,
+    JobSpec,
+    MergeSpec,
+    SearchSpec,
+    Workdir,
+    finalize,
+    finetune_variant,
+    merge_variants,
+    prepare,
+    search,
+)
+from negmerge.search import RULES, Evaluation, lambda_grid
+from negmerge.variants import PRESETS, VariantGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "var" / "bench-experiments"
+RESULTS = ROOT / "docs" / "RESULTS.md"
+BEGIN = "<!-- bench/experiments.py: generated, begin -->"
+END = "<!-- bench/experiments.py: generated, end -->"
+
+# One grid for every method and experiment, wider than the README's 0..1: the sparse NegMerge
+# vector and the small task vectors of the classifier experiments need lambda > 1 to reach the
+# retain boundary (with 0..3, Task Arithmetic stopped at the upper end in experiment 2).
+GRID = lambda_grid(0.0, 5.0, 51)
+# Every grid point is evaluated: on these curves retain accuracy is not monotone in lambda, and
+# the `fast` strategy, which assumes it is, stopped at another lambda than the grid's choice.
+STRATEGY = "grid"
+# (row label, method, params); "single" is Task Arithmetic, the best of the n task vectors.
+METHODS = [
+    ("Task Arithmetic", "single", {}),
+    ("Uniform", "uniform", {}),
+    ("TIES", "ties", {"topk": 20.0}),
+    ("MagMax", "magmax", {}),
+    ("NegMerge", "negmerge", {"consensus": 1.0}),
+    ("NegMerge q=0.8", "negmerge", {"consensus": 0.8}),
+]
+# Experiment 1: the tiny-clip preset's optimiser (AdamW lr 1e-3, 30 steps), on a 5 x 2
+# RandAugment grid like the paper's M x N.
+CLIP_VARIANTS = {
+    "base": {**PRESETS["tiny-clip"]["base"]},
+    "grid": {"augment": [f"rand-m{m}-n{n}" for m in (1, 3, 5, 7, 9) for n in (1, 2)]},
+}
+CLIP_VARIANTS_QUICK = {
+    "base": {**PRESETS["tiny-clip"]["base"], "steps": 10},
+    "grid": {"augment": ["rand-m1-n1", "rand-m5-n2", "rand-m9-n2"]},
+}
+# Experiments 2 and 3: the classifier-paper preset (27 variants, SGD) as it is.
+CLASSIFIER_VARIANTS = {"preset": "classifier-paper"}
+CLASSIFIER_VARIANTS_QUICK = {
+    "preset": "classifier-paper",
+    "grid": {"epochs": [5], "weight_decay": [1e-4, 1e-3], "label_smoothing": [0.0, 0.1]},
+}
+MEMORISER = {"domain": "shapes", "train_size": 300, "augment": False, "epochs": 40}
+FORGET_FRACTION = 0.10
+FORGET_CLASS = "three"
+# Measured on the shared 2-core machine: fine-tuning one classifier variant took 0.85 s with
+# one torch thread and 9.3 s with two (evaluation 0.1 s and 1.1 s), the cores being busy with
+# other work; the models are too small for intra-op parallelism to pay.
+THREADS_NOTE = "on this shared 2-core machine two threads were up to 10x slower than one"
+
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+# ---- running one experiment for one seed -----------------------------------------------------
+
+
+def fresh_workdir(path: Path) -> Path:
+    """An empty work directory: every run fine-tunes afresh, so its times are real."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def run_job(
+    spec: JobSpec, workdir: Path, original_label: str, extra_rows: Callable[[], dict] | None = None
+) -> dict:
+    """Fine-tune once, then every method on the same task vectors; rows by label."""
+    ctx = JobContext.load(spec, workdir)
+    Workdir(workdir).claim(spec)
+    original = prepare(ctx)
+    n = len(spec.variant_list())
+    began = time.perf_counter()
+    for index in range(n):
+        finetune_variant(ctx, index)
+    finetune_seconds = time.perf_counter() - began
+    rows = {original_label: {**original["metrics"], "lambda": 0.0}}
+    if extra_rows is not None:
+        rows.update(extra_rows())
+    for label, method, params in METHODS:
+        if method == "single":
+            rows[label] = best_single(ctx, original, n)
+        else:
+            rows[label] = run_method(ctx, original, method, params, slug(label))
+    for path in workdir.glob("methods/*/model.safetensors"):
+        path.unlink()  # measured already, and report.json keeps its sha256: saves disk
+    return {"rows": rows, "finetune_seconds": finetune_seconds, "n": n}
+
+
+def slug(label: str) -> str:
+    return label.lower().replace(" ", "-").replace("=", "")
+
+
+def method_context(ctx: JobContext, method: str, params: dict, name: str) -> JobContext:
+    """The job's context with another merge method and its own work directory, which shares
+    the base model and the fine-tuned variants (linked) and the loaded model and data."""
+    root = fresh_workdir(ctx.workdir.root / "methods" / name)
+    (root / "variants").symlink_to(ctx.workdir.root / "variants", target_is_directory=True)
+    (root / "base.safetensors").symlink_to(ctx.workdir.base)
+    spec = ctx.spec.model_copy(update={"merge": MergeSpec(method=method, params=params)})
+    return dataclasses.replace(ctx, spec=spec, workdir=Workdir(root))
+
+
+def merge_and_search(ctx: JobContext, method: str, params: dict, name: str) -> tuple:
+    mctx = method_context(ctx, method, params, name)
+    began = time.perf_counter()
+    merged = merge_variants(mctx)
+    searched = search(mctx)
+    return mctx, merged, searched, time.perf_counter() - began
+
+
+def evaluate(mctx: JobContext, original: dict, merged: dict, searched: dict, seconds: float):
+    report = finalize(mctx, original, merged, searched, {"merge_and_search": seconds})
+    return {
+        **report["metrics"]["after"],
+        "kept": merged["kept_fraction"] * 100,
+        "lambda": searched["lambda"],
+        "at_upper_end": searched["at_upper_end"],
+        "seconds": seconds,
+    }
+
+
+def run_method(ctx: JobContext, original: dict, method: str, params: dict, name: str) -> dict:
+    mctx, merged, searched, seconds = merge_and_search(ctx, method, params, name)
+    return evaluate(mctx, original, merged, searched, seconds)
+
+
+def best_single(ctx: JobContext, original: dict, n: int) -> dict:
+    """Task Arithmetic: search each task vector alone, keep the best on the validation splits."""
+    rule = RULES[ctx.spec.search.rule](retain_ratio=ctx.spec.search.retain_ratio)
+    runs = [merge_and_search(ctx, "single", {"index": i}, f"single-{i}") for i in range(n)]
+
+    def validation_key(i: int) -> tuple:
+        found = Evaluation(**runs[i][2]["evaluation"])
+        return (rule.score(found), -found.retain_acc, i)
+
+    best = min(range(n), key=validation_key)
+    for index, run in enumerate(runs):
+        if index != best:
+            run[0].workdir.merged.unlink()  # a copy of variant `index`: saves disk
+    mctx, merged, searched, _ = runs[best]
+    total = sum(run[3] for run in runs)
+    label = ctx.spec.variant_list()[best].label()
+    return {**evaluate(mctx, original, merged, searched, total), "index": best, "variant": label}
+
+
+# ---- the three experiments -------------------------------------------------------------------
+
+
+def experiment_1(seed: int, quick: bool, work: Path) -> dict:
+    """The tiny CLIP forgets the "shapes" domain and keeps "digits"."""
+    data, clip = ensure_datasets(), ensure_tiny_clip()
+    spec = JobSpec(
+        model=ModelSpec(
+            family="open_clip",
+            architecture=clip.model_name,
+            weights=str(clip.weights_path),
+            model_config_path=str(clip.config_path),
+            classes=[*data.classes["digits"], *data.classes["shapes"]],
+            templates=[*clip.templates["digits"], *clip.templates["shapes"]],
+        ),
+        forget=ForgetSpec(dataset=str(data.roots["shapes"])),
+        retain=DataRef(dataset=str(data.roots["digits"])),
+        variants=VariantGrid(**(CLIP_VARIANTS_QUICK if quick else CLIP_VARIANTS)),
+        search=SearchSpec(rule="retain-threshold", strategy=STRATEGY, grid=GRID),
+        seed=seed,
+        device="cpu",
+    )
+    return run_job(spec, fresh_workdir(work / "exp1" / f"seed-{seed}"), "Pre-trained")
+
+
+def experiment_2(seed: int, quick: bool, work: Path) -> dict:
+    """The memorising shapes classifier forgets a random 10% of its training examples."""
+    original = ensure_tiny_classifier(**MEMORISER)
+    train_ids = sorted(original.train_ids)
+    count = round(FORGET_FRACTION * len(train_ids))
+    forget_ids = sorted(random.Random(f"forget-{seed}").sample(train_ids, count))
+    # Built afresh (force) so that its time is measured here, under the same conditions.
+    retrained = ensure_tiny_classifier(**MEMORISER, exclude_ids=forget_ids, force=True)
+
+    # Only what the original model saw: its training examples, plus the val and test splits.
+    workdir = fresh_workdir(work / "exp2" / f"seed-{seed}")
+    manifest = workdir / "data" / "manifest.jsonl"
+    manifest.parent.mkdir()
+    seen = set(train_ids)
+    with open(original.dataset_root / "manifest.jsonl") as source, open(manifest, "w") as out:
+        for line in source:
+            row = json.loads(line)
+            if row["split"] in ("val", "test") or row["id"] in seen:
+                out.write(line)
+    spec = JobSpec(
+        model=ModelSpec(
+            family="classifier",
+            architecture=original.model_name,
+            weights=str(original.weights_path),
+            image_size=original.input_size[-1],
+            classes=list(original.classes),
+        ),
+        forget=ForgetSpec(dataset=str(manifest), root=str(original.dataset_root), ids=forget_ids),
+        variants=VariantGrid(**(CLASSIFIER_VARIANTS_QUICK if quick else CLASSIFIER_VARIANTS)),
+        search=SearchSpec(rule="holdout-match", strategy=STRATEGY, grid=GRID),
+        seed=seed,
+        device="cpu",
+    )
+
+    def retrain_row() -> dict:
+        model = spec.model.model_copy(update={"weights": str(retrained.weights_path)})
+        ctx = JobContext.load(spec.model_copy(update={"model": model}), workdir)
+        return {"Retrain": {**ctx.metrics(), "seconds": retrained.build_seconds}}
+
+    result = run_job(spec, workdir, "Original", retrain_row)
+    reference = as_metrics(result["rows"]["Retrain"])
+    for row in result["rows"].values():
+        row["gap"] = avg_gap(as_metrics(row), reference)
+    result["retrain_seconds"] = retrained.build_seconds
+    return result
+
+
+def as_metrics(row: dict) -> UnlearningMetrics:
+    return UnlearningMetrics(row["retain_acc"], row["forget_acc"], row["test_acc"], row["mia"])
+
+
+def experiment_3(seed: int, quick: bool, work: Path) -> dict:
+    """The digits classifier forgets the class "three"."""
+    original = ensure_tiny_classifier()
+    spec = JobSpec(
+        model=ModelSpec(
+            family="classifier",
+            architecture=original.model_name,
+            weights=str(original.weights_path),
+            image_size=original.input_size[-1],
+            classes=list(original.classes),
+        ),
+        forget=ForgetSpec(dataset=str(original.dataset_root), classes=[FORGET_CLASS]),
+        variants=VariantGrid(**(CLASSIFIER_VARIANTS_QUICK if quick else CLASSIFIER_VARIANTS)),
+        search=SearchSpec(rule="retain-threshold", strategy=STRATEGY, grid=GRID),
+        seed=seed,
+        device="cpu",
+    )
+    return run_job(spec, fresh_workdir(work / "exp3" / f"seed-{seed}"), "Original")
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+# (header, row key, decimals)
+ACCURACY_COLUMNS = {
+    1: [("Forget acc (shapes test)", "forget_test_acc"), ("Retain acc (digits test)", "test_acc")],
+    2: [
+        ("Acc D_r", "retain_acc"),
+        ("Acc D_f", "forget_acc"),
+        ("Acc D_test", "test_acc"),
+        ("MIA-efficacy", "mia"),
+        ("Avg. Gap", "gap"),
+    ],
+    3: [
+        (f"Forget acc ({FORGET_CLASS}, test)", "forget_test_acc"),
+        ("Retain acc (other classes, test)", "test_acc"),
+    ],
+}
+COMMON_COLUMNS = [("Kept %", "kept", 2), ("λ", "lambda", 2), ("Time (s)", "seconds", 2)]
+TITLES = {
+    1: "Experiment 1: the tiny CLIP forgets the shapes domain, keeps digits",
+    2: "Experiment 2: the memorising shapes classifier forgets a random 10% of its training set",
+    3: f'Experiment 3: the digits classifier forgets the class "{FORGET_CLASS}"',
+}
+RUNNERS = {1: experiment_1, 2: experiment_2, 3: experiment_3}
+
+
+def columns(experiment: int) -> list[tuple[str, str, int]]:
+    return [(h, k, 1) for h, k in ACCURACY_COLUMNS[experiment]] + COMMON_COLUMNS
+
+
+def cell(values: list[float | None], decimals: int) -> str:
+    """mean +- sample std over the seeds ("-" when the row has no such value)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = f"{statistics.fmean(values):.{decimals}f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{decimals}f}"
+
+
+def table_rows(experiment: int, runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for label in runs[0]["rows"]:
+        cells = [label]
+        for _, key, decimals in columns(experiment):
+            cells.append(cell([run["rows"][label].get(key) for run in runs], decimals))
+            if key == "lambda" and any(run["rows"][label].get("at_upper_end") for run in runs):
+                cells[-1] += " *"
+        rows.append(cells)
+    return rows
+
+
+def notes(experiment: int, runs: list[dict], seeds: list[int]) -> list[str]:
+    finetune = [run["finetune_seconds"] for run in runs]
+    chosen = [run["rows"]["Task Arithmetic"] for run in runs]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}: mean ± std over {len(runs)} run(s). "
+        f"Fine-tuning the n = {runs[0]['n']} variants, shared by every method: "
+        f"{cell(finetune, 1)} s (not in the Time column, which is merge + lambda search).",
+        "Task Arithmetic: the best single task vector on the validation splits; its time is "
+        "the sum of the n searches. Chosen per seed: "
+        + "; ".join(f"{row['index']} ({row['variant']})" for row in chosen)
+        + ".",
+    ]
+    if any(row.get("at_upper_end") for run in runs for row in run["rows"].values()):
+        lines.append("λ marked * reached the grid's upper end in at least one seed.")
+    if experiment == 2:
+        retrain = [run["retrain_seconds"] for run in runs]
+        negmerge = [run["finetune_seconds"] + run["rows"]["NegMerge"]["seconds"] for run in runs]
+        task_arithmetic = [
+            run["finetune_seconds"] + run["rows"]["Task Arithmetic"]["seconds"] for run in runs
+        ]
+        lines.append(
+            f"Cost: retraining from scratch (the Retrain row's Time, measured in this run) "
+            f"{cell(retrain, 1)} s; NegMerge, fine-tuning included, {cell(negmerge, 1)} s; "
+            f"best-of-n Task Arithmetic, fine-tuning included, {cell(task_arithmetic, 1)} s."
+        )
+    return lines
+
+
+def show(experiment: int, runs: list[dict], seeds: list[int]) -> None:
+    table = Table(title=TITLES[experiment], title_justify="left")
+    table.add_column("Method")
+    for header, _, _ in columns(experiment):
+        table.add_column(header, justify="right")
+    for cells in table_rows(experiment, runs):
+        table.add_row(*cells)
+    console.print(table)
+    for line in notes(experiment, runs, seeds):
+        console.print(f"  {line}", style="dim")
+    console.print()
+
+
+def markdown(experiment: int, runs: list[dict], seeds: list[int]) -> str:
+    headers = ["Method", *(h for h, _, _ in columns(experiment))]
+    lines = [f"### {TITLES[experiment]}", ""]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(experiment, runs)]
+    lines.append("")
+    lines += [f"- {line}" for line in notes(experiment, runs, seeds)]
+    return "\n".join(lines) + "\n"
+
+
+# ---- docs/RESULTS.md -------------------------------------------------------------------------
+
+SECTION = f"""## Unlearning experiments (`bench/experiments.py`)
+
+{BEGIN}
+{END}
+"""
+RESULTS_TEMPLATE = f"""# Results
+
+Benchmarks of this repository: one top-level section per bench script, each with the commands
+that regenerate it.
+
+{SECTION}"""
+
+SETUP = f"""\
+Setup. Per experiment and seed the n variants are fine-tuned once; every method merges the
+same n task vectors, and lambda is chosen by the same rule on the same grid (0 to 5 in steps
+of 0.1, every point evaluated, the `grid` strategy), under the constraint that validation
+retain accuracy stays at or above 95% of the original's. TIES keeps the top 20%; NegMerge
+q=0.8 keeps an element where at least ceil(0.8 n) signs agree. Accuracies are in percent;
+"Kept %" is the share of non-zero elements of the merged vector; "Time" is merge + lambda
+search of that method (the shared fine-tuning time is given under each table).
+
+- Experiment 1: the tiny CLIP fixture as a zero-shot classifier over the 20 classes of both
+  domains with both domains' prompt templates. Forget = the whole shapes data set (fine-tuned
+  on its train split), retain = digits. Variants: AdamW lr 1e-3, weight decay 0.1, 30 steps of
+  batch 32 (the `tiny-clip` preset's optimiser, which visibly moves the forget accuracy when
+  negated) x RandAugment M in 1, 3, 5, 7, 9 x N in 1, 2 (10 variants). Rule retain-threshold
+  (the lowest shapes val accuracy with digits val accuracy >= 95%).
+- Experiment 2: `ensure_tiny_classifier(domain="shapes", train_size=300, augment=False,
+  epochs=40)`, which memorises its 300 training examples. Per seed a random 10% (30) of them
+  is forgotten, and Retrain is the same recipe without them (`exclude_ids`), retrained in the
+  run so its time is measured alike. The job's manifest holds only the original's 300 training
+  examples (Acc D_r is on the 270 retained ones) and the val and test splits. Variants: the
+  `classifier-paper` preset as it is (27: epochs 5, 10, 20 x weight decay x label smoothing,
+  SGD lr 0.01, batch 128). Rule holdout-match: forget-set accuracy closest to val accuracy.
+  MIA-efficacy: SVC on true-label confidences, members = retained training examples,
+  non-members = test, share of forget examples judged non-members. Avg. Gap: mean absolute
+  difference to Retrain over Acc D_r, Acc D_f, Acc D_test and MIA-efficacy.
+- Experiment 3: the default digits classifier fixture (`ensure_tiny_classifier()`) forgets the
+  class "{FORGET_CLASS}"; variants `classifier-paper`; rule retain-threshold on the val split.
+  Its forget set (128 images) is one batch of 128, so the seed only reorders that batch: the
+  runs differ by floating-point noise alone.
+"""
+
+
+def header(seeds: dict[int, list[int]], seconds: float) -> str:
+    machine = f"{os.cpu_count()} CPU cores" + ("" if torch.cuda.is_available() else ", no GPU")
+    versions = f"Python {platform.python_version()}, torch {torch.__version__}"
+    seed_list = "; ".join(f"experiment {e}: {', '.join(map(str, s))}" for e, s in seeds.items())
+    command = " ".join(["bench/experiments.py", *sys.argv[1:]])
+    return f"""\
+Generated {datetime.now(UTC):%Y-%m-%d} by `.venv/bin/python {command}` in {seconds / 60:.1f} min.
+
+- Machine: {machine} ({platform.machine()}), {versions} with {torch.get_num_threads()} thread(s)
+  ({THREADS_NOTE}). The machine is shared with other work, so times are indicative.
+- Seeds: {seed_list}.
+- Smoke test: `.venv/bin/python bench/experiments.py --quick` (about a minute). One experiment
+  with other seeds: `.venv/bin/python bench/experiments.py 2 --seeds 3 4`.
+- Work files: `var/bench-experiments/full/` (per method `report.json`, and `search.json` with
+  the whole lambda curve); the numbers of every run in its `results.json`.
+"""
+
+
+def write_results(text: str) -> None:
+    """Replace the generated block of RESULTS.md, leaving every other section as it is."""
+    current = RESULTS.read_text() if RESULTS.exists() else RESULTS_TEMPLATE
+    if BEGIN not in current or END not in current:
+        current = current.rstrip("\n") + "\n\n" + SECTION
+    head, rest = current.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    RESULTS.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
+    console.print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+DEFAULT_SEEDS = {1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiments", nargs="*", type=int, help="1, 2 and/or 3 (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="the same seeds for each experiment")
+    parser.add_argument("--quick", action="store_true", help="a small smoke-test version")
+    parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS.name}")
+    parser.add_argument(
+        "--threads", type=int, default=1, help=f"torch threads (default 1: {THREADS_NOTE})"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    experiments = sorted(set(args.experiments)) or [1, 2, 3]
+    if not set(experiments) <= set(RUNNERS):
+        parser.error("experiments are 1, 2 and 3")
+    if args.write_results and (args.quick or experiments != [1, 2, 3]):
+        parser.error("--write-results needs the full run of all three experiments")
+    seeds = {e: args.seeds or ([0] if args.quick else DEFAULT_SEEDS[e]) for e in experiments}
+    work = WORK / ("quick" if args.quick else "full")
+
+    began = time.perf_counter()
+    results: dict[int, list[dict]] = {}
+    for experiment in experiments:
+        results[experiment] = []
+        for seed in seeds[experiment]:
+            with console.status(f"experiment {experiment}, seed {seed}"):
+                run = RUNNERS[experiment](seed, args.quick, work)
+            results[experiment].append(run)
+            console.print(f"experiment {experiment}, seed {seed}: done", style="dim")
+        show(experiment, results[experiment], seeds[experiment])
+    seconds = time.perf_counter() - began
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    console.print(f"total {seconds / 60:.1f} min")
+
+    if args.write_results:
+        parts = [header(seeds, seconds), SETUP]
+        parts += [markdown(e, results[e], seeds[e]) for e in experiments]
+        write_results("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
