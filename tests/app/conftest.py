@@ -9,7 +9,6 @@ or Redis is down, the tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import uuid
@@ -20,12 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from alembic import command
-from alembic.config import Config
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from app.db.models import Base
 from app.db.session import Database
@@ -33,60 +29,11 @@ from app.main import create_app
 from app.services.tenants import create_key, create_tenant
 from app.settings import Settings
 from negmerge.io import save_file
+from tests.conftest import REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
-POSTGRES_URL = os.environ.get(
-    "NEGMERGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("NEGMERGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLASSES = ["circle", "square", "triangle"]
 MiB = 1024 * 1024
-
-
-def unavailable(what: str, error: Exception) -> None:
-    message = f"{what} is not reachable ({type(error).__name__}: {error})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI must run these tests against it", pytrace=False)
-    pytest.skip(message)
-
-
-def alembic_config(url: str) -> Config:
-    config = Config(str(REPO / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    return config
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A new, migrated PostgreSQL database for this test session."""
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:
-        unavailable(f"PostgreSQL at {POSTGRES_URL}", exc)
-    name = f"negmerge_test_{secrets.token_hex(4)}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        command.upgrade(alembic_config(url), "head")
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def redis_client() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except Exception as exc:
-        unavailable(f"Redis at {REDIS_URL}", exc)
-    return client
 
 
 @pytest.fixture(scope="session")

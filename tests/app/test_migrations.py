@@ -16,7 +16,8 @@ from app.db.session import make_engine
 from app.main import create_app
 from app.services.tenants import create_key, create_tenant
 from app.settings import Settings
-from tests.app.conftest import alembic_config, job_body, model_body
+from tests.app.conftest import job_body, model_body
+from tests.conftest import alembic_config
 
 
 def differences(url: str) -> list:

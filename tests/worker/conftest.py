@@ -21,10 +21,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from app.db.models import JobStep
 from app.db.session import Database
@@ -33,7 +31,7 @@ from app.services.tenants import create_key, create_tenant
 from app.settings import Settings
 from negmerge.fixtures import default_cache_dir, ensure_tiny_classifier
 from negmerge.fixtures.tiny_classifier import TinyClassifierFixture
-from tests.app.conftest import POSTGRES_URL, REDIS_URL, alembic_config, unavailable
+from tests.conftest import REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -41,37 +39,6 @@ TWO_VARIANTS = {
     "base": {"optimizer": "sgd", "lr": 0.05, "batch_size": 32, "epochs": 2},
     "grid": {"weight_decay": [1e-4, 1e-3]},
 }
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:
-        unavailable(f"PostgreSQL at {POSTGRES_URL}", exc)
-    name = f"negmerge_wtest_{secrets.token_hex(4)}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        command.upgrade(alembic_config(url), "head")
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def redis_client() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except Exception as exc:
-        unavailable(f"Redis at {REDIS_URL}", exc)
-    return client
 
 
 @pytest.fixture(scope="session")
