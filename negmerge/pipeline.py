@@ -402,12 +402,17 @@ def search(
     vector = load_state_dict(wd.merged)
     holdout = ctx.spec.search.rule == "holdout-match"
 
+    # Held-out data is usually the retain val split itself: measure it once.
+    holdout_is_retain = ctx.splits["holdout"] is ctx.splits["retain_val"]
+
     def evaluate(lam: float) -> Evaluation:
         ctx.set_scale(vector, lam)
+        retain = ctx.accuracy("retain_val")
+        held_out = retain if holdout_is_retain else ctx.accuracy("holdout")
         return Evaluation(
             forget_acc=ctx.accuracy("forget_val"),
-            retain_acc=ctx.accuracy("retain_val"),
-            holdout_acc=ctx.accuracy("holdout") if holdout else None,
+            retain_acc=retain,
+            holdout_acc=held_out if holdout else None,
         )
 
     try:

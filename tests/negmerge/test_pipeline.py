@@ -204,3 +204,12 @@ def test_cli_runs_a_job_file_with_relative_paths(classifier, tmp_path):
         main, ["unlearn", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path / "x")]
     )
     assert bad.exit_code != 0 and "missing.yaml: cannot read the job" in bad.output
+
+
+def test_holdout_match_measures_the_held_out_split_once(classifier, tmp_path):
+    """Held-out data is the retain val split: one evaluation serves both numbers."""
+    job = classifier_job(classifier, search={"rule": "holdout-match", "strategy": "grid"})
+    report = run_unlearning(JobSpec.model_validate(job), tmp_path)
+    evaluations = report["search"]["evaluations"]
+    assert len(evaluations) == 21
+    assert all(e["holdout_acc"] == e["retain_acc"] for e in evaluations)
