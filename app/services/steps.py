@@ -222,15 +222,8 @@ def complete_step(
         done = repo.count_steps(job.id, GPU_STEP_PREFIX, StepState.DONE)
         job.variants_done = done
         job.percent = 10.0 + 70.0 * done / max(job.variants_total, 1)
-        JobRepository(session, job.tenant_id).add_event(
-            JobEvent(
-                job_id=job.id,
-                kind="progress",
-                state=job.state,
-                stage=job.stage,
-                details={"variants_done": done, "variants_total": job.variants_total},
-                at=now,
-            )
+        _progress_event(
+            session, job, {"variants_done": done, "variants_total": job.variants_total}, now
         )
         # The fan-in: only the completion that makes the count reach n sees it, because
         # completions hold the job's row lock; merge's row is created only if absent.
@@ -323,19 +316,23 @@ def lambda_evaluated(session: Session, job_id: uuid.UUID, lam: float) -> JobStat
     job.lambdas_evaluated += 1
     job.percent = min(94.0, job.percent + 1.0)
     job.updated_at = utcnow()
-    JobRepository(session, job.tenant_id).add_event(
-        JobEvent(
-            job_id=job.id,
-            kind="progress",
-            state=job.state,
-            stage=job.stage,
-            details={"lambda": lam, "lambdas_evaluated": job.lambdas_evaluated},
-        )
-    )
+    _progress_event(session, job, {"lambda": lam, "lambdas_evaluated": job.lambdas_evaluated})
     return job.state
 
 
 # ---- the watchdog's repairs: each one its own short transaction ------------------------------
+
+
+def _progress_event(
+    session: Session, job: UnlearningJob, details: dict[str, Any], at: datetime | None = None
+) -> None:
+    """Append a progress event to the job's timeline (the events SSE will stream)."""
+    event = JobEvent(
+        job_id=job.id, kind="progress", state=job.state, stage=job.stage, details=details
+    )
+    if at is not None:
+        event.at = at
+    JobRepository(session, job.tenant_id).add_event(event)
 
 
 def requeue_expired(
