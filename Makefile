@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install browser test lint demo bench clean
 
 install: $(STAMP)
 
@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,service]'
 	touch $@
 
-test: install
+# Chromium for the dashboard's browser tests, from the distribution (never `playwright install`).
+# Without apt-get it only warns: those tests then skip, or fail under CI=true.
+browser:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "no chromium and no apt-get: the dashboard's browser tests will skip"; exit 0; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 lint: install

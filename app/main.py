@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app.api import ROUTERS
+from app.dashboard import ROUTERS as DASHBOARD_ROUTERS
 from app.db.repositories import count_jobs_by_state
 from app.db.session import Database
 from app.errors import install_error_handlers
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware)
     for router in ROUTERS:
+        app.include_router(router)
+    for router in DASHBOARD_ROUTERS:  # HTML pages under /dashboard, not in the OpenAPI document
         app.include_router(router)
     return app
 

@@ -1,0 +1,272 @@
+"""The dashboard's routes: HTML pages (`pages`) and the small JSON and static files their
+script and stylesheet come from (`data`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
+
+from app.api.jobs import get_report
+from app.dashboard import views
+from app.dashboard.charts import lambda_curve_chart
+from app.dashboard.render import ASSETS, SECURITY_HEADERS, error_page, render
+from app.dashboard.session import (
+    HOME,
+    SIGN_IN,
+    SignInRequired,
+    ViewerDep,
+    check_form,
+    check_same_origin,
+    forget_key,
+    keep_key,
+    may_use_dashboard,
+    principal_for_key,
+    safe_next,
+)
+from app.db.models import ApiKey, JobState, ModelVersion
+from app.db.repositories import (
+    AuditFilter,
+    AuditRepository,
+    InvalidPageToken,
+    JobRepository,
+    ModelRepository,
+)
+from app.dependencies import DbSession
+from app.errors import ApiError, Forbidden, NotFound, Unauthenticated
+from app.services import jobs as service
+
+AUDIT_ENTRIES_SHOWN = 200
+MODELS_IN_FILTER = 200
+STATUS_IDS_MAX = 200
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class PageRoute(APIRoute):
+    """A page: without a sign-in it redirects to the form; errors are HTML pages."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except SignInRequired as exc:
+                return RedirectResponse(
+                    f"{SIGN_IN}?{urlencode({'next': exc.next_url})}", status_code=303
+                )
+            except ApiError as exc:
+                return error_page(request, exc.status_code, exc.message)
+            except RequestValidationError:
+                return error_page(request, 422, "The form was incomplete; please send it again.")
+
+        return route
+
+
+class DataRoute(APIRoute):
+    """JSON for the pages' script: without a sign-in it answers 401 like the REST API."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except SignInRequired:
+                return Unauthenticated("sign in to the dashboard first").response()
+
+        return route
+
+
+pages = APIRouter(prefix="/dashboard", route_class=PageRoute, include_in_schema=False)
+data = APIRouter(prefix="/dashboard", route_class=DataRoute, include_in_schema=False)
+
+
+def _job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"unlearning job {raw} not found") from None
+
+
+# ---- signing in and out ----------------------------------------------------------------------
+
+
+@pages.get("")
+def home() -> RedirectResponse:
+    return RedirectResponse(HOME, status_code=303)
+
+
+@pages.get("/sign-in")
+def sign_in_form(request: Request, next: Annotated[str | None, Query()] = None) -> Response:
+    return render(request, "sign_in.html", next=safe_next(next), problem=None)
+
+
+@pages.post("/sign-in")
+def sign_in(
+    request: Request,
+    session: DbSession,
+    api_key: Annotated[str, Form(max_length=200)] = "",
+    next: Annotated[str, Form(max_length=2000)] = HOME,
+) -> Response:
+    check_same_origin(request)
+    key = api_key.strip()
+    principal = principal_for_key(session, key) if key else None
+    if principal is None:
+        problem, status = "Unknown or revoked API key.", 401
+    elif not may_use_dashboard(principal):
+        problem, status = "This API key lacks the jobs:read or audit:read scope.", 403
+    else:
+        response = RedirectResponse(safe_next(next), status_code=303)
+        keep_key(request, response, key)
+        return response
+    return render(request, "sign_in.html", status, next=safe_next(next), problem=problem)
+
+
+@pages.post("/sign-out")
+def sign_out(
+    request: Request, viewer: ViewerDep, csrf_token: Annotated[str, Form()] = ""
+) -> Response:
+    check_form(request, viewer, csrf_token)
+    response = RedirectResponse(SIGN_IN, status_code=303)
+    forget_key(request, response)
+    return response
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+
+@pages.get("/jobs")
+def job_list(request: Request, viewer: ViewerDep, session: DbSession) -> Response:
+    query = views.parse_list_query(request.query_params)
+    settings = request.app.state.settings
+    tenant = viewer.principal.tenant_id
+    problems = list(query.problems)
+    try:
+        page = JobRepository(session, tenant).page(
+            query.where, settings.page_size_default, query.page_token
+        )
+    except InvalidPageToken:
+        problems.append("That page link is no longer valid; showing the first page.")
+        page = JobRepository(session, tenant).page(query.where, settings.page_size_default, None)
+    models = ModelRepository(session, tenant).page(MODELS_IN_FILTER, None).items
+    return render(
+        request,
+        "jobs.html",
+        viewer=viewer,
+        jobs=page.items,
+        next_url=query.page_url(page.next_page_token) if page.next_page_token else None,
+        form=query.form,
+        problems=problems,
+        states=[s.value for s in JobState],
+        models=models,
+        model_names={m.id: m.name for m in models},
+        filtered=any(query.form[k] for k in query.form),
+    )
+
+
+@pages.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSession) -> Response:
+    tenant = viewer.principal.tenant_id
+    job = service.get_job(session, tenant, _job_id(job_id))
+    result = job.result or {}
+    base = session.get(ModelVersion, job.model_version_id)
+    model = ModelRepository(session, tenant).get(job.model_id)
+    requester = session.get(ApiKey, job.created_by_key_id) if job.created_by_key_id else None
+    if requester is not None and requester.tenant_id != tenant:
+        requester = None
+    audit, more_audit = [], False
+    if viewer.can_read_audit:
+        trail = AuditRepository(session, tenant).page(
+            AuditFilter(resource_type="unlearning_job", resource_id=str(job.id)),
+            AUDIT_ENTRIES_SHOWN,
+            None,
+        )
+        audit, more_audit = list(reversed(trail.items)), trail.next_page_token is not None
+    return render(
+        request,
+        "job.html",
+        viewer=viewer,
+        job=job,
+        result=result,
+        model=model,
+        base=base,
+        unlearned=views.unlearned_model(result),
+        requester=requester,
+        chart=lambda_curve_chart(
+            result.get("lambda_curve"), result.get("lambda"), views.retain_ratio(job)
+        ),
+        curve=result.get("lambda_curve") or [],
+        metrics=views.metric_rows(result),
+        audit=audit,
+        more_audit=more_audit,
+    )
+
+
+@pages.post("/jobs/{job_id}/cancel")
+def cancel(
+    request: Request,
+    job_id: str,
+    viewer: ViewerDep,
+    session: DbSession,
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    check_form(request, viewer, csrf_token)
+    if not viewer.can_cancel:
+        raise Forbidden("this API key lacks the scope jobs:write: it can only read")
+    job = service.cancel_job(session, viewer.principal, _job_id(job_id))
+    return RedirectResponse(f"/dashboard/jobs/{job.id}", status_code=303)
+
+
+# ---- data for the pages' script, and the static files ----------------------------------------
+
+
+@data.get("/jobs.json")
+def job_status(
+    viewer: ViewerDep,
+    session: DbSession,
+    ids: Annotated[list[str] | None, Query(alias="id", max_length=64)] = None,
+) -> JSONResponse:
+    """The live state of the given jobs of the caller's tenant (unknown ids are left out)."""
+    repo = JobRepository(session, viewer.principal.tenant_id)
+    found = []
+    for raw in list(dict.fromkeys(ids or []))[:STATUS_IDS_MAX]:
+        try:
+            job = repo.get(uuid.UUID(raw))
+        except ValueError:
+            continue
+        if job is not None:
+            found.append(views.live_status(job))
+    return JSONResponse({"jobs": found}, headers={"Cache-Control": "no-store"})
+
+
+@data.get("/jobs/{job_id}/report.json")
+def report(job_id: str, viewer: ViewerDep, session: DbSession) -> Response:
+    """The job's evidence report, as GET /v1/unlearning-jobs/{id}/report gives it."""
+    try:
+        parsed = _job_id(job_id)
+        body = get_report(parsed, viewer.principal, session)
+    except ApiError as exc:
+        return exc.response()
+    return Response(
+        body.model_dump_json(by_alias=True, indent=2),
+        media_type="application/json",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+@data.get("/static/{name}")
+def static(name: str) -> Response:
+    asset = ASSETS.get(name)
+    if asset is None:
+        return Response(status_code=404)
+    # The URL names the file's version, so it may be kept for long.
+    headers = {**SECURITY_HEADERS, "Cache-Control": "public, max-age=31536000, immutable"}
+    return Response(asset.body, media_type=asset.media_type, headers=headers)

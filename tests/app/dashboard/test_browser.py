@@ -1,0 +1,186 @@
+"""The dashboard in a real browser: headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright) against the app served by uvicorn on 127.0.0.1, on the real PostgreSQL.
+
+Without Chromium or Playwright these tests skip, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from tests.app.conftest import REPO
+from tests.app.dashboard.conftest import submit
+from tests.conftest import unavailable
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = REPO / "var" / "screenshots"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def base_url(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn in a background thread on a free port of 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    # lifespan off: the session's `app` fixture owns the database and queue and closes them.
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    if not CHROMIUM.exists():
+        unavailable(f"Chromium at {CHROMIUM}", FileNotFoundError("install Debian's chromium"))
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        unavailable("the playwright package", exc)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, base_url: str):  # type: ignore[no-untyped-def]
+    """A fresh browser context (no cookies) whose page records script errors and every URL
+    it asks for."""
+    context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    tab = context.new_page()
+    tab.problems = []
+    tab.requested = []
+    tab.on("pageerror", lambda error: tab.problems.append(str(error)))
+    tab.on(
+        "console",
+        lambda message: tab.problems.append(message.text) if message.type == "error" else None,
+    )
+    tab.on("request", lambda request: tab.requested.append(request.url))
+    yield tab
+    context.close()
+
+
+def sign_in(page, key: str, goal: str = "/dashboard/jobs") -> None:  # type: ignore[no-untyped-def]
+    page.goto(goal)
+    assert "/dashboard/sign-in" in page.url  # not signed in yet: sent to the form
+    page.fill("#api_key", key)
+    page.click("button[type=submit]:has-text('Sign in')")
+    page.wait_for_url(f"**{goal}")
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    assert width >= 1000 and height >= 900
+    assert len(data) > 20_000  # a rendered page, not a blank image
+
+
+def test_sign_in_then_the_list_and_a_finished_jobs_evidence(
+    page, base_url, client: TestClient, registered, caller, finished_job, tmp_path: Path
+):  # type: ignore[no-untyped-def]
+    job_id, result = finished_job(subject_reference="DSR-2025-0042", legal_basis="GDPR Art. 17")
+    running = submit(client, registered)
+    sign_in(page, caller.key)
+
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    assert row.locator(".badge").inner_text() == "SUCCEEDED"
+    assert "DSR-2025-0042" in row.inner_text()
+    assert page.locator(f'tr[data-job-id="{running}"] .badge').inner_text() == "QUEUED"
+    list_png = tmp_path / "dashboard-jobs.png"
+    page.screenshot(path=str(list_png), full_page=True)
+
+    row.locator("a").click()
+    page.wait_for_url(f"**/dashboard/jobs/{job_id}")
+    chart = page.locator("svg.curve-chart")
+    assert chart.is_visible()
+    assert page.locator("svg.curve-chart > title").text_content().startswith("Forget and retain")
+    chosen = page.locator("svg.curve-chart g.chosen")
+    assert chosen.get_attribute("data-chosen-lambda") == str(result["lambda"])
+    assert chosen.locator("text").is_visible()
+    assert chosen.locator("line").bounding_box()["height"] > 100  # a vertical line: no width
+    assert chart.locator("g[data-threshold] line").count() == 1
+    points = len(result["lambda_curve"])
+    assert chart.locator('g[data-series="forget"] circle.point').count() == points
+    assert chart.locator('g[data-series="retain"] circle.point').count() == points
+
+    metrics = page.locator("table.metrics tbody tr")
+    assert metrics.count() == len(result["metrics"]["before"])
+    assert page.locator("table.audit tbody tr").count() > 0
+    assert (
+        result["model"]["weights_sha256"]
+        in page.locator('[data-hash="unlearned-model"]').inner_text()
+    )
+
+    shot = tmp_path / "dashboard-job.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert_png(shot)
+    assert_png(list_png)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for png in (shot, list_png):
+        shutil.copyfile(png, SCREENSHOTS / png.name)
+
+    # Everything came from this origin (no CDN, no fonts) and ran without a script error.
+    assert all(url.startswith((base_url, "data:")) for url in page.requested), page.requested
+    assert page.problems == []
+
+
+def test_state_updates_live_without_a_reload(page, client: TestClient, registered, caller):  # type: ignore[no-untyped-def]
+    on_page, in_list = submit(client, registered), submit(client, registered)
+    sign_in(page, caller.key, f"/dashboard/jobs/{on_page}")
+    head = page.locator(f'section[data-job-id="{on_page}"]')
+    assert head.locator(".badge").inner_text() == "QUEUED"
+    assert head.locator("form[action$='/cancel']").is_visible()
+    page.evaluate("window.__sameDocument = true")
+
+    cancelled = client.post(f"/v1/unlearning-jobs/{on_page}:cancel", headers=caller.headers)
+    assert cancelled.status_code == 200
+    state = cancelled.json()["state"]
+    head.locator(f".badge.state-{state.lower()}").wait_for()
+    assert head.locator(".badge").inner_text() == state
+    assert page.evaluate("window.__sameDocument") is True  # updated in place
+    assert not head.locator("form[action$='/cancel']").is_visible()
+    assert head.locator("[data-show-when-ended]").is_visible()
+
+    page.goto("/dashboard/jobs")
+    row = page.locator(f'tr[data-job-id="{in_list}"]')
+    assert row.locator(".badge").inner_text() == "QUEUED"
+    page.evaluate("window.__sameDocument = true")
+    client.post(f"/v1/unlearning-jobs/{in_list}:cancel", headers=caller.headers)
+    row.locator(".badge.state-cancelled").wait_for()
+    assert page.evaluate("window.__sameDocument") is True
+    assert page.problems == []
