@@ -89,6 +89,50 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(5, gt=0, description="Retry-After on unfinished jobs.")
     log_level: str = "INFO"
 
+    events_poll_seconds: float = Field(
+        1.0, gt=0, description="How often a job's event stream (SSE) looks for new events."
+    )
+    events_heartbeat_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="A comment is sent on an idle event stream this often, so that proxies "
+        "keep the connection open.",
+    )
+    events_max_stream_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="An event stream is closed after this long even if the job goes on; "
+        "clients reconnect with Last-Event-ID and miss nothing.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs whose host resolves to a private, loopback, "
+        "link-local or otherwise non-public address (for tests and closed networks only).",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="Timeout of one webhook delivery attempt (connect and read)."
+    )
+    webhook_max_attempts: int = Field(
+        10, gt=0, description="Attempts of one webhook delivery before it is given up."
+    )
+    webhook_retry_base_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Wait after the first failed attempt; it doubles after each further one.",
+    )
+    webhook_retry_max_seconds: float = Field(
+        6 * 3600.0, ge=0, description="The longest wait between two attempts."
+    )
+    webhook_batch_size: int = Field(
+        20, gt=0, description="Most webhook attempts one watchdog pass makes."
+    )
+    webhook_secret_grace_seconds: float = Field(
+        24 * 3600.0,
+        ge=0,
+        description="After the tenant's signing secret is rotated, deliveries are signed with "
+        "the old secret too for this long, so receivers can switch over.",
+    )
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -279,3 +279,88 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]] = mapped_column()
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class WebhookEndpoint(Base):
+    """A tenant's URL that receives every job's terminal event, signed with the endpoint's own
+    secret. The secret is shown once, at creation, but stored: signing needs it."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (
+        Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(String(200))
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Deleted endpoints stay (their deliveries point at them) but receive nothing more.
+    deleted_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebhookSigningSecret(Base):
+    """The tenant's secret for deliveries to a job's own webhook_url. After a rotation the
+    previous secret signs too (a second signature) until previous_expires_at."""
+
+    __tablename__ = "webhook_signing_secrets"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_expires_at: Mapped[datetime | None] = mapped_column()
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "PENDING"  # to be sent (again) at next_attempt_at
+    SUCCEEDED = "SUCCEEDED"  # a 2xx answer
+    FAILED = "FAILED"  # given up: attempts exhausted, or its endpoint deleted
+
+
+class WebhookDelivery(Base):
+    """The outbox: one message to one URL, inserted in the transaction that ends the job and
+    sent afterwards by the deliverer. Its id is the webhook-id, the same on every retry."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("unlearning_jobs.id"), index=True)
+    # None: the job's own webhook_url, signed with the tenant's signing secret.
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id"), index=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState, "delivery_state"), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When it is due; while an attempt is in flight, when that attempt's claim lapses.
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column()
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookDeliveryAttempt(Base):
+    """One attempt of a delivery: when, to which address, and the answer (or the error)."""
+
+    __tablename__ = "webhook_delivery_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_deliveries.id"))
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    address: Mapped[str | None] = mapped_column(String(64))  # the vetted IP connected to
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)  # None and no status: still in flight
+    duration_ms: Mapped[float | None] = mapped_column()
