@@ -23,6 +23,7 @@ def test_every_endpoint_hides_other_tenants(client, app, register, make_caller):
         ("get", f"/v1/unlearning-jobs/{j}"),
         ("get", f"/v1/unlearning-jobs/{j}/report"),
         ("post", f"/v1/unlearning-jobs/{j}:cancel"),
+        ("get", f"/v1/unlearning-jobs/{j}/events"),
     ]
     for method, path in not_found:
         response = getattr(client, method)(path, headers=b.headers)
@@ -72,6 +73,7 @@ def test_every_endpoint_hides_other_tenants(client, app, register, make_caller):
         "/v1/unlearning-jobs/{job_id}:cancel",
         "/v1/unlearning-jobs/{job_id}/report",
         "/v1/audit",
+        "/v1/unlearning-jobs/{job_id}/events",
     }
     routes = {path for path in app.openapi()["paths"] if path.startswith("/v1")}
     assert routes == covered
