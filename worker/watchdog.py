@@ -8,6 +8,7 @@ Each pass, in short transactions of their own:
   broker may have lost it: Redis restarted without persistence), and so is the first step of
   a QUEUED job no worker has claimed (the API's send failed after its commit);
 - a CANCELLING job with no step under a live lease is CANCELLED.
+- due webhook deliveries are sent (worker.webhooks), up to webhook_batch_size a pass.
 
 It runs as its own small process (`python -m worker.watchdog`, one per deployment is enough)
 or as a thread of `negmerge serve`. It is not a Celery beat task on purpose: with prefetch 1
@@ -31,6 +32,7 @@ from app.db.session import Database
 from app.queue import JobQueue
 from app.services import steps
 from app.settings import Settings, get_settings
+from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def run_once(db: Database, queue: JobQueue, settings: Settings) -> Counter:
         with db.unit_of_work() as session:
             if steps.cancel_orphaned(session, job_id, utcnow()):
                 done["cancelled"] += 1
+    # Last: a slow receiver can delay the end of a pass, never its repairs.
+    done.update(deliver_due(db, settings))
     return done
 
 

@@ -1,7 +1,7 @@
 """The HTTP endpoints, one router per resource (each carries its full /v1/... prefix, so the
 route templates in metrics and logs are the public paths)."""
 
-from app.api import audit, datasets, events, health, jobs, models
+from app.api import audit, datasets, events, health, jobs, models, webhooks
 
 ROUTERS = [
     health.router,
@@ -9,6 +9,7 @@ ROUTERS = [
     datasets.router,
     jobs.router,
     events.router,
+    webhooks.router,
     audit.router,
 ]
 

@@ -41,7 +41,7 @@ from app.errors import (
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit
+from app.services import audit, webhooks
 from app.settings import Settings
 from app.storage import local_path
 from negmerge.data import Manifest
@@ -94,6 +94,8 @@ def submit_job(
             return Submission(_same_request(existing, digest), created=False)
 
     job = _resolve(session, principal, body, settings)
+    if body.webhook_url is not None:
+        webhooks.check_url(str(body.webhook_url), "webhook_url", settings)
     job.idempotency_key = idempotency_key
     job.request_sha256 = digest
     job.created_by_key_id = principal.key_id
@@ -343,6 +345,9 @@ def change_state(
         resource_id=job.id,
         details=details,
     )
+    if state.is_terminal:
+        # The outbox: the webhooks are committed (or rolled back) with the job's end.
+        webhooks.enqueue_terminal(session, job, actor, now)
 
 
 def change_stage(session: Session, job: UnlearningJob, stage: JobStage, actor: str) -> None:

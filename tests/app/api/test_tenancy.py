@@ -24,6 +24,7 @@ def test_every_endpoint_hides_other_tenants(client, app, register, make_caller):
         ("get", f"/v1/unlearning-jobs/{j}/report"),
         ("post", f"/v1/unlearning-jobs/{j}:cancel"),
         ("get", f"/v1/unlearning-jobs/{j}/events"),
+        ("get", f"/v1/unlearning-jobs/{j}/webhook-deliveries"),
     ]
     for method, path in not_found:
         response = getattr(client, method)(path, headers=b.headers)
@@ -74,6 +75,13 @@ def test_every_endpoint_hides_other_tenants(client, app, register, make_caller):
         "/v1/unlearning-jobs/{job_id}/report",
         "/v1/audit",
         "/v1/unlearning-jobs/{job_id}/events",
+        "/v1/unlearning-jobs/{job_id}/webhook-deliveries",
+        # Webhook endpoints and the signing secret: tests/app/api/test_webhooks.py.
+        "/v1/webhook-endpoints",
+        "/v1/webhook-endpoints/{endpoint_id}",
+        "/v1/webhook-endpoints/{endpoint_id}/deliveries",
+        "/v1/webhook-signing-secret",
+        "/v1/webhook-signing-secret:rotate",
     }
     routes = {path for path in app.openapi()["paths"] if path.startswith("/v1")}
     assert routes == covered

@@ -1,0 +1,114 @@
+"""Webhook endpoints, the signing secret, the messages and their delivery log."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import AnyHttpUrl, BaseModel, Field
+
+from app.db.models import DeliveryState, JobState
+from app.schemas.common import Strict
+
+SECRET_DESCRIPTION = (
+    "The Standard Webhooks signing secret (whsec_ and base64): verify each message with it, "
+    "e.g. standardwebhooks.Webhook(secret).verify(body, headers)."
+)
+
+
+class WebhookEndpointCreate(Strict):
+    url: AnyHttpUrl = Field(
+        description="Receives a POST when any of the tenant's jobs ends. Its host must resolve "
+        "to public addresses only.",
+        examples=["https://hooks.example.com/negmerge"],
+    )
+    description: str | None = Field(None, max_length=200, examples=["compliance ticketing"])
+
+
+class WebhookEndpointOut(BaseModel):
+    id: uuid.UUID
+    url: str
+    description: str | None = None
+    created_at: datetime
+
+
+class WebhookEndpointCreated(WebhookEndpointOut):
+    secret: str = Field(
+        description=SECRET_DESCRIPTION + " Shown only in this response.",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+
+
+class SigningSecretOut(BaseModel):
+    """The secret that signs deliveries to jobs' own webhook_url."""
+
+    secret: str = Field(description=SECRET_DESCRIPTION)
+    created_at: datetime
+    previous_secret_expires_at: datetime | None = Field(
+        None,
+        description="After a rotation, messages carry a second signature made with the "
+        "previous secret until this time.",
+    )
+
+
+class WebhookJobResult(BaseModel):
+    model_config = {"extra": "allow"}
+
+    model_version: int | None = None
+    lambda_: float | None = Field(None, alias="lambda")
+    kept_fraction: float | None = None
+
+
+class WebhookJobData(BaseModel):
+    id: uuid.UUID
+    state: JobState
+    subject_reference: str | None = None
+    finished_at: datetime | None = None
+    result: WebhookJobResult | None = Field(None, description="Summary; SUCCEEDED only.")
+    error: dict[str, str] | None = Field(None, description="{code, message}; FAILED only.")
+    links: dict[str, str] = Field(description="self, report and events (paths under the API).")
+
+
+class WebhookMessage(BaseModel):
+    """The JSON body POSTed to a webhook, signed with the headers webhook-id (the same on
+    every retry), webhook-timestamp and webhook-signature (Standard Webhooks)."""
+
+    type: str = Field(
+        examples=["unlearning_job.succeeded"],
+        description="unlearning_job.succeeded, unlearning_job.failed or unlearning_job.cancelled",
+    )
+    timestamp: datetime = Field(description="When the job ended.")
+    data: WebhookJobData
+
+
+class DeliveryAttemptOut(BaseModel):
+    attempt: int = Field(examples=[1])
+    at: datetime = Field(description="When the attempt started.")
+    status_code: int | None = Field(None, description="The receiver's HTTP status, if any.")
+    error: str | None = Field(
+        None, description="Why it failed (timeout, refused address, HTTP status)."
+    )
+    duration_ms: float | None = Field(None, description="Absent while the attempt is running.")
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: uuid.UUID
+    webhook_id: str = Field(description="The webhook-id header: the same on every attempt.")
+    job_id: uuid.UUID
+    endpoint_id: uuid.UUID | None = Field(
+        None, description="The endpoint; absent for the job's own webhook_url."
+    )
+    url: str
+    event_type: str
+    state: DeliveryState = Field(
+        description="PENDING (to be sent or retried), SUCCEEDED (a 2xx answer) or FAILED "
+        "(given up after the last attempt, or its endpoint was deleted)."
+    )
+    attempts: int
+    next_attempt_at: datetime | None = Field(None, description="When it is due (PENDING only).")
+    created_at: datetime
+    delivered_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    attempt_log: list[DeliveryAttemptOut]
+    payload: WebhookMessage
