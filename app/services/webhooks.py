@@ -294,7 +294,7 @@ def claim_lease_seconds(settings: Settings) -> float:
 
 def backoff_seconds(attempts: int, settings: Settings) -> float:
     """The wait after the `attempts`-th failed attempt: base, 2 base, 4 base, ... capped."""
-    wait = settings.webhook_retry_base_seconds * 2 ** max(attempts - 1, 0)
+    wait = settings.webhook_retry_base_seconds * 2 ** min(max(attempts - 1, 0), 62)
     return min(wait, settings.webhook_retry_max_seconds)
 
 
@@ -309,6 +309,10 @@ def claim_next(session: Session, settings: Settings) -> ClaimedDelivery | None:
             delivery.state = DeliveryState.FAILED
             delivery.last_error = "the endpoint was deleted"
             continue
+        unfinished = outbox.attempt(delivery.id, delivery.attempts)
+        if unfinished is not None and unfinished.duration_ms is None:
+            # Its claim lapsed with no outcome recorded: say so in the log.
+            unfinished.error = "no outcome recorded: the deliverer stopped during the attempt"
         delivery.attempts += 1
         delivery.last_attempt_at = now
         delivery.next_attempt_at = now + timedelta(seconds=claim_lease_seconds(settings))

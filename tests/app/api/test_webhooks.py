@@ -17,6 +17,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.auth import Principal
+from app.db.base import utcnow
 from app.db.models import AuditEntry, DeliveryState, JobState, UnlearningJob, WebhookDelivery
 from app.services import jobs as job_service
 from app.services import webhooks
@@ -199,6 +200,7 @@ def test_backoff_doubles_up_to_its_cap(settings):
         200.0,
         200.0,
     ]
+    assert webhooks.backoff_seconds(5000, tuned) == 200.0  # no float overflow, however many
 
 
 def test_an_endpoint_gets_every_job_end_signed_with_its_own_secret(
@@ -444,3 +446,24 @@ def test_the_payload_is_stored_once_and_sent_byte_for_byte(
         "error",
         "links",
     }
+
+
+def test_an_attempt_whose_deliverer_died_is_made_again_and_logged_as_unfinished(
+    client, registered, db, receiver, loopback_allowed
+):
+    job = submit(client, registered, webhook_url=receiver.url)
+    cancel(client, registered.caller, job["id"])
+    with db.unit_of_work() as session:
+        lost = webhooks.claim_next(session, loopback_allowed)  # ... and then the process died
+    assert lost is not None
+    assert deliver_due(db, loopback_allowed) == {}  # its claim has not lapsed yet
+    with db.unit_of_work() as session:
+        session.get(WebhookDelivery, lost.delivery_id).next_attempt_at = utcnow()  # lapsed
+    assert deliver_due(db, loopback_allowed) == {"webhook_delivered": 1}
+    [(headers, _)] = receiver.requests
+    assert headers["webhook-id"] == lost.webhook_id
+    [done] = job_deliveries(client, registered.caller, job["id"])
+    assert [(a["attempt"], a["status_code"], a["error"]) for a in done["attempt_log"]] == [
+        (1, None, "no outcome recorded: the deliverer stopped during the attempt"),
+        (2, 204, None),
+    ]
