@@ -316,7 +316,9 @@ class ServiceClient:
 
     def _unreachable(self, exc: httpx.HTTPError) -> ServiceError:
         if isinstance(exc, httpx.TimeoutException):
-            return ServiceError(0, "timeout", f"{self.base_url} did not answer in time ({exc})")
+            return ServiceError(
+                0, "request_timeout", f"{self.base_url} did not answer in time ({exc})"
+            )
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, httpx.ConnectError):
             refused = "refused" in reason.lower() or "errno 111" in reason.lower()

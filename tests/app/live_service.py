@@ -21,8 +21,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def service_url(settings: Settings) -> Iterator[str]:
+@pytest.fixture(scope="module", name="service_url")
+def service_url_fixture(settings: Settings) -> Iterator[str]:
     """The base URL of a running service. Its own app (and connection pool), so shutting it
     down does not close the session's app; Retry-After is 1 s so that waits stay short."""
     app = create_app(settings.model_copy(update={"retry_after_seconds": 1}))

@@ -13,11 +13,11 @@ import pytest
 
 from app.client import ServiceClient, ServiceError
 from tests.app.conftest import CLASSES, model_body, write_dataset
-from tests.app.live_service import free_port, service_url  # noqa: F401  (fixture)
+from tests.app.live_service import free_port, service_url_fixture  # noqa: F401
 
 
 @pytest.fixture
-def service(service_url, caller):  # type: ignore[no-untyped-def]  # noqa: F811 (the fixture)
+def service(service_url, caller):  # type: ignore[no-untyped-def]
     with ServiceClient(service_url, caller.key, timeout=10) as client:
         yield client
 
