@@ -181,3 +181,8 @@ def test_a_service_that_is_down_is_named_in_one_line():
     message = str(caught.value)
     assert caught.value.code == "unreachable" and caught.value.status == 0
     assert url in message and "connection refused" in message and "\n" not in message
+
+
+def test_health_says_whether_the_service_is_ready(service):
+    health = service.health()
+    assert health["status"] == "ok" and health["checks"]["database"] == "ok"
