@@ -16,11 +16,12 @@ from app.queue import JobQueue
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+# async: a plain `def` dependency would cost a worker-thread hop per request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 

@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
         yield
         queue.close()
+        await database.aclose()
         database.dispose()
 
     app = FastAPI(

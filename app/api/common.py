@@ -33,7 +33,7 @@ class Paging:
         self.page_token = page_token
 
 
-def paging(
+async def paging(
     settings: Annotated[Settings, Depends(get_settings)],
     page_size: Annotated[
         int | None, Query(ge=1, description="Items per page (capped by the server).")

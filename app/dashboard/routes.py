@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 
 from app.api.jobs import get_report
+from app.auth import principal_for_key
 from app.dashboard import views
 from app.dashboard.charts import lambda_curve_chart
 from app.dashboard.render import ASSETS, SECURITY_HEADERS, error_page, render
@@ -27,7 +28,6 @@ from app.dashboard.session import (
     forget_key,
     keep_key,
     may_use_dashboard,
-    principal_for_key,
     safe_next,
 )
 from app.db.models import ApiKey, JobState, ModelVersion

@@ -17,10 +17,8 @@ from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from fastapi.responses import Response
-from sqlalchemy.orm import Session
 
-from app.auth import Principal, expand_scopes, hash_key, key_cache
-from app.db.repositories import ApiKeyRepository
+from app.auth import Principal, principal_for_key
 from app.dependencies import DbSession
 from app.errors import Forbidden
 
@@ -54,19 +52,6 @@ class Viewer:
     @property
     def can_read_audit(self) -> bool:
         return "audit:read" in self.principal.scopes
-
-
-def principal_for_key(session: Session, key: str) -> Principal | None:
-    """Who holds `key`, exactly as app.auth.authenticate decides it (None: unknown or revoked)."""
-    key_hash = hash_key(key)
-    principal = key_cache.get(key_hash)
-    if principal is None:
-        row = ApiKeyRepository(session).find_by_hash(key_hash)
-        if row is None:
-            return None
-        principal = Principal(row.tenant_id, row.id, expand_scopes(row.scopes))
-        key_cache.put(key_hash, principal)
-    return principal
 
 
 def csrf_token_for(key: str) -> str:

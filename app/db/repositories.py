@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import (
@@ -194,6 +194,22 @@ class JobRepository(TenantScoped[UnlearningJob]):
             .order_by(JobEvent.id)
         )
         return list(self.session.scalars(stmt))
+
+
+# A tenant's job, by id, as GET shows it: every column but the large request and spec
+# documents, plus its model version's number (`model_version`). Parameters: tenant_id, job_id.
+# Built once: composing a statement costs more than running it, on the polling hot path.
+JOB_VIEW = (
+    select(
+        *[c for c in UnlearningJob.__table__.c if c.name not in ("request", "spec")],
+        ModelVersion.version.label("model_version"),
+    )
+    .join(ModelVersion, ModelVersion.id == UnlearningJob.model_version_id)
+    .where(
+        UnlearningJob.tenant_id == bindparam("tenant_id"),
+        UnlearningJob.id == bindparam("job_id"),
+    )
+)
 
 
 @dataclass(frozen=True)

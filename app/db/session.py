@@ -7,13 +7,19 @@ with `after_commit` / `after_rollback` and run by the unit of work.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Engine, Executable, create_engine, event
+from sqlalchemy.engine import Row, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -50,9 +56,15 @@ class Database:
     """An engine and its sessions."""
 
     def __init__(self, url: str, pool_size: int = 10) -> None:
+        self.url = url
+        self.pool_size = pool_size
         self.engine = make_engine(url, pool_size)
         # Rows stay readable after commit: responses are built from them afterwards.
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Pooled asyncio connections belong to the event loop that opened them.
+        self._async_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
@@ -71,6 +83,48 @@ class Database:
         finally:
             session.info.clear()
             session.close()
+
+    async def fetch_one(self, statement: Executable, params: Mapping[str, Any]) -> Row | None:
+        """Run one read-only statement outside any transaction and return its row, if any: the
+        hot path of polling clients. On PostgreSQL it runs on the event loop (psycopg's async
+        mode: no worker thread, no BEGIN / COMMIT round trips); SQLite reads in a thread."""
+        if make_url(self.url).get_backend_name() == "sqlite":
+            return await run_in_threadpool(self._fetch_one_sync, statement, params)
+        engine = self._async_engine()
+        for attempt in (1, 2):
+            try:
+                async with engine.connect() as connection:
+                    return (await connection.execute(statement, params)).one_or_none()
+            except DBAPIError as exc:
+                # No pre-ping on this pool (a round trip per read): a connection the server
+                # dropped (a restart) fails once, is discarded, and the read is tried again.
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fetch_one_sync(self, statement: Executable, params: Mapping[str, Any]) -> Row | None:
+        with self.engine.connect() as connection:
+            return connection.execute(statement, params).one_or_none()
+
+    def _async_engine(self) -> AsyncEngine:
+        loop = asyncio.get_running_loop()
+        engine = self._async_engines.get(loop)
+        if engine is None:
+            engine = self._async_engines[loop] = create_async_engine(
+                self.url,
+                isolation_level="AUTOCOMMIT",
+                pool_size=self.pool_size,
+                # Readers queue for a pooled connection (cheap, on the loop) rather than open
+                # overflow connections, each a new server process, closed again on return.
+                max_overflow=0,
+            )
+        return engine
+
+    async def aclose(self) -> None:
+        """Close the pooled asyncio connections of the running event loop."""
+        engine = self._async_engines.pop(asyncio.get_running_loop(), None)
+        if engine is not None:
+            await engine.dispose()
 
     def dispose(self) -> None:
         self.engine.dispose()

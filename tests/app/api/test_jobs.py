@@ -9,7 +9,7 @@ import uuid
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.auth import Principal
 from app.db.models import AuditEntry, UnlearningJob
@@ -261,6 +261,40 @@ def test_cancel_a_queued_job_then_report_shows_the_timeline(client, registered):
     assert len(body["base_model"]["weights_sha256"]) == 64
     assert body["requested_by"]["legal_basis"] == "GDPR Art. 17"
     assert body["unlearned_model"] is None and body["metrics"] is None
+
+
+def test_get_shows_the_job_as_every_other_endpoint_does(client, registered, make_caller):
+    """GET reads through its own lean path (one statement, serialised once); what it answers
+    must not drift from the job other endpoints show."""
+    headers = registered.caller.headers
+    submitted = client.post("/v1/unlearning-jobs", json=job_body(registered), headers=headers)
+    job_id = submitted.json()["id"]
+    got = client.get(f"/v1/unlearning-jobs/{job_id}", headers=headers)
+    assert got.headers["content-type"] == "application/json"
+    listed = client.get("/v1/unlearning-jobs", headers=headers).json()["items"]
+    assert got.json() == submitted.json() == listed[0]
+    other = make_caller("globex", ("jobs:read",))
+    assert client.get(f"/v1/unlearning-jobs/{job_id}", headers=other.headers).status_code == 404
+
+
+def test_get_survives_the_database_dropping_its_connections(client, registered, db):
+    """The read pool has no pre-ping: a connection the server closed (a restart) fails once,
+    is discarded, and the read is retried on a new one."""
+    headers = registered.caller.headers
+    job_id = client.post("/v1/unlearning-jobs", json=job_body(registered), headers=headers).json()[
+        "id"
+    ]
+    assert client.get(f"/v1/unlearning-jobs/{job_id}", headers=headers).status_code == 200
+    with db.engine.connect() as connection:
+        killed = connection.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    assert killed >= 1
+    again = client.get(f"/v1/unlearning-jobs/{job_id}", headers=headers)
+    assert again.status_code == 200 and again.json()["id"] == job_id
 
 
 def test_unknown_job_is_404_and_bad_id_is_422(client, caller):
