@@ -36,6 +36,7 @@ def model_out(model: Model) -> ModelOut:
         architecture=model.architecture,
         classes=model.classes,
         templates=model.spec.get("templates"),
+        model_config_uri=model.spec.get("model_config_path"),
         image_size=model.spec.get("image_size"),
         latest_version=model.latest_version,
         created_at=model.created_at,

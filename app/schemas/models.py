@@ -39,6 +39,13 @@ class ModelCreate(Strict):
     templates: list[str] | None = Field(
         None, max_length=1000, description="open_clip: prompt templates, '{}' is the class name."
     )
+    model_config_uri: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4000,
+        description="open_clip: the JSON config of a custom architecture named `architecture` "
+        "(a local file under the data roots).",
+    )
     image_size: int | None = Field(None, gt=0, le=4096)
     init_args: dict[str, Any] = Field(
         default_factory=dict, description="classifier given as module:Class: its arguments."
@@ -67,6 +74,7 @@ class ModelOut(BaseModel):
     architecture: str = Field(examples=["resnet18"])
     classes: list[str] = Field(examples=[["circle", "square", "triangle"]])
     templates: list[str] | None = None
+    model_config_uri: str | None = None
     image_size: int | None = None
     latest_version: int = Field(examples=[1])
     created_at: datetime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from pydantic import ValidationError
@@ -15,8 +16,27 @@ from app.errors import Conflict, InvalidRequest, NotFound, from_validation_error
 from app.schemas.models import ModelCreate
 from app.services import audit
 from app.settings import Settings
-from app.storage import UriNotAllowed, check_allowed, sha256_and_size
+from app.storage import UriNotAllowed, check_allowed, is_local, local_path, sha256_and_size
 from negmerge.models import ModelSpec
+
+
+def _model_config_path(body: ModelCreate, settings: Settings) -> str:
+    """The custom open_clip config's local path, once it is known to be a JSON object."""
+    if body.family != "open_clip":
+        raise InvalidRequest("model_config_uri", "only models of family open_clip take one")
+    try:
+        uri = check_allowed(body.model_config_uri or "", settings.data_roots)
+    except UriNotAllowed as exc:
+        raise InvalidRequest("model_config_uri", str(exc)) from None
+    if not is_local(uri):
+        raise InvalidRequest("model_config_uri", "must be a local file")
+    try:
+        config = json.loads(local_path(uri).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest("model_config_uri", f"not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict) or "embed_dim" not in config:
+        raise InvalidRequest("model_config_uri", "not an open_clip model config (no embed_dim)")
+    return str(local_path(uri))
 
 
 def register_model(
@@ -33,6 +53,8 @@ def register_model(
         }.items()
         if value
     }
+    if body.model_config_uri is not None:
+        spec["model_config_path"] = _model_config_path(body, settings)
     try:  # the library's own rules: unique classes, '{}' in templates, ...
         ModelSpec(family=body.family, architecture=body.architecture, classes=body.classes, **spec)
     except ValidationError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 
 from app.services.models import add_version
@@ -85,3 +86,40 @@ def test_the_library_rules_apply(client, caller, weights_file):
     clip = {**model_body(weights_file), "family": "open_clip", "templates": ["no placeholder"]}
     response = client.post("/v1/models", json=clip, headers=caller.headers)
     assert response.status_code == 422 and "templates" in response.json()["error"]["message"]
+
+
+def test_a_custom_open_clip_architecture_comes_with_its_config(
+    client, caller, weights_file, data_root, tmp_path
+):
+    config = data_root / "configs" / "tiny-clip.json"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {}, "text_cfg": {}}))
+    body = {
+        **model_body(weights_file, name="tiny-clip"),
+        "family": "open_clip",
+        "architecture": "tiny-clip",
+        "templates": ["a photo of a {}."],
+        "model_config_uri": str(config),
+    }
+    created = client.post("/v1/models", json=body, headers=caller.headers)
+    assert created.status_code == 201, created.text
+    assert created.json()["model_config_uri"] == str(config)
+
+    outside = tmp_path / "tiny-clip.json"
+    outside.write_text(config.read_text())
+    not_json = data_root / "configs" / "broken.json"
+    not_json.write_text("{")
+    not_clip = data_root / "configs" / "list.json"
+    not_clip.write_text("[1, 2]")
+    for name, changes, problem in [
+        ("c1", {"model_config_uri": str(outside)}, "not under"),
+        ("c2", {"model_config_uri": str(not_json)}, "JSON"),
+        ("c3", {"model_config_uri": str(not_clip)}, "embed_dim"),
+        ("c4", {"family": "classifier", "templates": None}, "open_clip"),
+    ]:
+        bad = client.post(
+            "/v1/models", json={**body, "name": name, **changes}, headers=caller.headers
+        )
+        assert bad.status_code == 422, bad.text
+        (field,) = bad.json()["error"]["fields"]
+        assert field["field"] == "model_config_uri" and problem in field["problem"], field
