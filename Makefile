@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test lint demo bench clean
+.PHONY: install browser test lint demo demo-stop bench clean
 
 install: $(STAMP)
 
@@ -32,8 +32,10 @@ lint: install
 	$(BIN)/ruff format --check .
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/write_demo_job.py var/demo
-	HF_HUB_OFFLINE=1 $(BIN)/negmerge unlearn var/demo/job.yaml --workdir var/demo/run
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py
+
+demo-stop: install
+	$(BIN)/python examples/demo.py --stop
 
 bench: install
 	$(BIN)/python bench/merge.py

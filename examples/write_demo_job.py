@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from negmerge.fixtures import ensure_tiny_clip
-from negmerge.fixtures.jobs import forget_domain_job
+from negmerge.fixtures.jobs import DEMO_VARIANTS, forget_domain_job
 
 
 def main() -> None:
@@ -26,10 +26,7 @@ def main() -> None:
     print("building the offline fixtures (about a minute, once)...", flush=True)
     clip = ensure_tiny_clip()
     job = forget_domain_job(clip, forget="shapes", keep="digits")
-    job["variants"] = {  # six variants, as the paper's RandAugment grid but smaller
-        "base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "steps": 30},
-        "grid": {"augment": [f"rand-m{m}-n{n}" for m in (1, 5, 9) for n in (1, 2)]},
-    }
+    job["variants"] = DEMO_VARIANTS
     args.folder.mkdir(parents=True, exist_ok=True)
     (args.folder / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     print(f"wrote {args.folder / 'job.yaml'}")

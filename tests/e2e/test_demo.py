@@ -1,0 +1,73 @@
+"""`make demo`'s script, as a new user runs it: the embedded service in the background, a
+deletion request through the REST API, the evidence printed, then `--stop`. Nothing but this
+machine: SQLite, the filesystem broker, the offline tiny CLIP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_demo_unlearns_through_the_service_and_stops_it(tmp_path: Path) -> None:
+    home, port = tmp_path / "demo", free_port()
+    command = [sys.executable, str(REPO / "examples" / "demo.py"), "--home", str(home)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEGMERGE_")}
+    env |= {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    pid = None
+    try:
+        run = subprocess.run(
+            [*command, "--port", str(port)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        pid = int((home / "service.pid").read_text())
+        log = (home / "service.log").read_text(errors="replace")[-3000:]
+        assert run.returncode == 0, f"{run.stderr[-4000:]}\n--- service log ---\n{log}"
+        printed = run.stdout + run.stderr
+        assert "SUCCEEDED (final)" in printed and "before / after" in printed
+        assert f"http://127.0.0.1:{port}/dashboard" in printed
+
+        # The service is still up, and the key the demo left works for the API.
+        key = (home / "api-key").read_text().strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        jobs = httpx.get(f"http://127.0.0.1:{port}/v1/unlearning-jobs", headers=headers).json()
+        (job,) = jobs["items"]
+        assert job["state"] == "SUCCEEDED" and job["result"]["model"]["version"] == 2
+        assert job["result"]["model"]["weights_sha256"] in printed
+        sign_in = httpx.get(f"http://127.0.0.1:{port}/dashboard/sign-in")
+        assert sign_in.status_code == 200
+
+        stop = subprocess.run(
+            [*command, "--stop"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert stop.returncode == 0 and f"pid {pid}" in stop.stderr
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the service did not stop"
+    finally:
+        if pid is not None and _alive(pid):
+            os.killpg(pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    # A stopped child of ours lingers as a zombie until reaped; the demo's is not ours.
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split()[2] != "Z"
