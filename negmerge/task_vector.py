@@ -14,31 +14,15 @@ from collections.abc import Mapping, MutableMapping
 import torch
 
 from negmerge.errors import CheckpointError
-from negmerge.io import Checkpoint, SafetensorsWriter, TensorSpec, open_checkpoint
+from negmerge.io import (  # noqa: F401 (check_same_layout, float_keys: this module's API too)
+    SafetensorsWriter,
+    check_same_layout,
+    float_keys,
+    open_checkpoint,
+    torch_dtype,
+)
 
 CHUNK_ELEMENTS = 1 << 20
-
-
-def check_same_layout(reference: Checkpoint, other: Checkpoint) -> None:
-    """Raise CheckpointError naming the first key whose presence, shape or dtype differs."""
-    ref_name = reference.path.name
-    for key, spec in reference.specs.items():
-        theirs = other.specs.get(key)
-        if theirs is None:
-            raise CheckpointError(f"{other.path}: key {key!r} is missing (it is in {ref_name})")
-        if theirs != spec:
-            raise CheckpointError(
-                f"{other.path}: key {key!r} is {theirs.describe()}, "
-                f"but {spec.describe()} in {ref_name}"
-            )
-    for key in other.specs:
-        if key not in reference.specs:
-            raise CheckpointError(f"{other.path}: key {key!r} is not in {ref_name}")
-
-
-def float_keys(specs: Mapping[str, TensorSpec]) -> list[str]:
-    """The keys a task vector covers: the floating-point tensors."""
-    return [key for key, spec in specs.items() if spec.is_float]
 
 
 def task_vector(
@@ -122,7 +106,7 @@ def apply_task_vector_file(
                     if key in tau.specs:
                         delta = tau.read(key, start, stop).float()
                         value = torch.sub(value.float(), delta, alpha=scale)
-                    writer.write(key, value.to(spec.dtype))
+                    writer.write(key, value.to(torch_dtype(spec.dtype)))
             writer.metadata["sources"] = json.dumps(
                 {"pretrained_sha256": pre.sha256(), "vector_sha256": tau.sha256()}
             )

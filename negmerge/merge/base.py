@@ -5,33 +5,55 @@ A method is a small reducer over task vectors that arrive one at a time, element
 merged values. The streaming engine runs it over slices of tensors, so no method ever holds
 more than one task vector's slice at once. Methods whose states combine associatively
 (`combine`) can be merged in shards on different machines.
+
+Methods work on float32 numpy arrays: the engine reads files without torch, and torch tensors
+that callers hand in convert to numpy without a copy.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import ClassVar, NamedTuple
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from negmerge.errors import MergeError
+from negmerge.io import to_float32
 
-State = dict[str, torch.Tensor]
+State = dict[str, np.ndarray]
 
 
 class Chunk(NamedTuple):
-    """A slice [start, stop) of tensor `key`, flattened, for each task vector a method reads.
+    """Elements [start, stop) of tensor `key`, flattened, for each task vector a method reads.
 
-    `taus` are fp32 views of reused buffers: valid until the next chunk is produced.
+    `values` are the selected inputs' elements as stored (read-only views, valid until the
+    next chunk is produced); with a `base` (theta_pre's elements) they are fine-tuned weights
+    and tau_k = values[k] - base, otherwise they are the task vectors themselves.
     """
 
     key: str
     start: int
     stop: int
     indices: Sequence[int]
-    taus: Sequence[torch.Tensor]
+    values: Sequence[np.ndarray]
+    base: np.ndarray | None = None
+    dtype: str = "F32"
+
+    def taus(self, lo: int = 0, hi: int | None = None) -> Iterator[np.ndarray]:
+        """Each task vector's float32 elements [lo, hi) of this chunk, in order. One scratch
+        buffer is reused: each tau is valid only until the next one is produced."""
+        hi = self.stop - self.start if hi is None else hi
+        scratch = np.empty(hi - lo, np.float32)
+        base = None
+        if self.base is not None:
+            base = to_float32(self.base[lo:hi], self.dtype, np.empty(hi - lo, np.float32))
+        for value in self.values:
+            tau = to_float32(value[lo:hi], self.dtype, scratch)
+            if base is not None:
+                tau = np.subtract(tau, base, out=scratch)
+            yield tau
 
 
 class NoParams(BaseModel):
@@ -63,16 +85,18 @@ class MergeMethod(ABC):
         """Gather whole-model statistics before merging; `stream()` makes one pass."""
 
     @abstractmethod
-    def start(self, tau: torch.Tensor, index: int) -> State:
-        """The state after the first task vector. Must not keep `tau` itself (it is reused)."""
+    def start(self, tau: np.ndarray, index: int) -> State:
+        """The state after the first task vector. Must not keep or write to `tau` (it may be
+        reused, or a read-only view of a file)."""
 
     @abstractmethod
-    def add(self, state: State, tau: torch.Tensor, index: int) -> None:
-        """Fold the next task vector into `state`, in place."""
+    def add(self, state: State, tau: np.ndarray, index: int) -> None:
+        """Fold the next task vector into `state`, in place (`tau` as for `start`)."""
 
     @abstractmethod
-    def finish(self, state: State, n: int) -> torch.Tensor:
-        """The merged values from the state of `n` task vectors."""
+    def finish(self, state: State, n: int) -> np.ndarray:
+        """The merged float32 values from the state of `n` task vectors (leaves `state` as it
+        was: partial merges may finish and go on combining)."""
 
     def combine(self, first: State, second: State) -> State:
         """The state of two disjoint shards, `first`'s task vectors before `second`'s."""
@@ -83,6 +107,16 @@ class MergeMethod(ABC):
 
 
 METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def reduce_chunk(method: MergeMethod, taus: Iterable[np.ndarray], indices: Sequence[int]) -> State:
+    """Fold the task vectors' slices, in order, into the method's state."""
+    taus = iter(taus)
+    with np.errstate(all="ignore"):  # inf and NaN are results here, as in torch, not warnings
+        state = method.start(next(taus), indices[0])
+        for tau, index in zip(taus, indices[1:], strict=True):
+            method.add(state, tau, index)
+    return state
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from negmerge.merge.base import MergeMethod, State, register
 
@@ -16,16 +16,16 @@ class MagMax(MergeMethod):
     summary = "per element, the value of largest magnitude"
     associative = True
 
-    def start(self, tau: torch.Tensor, index: int) -> State:
-        return {"value": tau.clone()}
+    def start(self, tau: np.ndarray, index: int) -> State:
+        return {"value": tau.copy()}
 
-    def add(self, state: State, tau: torch.Tensor, index: int) -> None:
+    def add(self, state: State, tau: np.ndarray, index: int) -> None:
         value = state["value"]
-        torch.where(tau.abs() > value.abs(), tau, value, out=value)
+        np.copyto(value, tau, where=np.abs(tau) > np.abs(value))
 
-    def finish(self, state: State, n: int) -> torch.Tensor:
+    def finish(self, state: State, n: int) -> np.ndarray:
         return state["value"]
 
     def combine(self, first: State, second: State) -> State:
         a, b = first["value"], second["value"]
-        return {"value": torch.where(b.abs() > a.abs(), b, a)}
+        return {"value": np.where(np.abs(b) > np.abs(a), b, a)}

@@ -11,13 +11,14 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
 from negmerge.errors import MergeError
-from negmerge.io import load_state_dict, open_checkpoint, save_file
-from negmerge.merge.base import MergeMethod, State, get_method
-from negmerge.merge.streaming import common_specs, iter_memory_chunks, reduce_chunk
+from negmerge.io import load_arrays, open_checkpoint, save_file
+from negmerge.merge.base import MergeMethod, State, get_method, reduce_chunk
+from negmerge.merge.streaming import common_specs, iter_memory_chunks
 
 PARTIAL_FORMAT = "negmerge.partial_merge"
 
@@ -39,17 +40,25 @@ class PartialMerge:
             )
         if self.shapes != later.shapes:
             raise MergeError("cannot combine partial merges of different models")
-        states = {
-            key: self.method.combine(state, later.states[key]) for key, state in self.states.items()
-        }
+        with np.errstate(all="ignore"):
+            states = {
+                key: self.method.combine(state, later.states[key])
+                for key, state in self.states.items()
+            }
         return PartialMerge(self.method, self.n + later.n, states, self.shapes)
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """The merged task vector."""
-        return {
-            key: self.method.finish(state, self.n).reshape(self.shapes[key])
-            for key, state in self.states.items()
-        }
+    def finish(self, numpy: bool = False) -> dict[str, Any]:
+        """The merged task vector: float32 torch tensors (numpy arrays with `numpy`)."""
+        with np.errstate(all="ignore"):
+            merged = {
+                key: self.method.finish(state, self.n).reshape(self.shapes[key])
+                for key, state in self.states.items()
+            }
+        if numpy:
+            return merged
+        import torch
+
+        return {key: torch.from_numpy(value) for key, value in merged.items()}
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {
@@ -75,7 +84,7 @@ class PartialMerge:
         n = int(metadata["n"])
         method = get_method(metadata["method"], n, **json.loads(metadata["params"]))
         states: dict[str, State] = {}
-        for name, tensor in load_state_dict(path).items():
+        for name, tensor in load_arrays(path).items():
             key, field = name.rsplit("::", 1)
             states.setdefault(key, {})[field] = tensor
         shapes = {key: tuple(shape) for key, shape in json.loads(metadata["shapes"]).items()}
@@ -84,7 +93,7 @@ class PartialMerge:
 
 def partial_merge(
     method: str,
-    vectors: Sequence[Mapping[str, torch.Tensor]],
+    vectors: Sequence[Mapping[str, Any]],
     params: Mapping[str, object] | None = None,
 ) -> PartialMerge:
     """The partial state of `method` over one shard of task vectors held in memory."""
@@ -95,7 +104,7 @@ def partial_merge(
         raise MergeError(f"{method}: its states do not combine, so it cannot be merged in shards")
     specs = common_specs(vectors)
     states = {
-        chunk.key: reduce_chunk(instance, chunk.taus, chunk.indices)
+        chunk.key: reduce_chunk(instance, chunk.taus(), chunk.indices)
         for chunk in iter_memory_chunks(vectors, specs, instance.inputs())
     }
     return PartialMerge(instance, len(vectors), states, {k: s.shape for k, s in specs.items()})

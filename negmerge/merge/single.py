@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from negmerge.errors import MergeError
@@ -31,11 +31,11 @@ class Single(MergeMethod):
     def inputs(self) -> list[int]:
         return [self.params.index]
 
-    def start(self, tau: torch.Tensor, index: int) -> State:
-        return {"value": tau.clone()}
+    def start(self, tau: np.ndarray, index: int) -> State:
+        return {"value": tau.copy()}
 
-    def add(self, state: State, tau: torch.Tensor, index: int) -> None:
+    def add(self, state: State, tau: np.ndarray, index: int) -> None:
         raise MergeError("single: reads exactly one task vector")
 
-    def finish(self, state: State, n: int) -> torch.Tensor:
+    def finish(self, state: State, n: int) -> np.ndarray:
         return state["value"]

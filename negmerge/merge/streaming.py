@@ -1,37 +1,56 @@
 """The merge engine: n task vectors, one slice of one tensor at a time.
 
-For every slice of every tensor, the slices of all n task vectors are read and reduced, and the
-merged slice is appended to the output file. Memory is a few slice buffers (no full tensor, let
-alone a full model), so a merge of 30 checkpoints needs no more memory than a merge of 2. A
-reader thread fills the next slice's buffers while the current one is reduced; pread and torch
-both release the GIL, so reading, hashing and arithmetic overlap.
+Each input file is viewed through a read-only mmap: its pages are in the page cache already, so
+reducing straight from them skips the copy a read() would make. A chunk of elements (the same
+range of every input) is one task: a pool of threads merges chunks side by side (numpy releases
+the GIL), each reducing its chunk in cache-sized slices, and hands the chunk's mapped pages
+back when done, so a merge of 30 checkpoints needs no more memory than a merge of 2. The
+calling thread writes the merged chunks in order. Input hashes, when the caller does not know
+them, are computed on threads of their own alongside.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from negmerge.errors import MergeError
-from negmerge.io import Checkpoint, SafetensorsWriter, TensorSpec, open_checkpoint
-from negmerge.merge.base import Chunk, MergeMethod, State, get_method
-from negmerge.task_vector import check_same_layout, float_keys
+from negmerge.io import (
+    Checkpoint,
+    SafetensorsWriter,
+    TensorSpec,
+    check_same_layout,
+    float_keys,
+    open_checkpoint,
+)
+from negmerge.merge.base import Chunk, MergeMethod, get_method, reduce_chunk  # noqa: F401
 
-# Inputs are read in chunks of 1 MiB of fp32 (page-cache reads peaked at that size: 17.6 GB/s
-# against 14.9 at 256 KiB and 10.6 at 4 MiB) and reduced in slices of 256 KiB, whose working
-# set (slice, sum, min, max) stays in L2 (0.24 ns per element and input, against 0.32 ns at
-# 1 MiB slices). Buffers: two sets of one chunk per input, 2 MiB per input in all.
-CHUNK_ELEMENTS = 1 << 18
+if TYPE_CHECKING:
+    import torch
+
+# Slices of 64K elements: a slice's working set (tau, sum, min, max: 1 MiB) stays in L2.
+# Chunks: mapped memory per task is bounded (CHUNK_BYTES over all inputs), whatever n is.
 SLICE_ELEMENTS = 1 << 16
+CHUNK_BYTES = 16 << 20
+MAX_CHUNK_ELEMENTS = 1 << 20
 OUTPUT_FORMAT = "negmerge.task_vector"
+_HASH_BLOCK = 8 << 20
+
+
+def merge_threads() -> int:
+    """Threads that merge chunks (and that hash inputs): one per core this process may use,
+    at most four (beyond that, memory bandwidth is the limit)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 @dataclass
@@ -54,27 +73,16 @@ class MergeResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tensors"}
 
 
-def merge_chunk(method: MergeMethod, chunk: Chunk, n: int) -> torch.Tensor:
-    """The merged values of one chunk, reduced slice by cache-sized slice."""
+def merge_chunk(method: MergeMethod, chunk: Chunk, n: int) -> np.ndarray:
+    """The merged float32 values of one chunk, reduced slice by cache-sized slice."""
     size = chunk.stop - chunk.start
-    if size <= SLICE_ELEMENTS:
-        return method.finish(reduce_chunk(method, chunk.taus, chunk.indices), n)
-    merged = torch.empty(size)
-    for start in range(0, size, SLICE_ELEMENTS):
-        stop = min(start + SLICE_ELEMENTS, size)
-        taus = [tau[start:stop] for tau in chunk.taus]
-        merged[start:stop] = method.finish(reduce_chunk(method, taus, chunk.indices), n)
+    merged = np.empty(size, np.float32)
+    with np.errstate(all="ignore"):  # inf and NaN are results here, as in torch, not warnings
+        for lo in range(0, size, SLICE_ELEMENTS):
+            hi = min(lo + SLICE_ELEMENTS, size)
+            state = reduce_chunk(method, chunk.taus(lo, hi), chunk.indices)
+            merged[lo:hi] = method.finish(state, n)
     return merged
-
-
-def reduce_chunk(
-    method: MergeMethod, taus: Sequence[torch.Tensor], indices: Sequence[int]
-) -> State:
-    """Fold the task vectors' slices, in order, into the method's state."""
-    state = method.start(taus[0], indices[0])
-    for tau, index in zip(taus[1:], indices[1:], strict=True):
-        method.add(state, tau, index)
-    return state
 
 
 class _KeptCounter:
@@ -82,8 +90,8 @@ class _KeptCounter:
         self._numel = {key: spec.numel for key, spec in specs.items()}
         self._kept = dict.fromkeys(specs, 0)
 
-    def count(self, key: str, merged: torch.Tensor) -> None:
-        self._kept[key] += int(merged.bool().sum())  # 10x faster than count_nonzero here
+    def add(self, key: str, kept: int) -> None:
+        self._kept[key] += kept
 
     def per_tensor(self) -> dict[str, float]:
         return {key: kept / max(self._numel[key], 1) for key, kept in self._kept.items()}
@@ -100,20 +108,17 @@ class MergeInputs:
     """
 
     def __init__(
-        self,
-        paths: Sequence[str | os.PathLike],
-        pretrained: str | os.PathLike | None = None,
-        hashing: bool = True,
+        self, paths: Sequence[str | os.PathLike], pretrained: str | os.PathLike | None = None
     ) -> None:
         if not paths:
             raise MergeError("no task vectors given (n = 0)")
         self.base: Checkpoint | None = None
         self.sources: list[Checkpoint] = []
-        try:
+        try:  # no hashing while reading: the engine hashes files on threads of their own
             if pretrained is not None:
-                self.base = open_checkpoint(pretrained, hashing)
+                self.base = open_checkpoint(pretrained, hashing=False)
             for path in paths:
-                self.sources.append(open_checkpoint(path, hashing))
+                self.sources.append(open_checkpoint(path, hashing=False))
             reference = self.base or self.sources[0]
             for source in self.sources:
                 if source is not reference:
@@ -129,53 +134,76 @@ class MergeInputs:
     def n(self) -> int:
         return len(self.sources)
 
-    def stream(
-        self, indices: Sequence[int], chunk_elements: int = CHUNK_ELEMENTS
-    ) -> Iterator[Chunk]:
-        """Every slice of every tensor, with the selected task vectors' values as fp32."""
-        plan = [
+    def plan(self, chunk_elements: int | None = None) -> list[tuple[str, int, int]]:
+        """(key, start, stop) of every chunk, in file order."""
+        if chunk_elements is None:  # bounded mapped memory per chunk, whatever n is
+            per_input = CHUNK_BYTES // (4 * (self.n + 1))
+            chunk_elements = min(MAX_CHUNK_ELEMENTS, max(SLICE_ELEMENTS, per_input))
+            chunk_elements -= chunk_elements % SLICE_ELEMENTS
+        return [
             (key, start, min(start + chunk_elements, spec.numel))
             for key, spec in self.specs.items()
             for start in range(0, spec.numel, chunk_elements)
         ]
-        if not plan:
-            return
-        buffers = [self._buffers(len(indices), chunk_elements) for _ in range(2)]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="negmerge-read") as reader:
-            pending = reader.submit(self._load, plan[0], indices, buffers[0])
-            for i in range(len(plan)):
-                chunk = pending.result()
-                if i + 1 < len(plan):  # fill the other buffer set while this chunk is used
-                    pending = reader.submit(self._load, plan[i + 1], indices, buffers[(i + 1) % 2])
-                yield chunk
 
-    def _buffers(self, count: int, elements: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # fp32 tensors are read straight into the fp32 buffer; others need room to convert from.
-        other = [s.dtype.itemsize for s in self.specs.values() if s.dtype != torch.float32]
-        raw_bytes = elements * max(other, default=0)
-        return [
-            (torch.empty(elements, dtype=torch.float32), torch.empty(raw_bytes, dtype=torch.uint8))
-            for _ in range(count + 1)  # the last pair holds the base
-        ]
-
-    def _load(
-        self,
-        item: tuple[str, int, int],
-        indices: Sequence[int],
-        buffers: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> Chunk:
+    def chunk(self, item: tuple[str, int, int], indices: Sequence[int]) -> Chunk:
+        """Views of one chunk of the selected inputs; `release_item` it when done."""
         key, start, stop = item
-        base = None if self.base is None else _read_fp32(self.base, key, start, stop, buffers[-1])
-        taus = []
-        for index, buffer in zip(indices, buffers, strict=False):
-            tau = _read_fp32(self.sources[index], key, start, stop, buffer)
-            if base is not None:
-                tau.sub_(base)
-            taus.append(tau)
-        return Chunk(key, start, stop, indices, taus)
+        base = None if self.base is None else self.base.view(key, start, stop)
+        values = [self.sources[i].view(key, start, stop) for i in indices]
+        return Chunk(key, start, stop, indices, values, base, self.specs[key].dtype)
 
-    def sha256s(self) -> list[str]:
-        return [source.sha256() for source in self.sources]
+    def stream(self, indices: Sequence[int], chunk_elements: int | None = None) -> Iterator[Chunk]:
+        """Every chunk of every tensor, in order, on this thread (for whole-model passes)."""
+        for item in self.plan(chunk_elements):
+            try:
+                yield self.chunk(item, indices)
+            finally:
+                self.release_item(item, indices)
+
+    def release_item(self, item: tuple[str, int, int], indices: Sequence[int]) -> None:
+        """Hand back the mapped pages of a chunk (a view still in use just maps them again)."""
+        key, start, stop = item
+        for ckpt in [self.base, *(self.sources[i] for i in indices)]:
+            if ckpt is not None:
+                ckpt.release(key, start, stop)
+
+    def merged(
+        self,
+        method: MergeMethod,
+        indices: Sequence[int],
+        chunk_elements: int | None = None,
+        threads: int | None = None,
+    ) -> Iterator[tuple[str, np.ndarray, int]]:
+        """(key, merged values, kept count) of every chunk, in order, merged on `threads`
+        threads, at most one chunk per thread ahead of the caller."""
+        threads = threads or merge_threads()
+        with ThreadPoolExecutor(threads, thread_name_prefix="negmerge-merge") as pool:
+            pending: deque[tuple[tuple[str, int, int], Future]] = deque()
+            try:
+                for item in self.plan(chunk_elements):
+                    pending.append((item, pool.submit(self._merge_one, method, item, indices)))
+                    if len(pending) > threads:
+                        yield self._done(*pending.popleft(), indices)
+                while pending:
+                    yield self._done(*pending.popleft(), indices)
+            finally:
+                for _, future in pending:
+                    future.cancel()
+
+    def _merge_one(
+        self, method: MergeMethod, item: tuple[str, int, int], indices: Sequence[int]
+    ) -> tuple[str, np.ndarray, int]:
+        merged = merge_chunk(method, self.chunk(item, indices), self.n)
+        return item[0], merged, int(np.count_nonzero(merged))
+
+    def _done(
+        self, item: tuple[str, int, int], future: Future, indices: Sequence[int]
+    ) -> tuple[str, np.ndarray, int]:
+        try:
+            return future.result()
+        finally:  # in plan order, so that nothing still in use is released
+            self.release_item(item, indices)
 
     def close(self) -> None:
         for ckpt in [self.base, *self.sources]:
@@ -189,18 +217,32 @@ class MergeInputs:
         self.close()
 
 
-def _read_fp32(
-    ckpt: Checkpoint, key: str, start: int, stop: int, buffer: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    fp32, raw = buffer
-    out = fp32[: stop - start]
-    if ckpt.specs[key].dtype == torch.float32:
-        value = ckpt.read(key, start, stop, buffer=fp32.view(torch.uint8))
-    else:
-        value = ckpt.read(key, start, stop, buffer=raw)
-    if value.data_ptr() != out.data_ptr():  # not read in place (another dtype, a .pt file)
-        out.copy_(value)
-    return out
+class _Hashes:
+    """sha256 of files, computed on a thread pool while the merge runs (hashlib releases the
+    GIL); stops early if the merge fails."""
+
+    def __init__(self, paths: Sequence[Path], threads: int) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="negmerge-hash")
+        self._futures = [self._pool.submit(self._sha256, path) for path in paths]
+
+    def _sha256(self, path: Path) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        buffer = bytearray(_HASH_BLOCK)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as f:
+            while not self._stop.is_set() and (got := f.readinto(view)):
+                digest.update(view[:got])
+        return digest.hexdigest()
+
+    def result(self) -> list[str]:
+        return [future.result() for future in self._futures]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def merge_files(
@@ -209,7 +251,7 @@ def merge_files(
     output: str | os.PathLike,
     pretrained: str | os.PathLike | None = None,
     params: Mapping[str, object] | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     input_sha256: Sequence[str] | None = None,
     pretrained_sha256: str | None = None,
@@ -221,58 +263,19 @@ def merge_files(
     the method, its parameters, n, the inputs' sha256 and the kept fraction.
     `on_progress(done_bytes, total_bytes)` is called as the final pass goes.
 
-    Hashing the inputs costs more CPU than reading them; callers that know the hashes already
+    Hashing the inputs costs more CPU than merging them; callers that know the hashes already
     (content-addressed artifacts) pass `input_sha256` (and `pretrained_sha256`) instead.
     """
     began = time.perf_counter()
-    with _one_intra_op_thread():
-        return _merge_files(
-            method,
-            inputs,
-            output,
-            pretrained,
-            params,
-            chunk_elements,
-            on_progress,
-            input_sha256,
-            pretrained_sha256,
-            began,
-        )
-
-
-@contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """The engine keeps two cores busy itself (the reader and the reducer); torch's intra-op
-    pool on top oversubscribes them and made the reducer three to four times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _merge_files(
-    method: str | MergeMethod,
-    inputs: Sequence[str | os.PathLike],
-    output: str | os.PathLike,
-    pretrained: str | os.PathLike | None,
-    params: Mapping[str, object] | None,
-    chunk_elements: int,
-    on_progress: Callable[[int, int], None] | None,
-    input_sha256: Sequence[str] | None,
-    pretrained_sha256: str | None,
-    began: float,
-) -> MergeResult:
     known = input_sha256 is not None and (pretrained is None or pretrained_sha256 is not None)
     if input_sha256 is not None and len(input_sha256) != len(inputs):
         raise MergeError(f"input_sha256: {len(input_sha256)} hashes for {len(inputs)} inputs")
-    with MergeInputs(inputs, pretrained, hashing=not known) as data:
+    with MergeInputs(inputs, pretrained) as data:
         if isinstance(method, str):
             method = get_method(method, data.n, **dict(params or {}))
         indices = method.inputs()
         method.prepare(lambda: data.stream(indices, chunk_elements))
-        out_specs = {key: TensorSpec(torch.float32, spec.shape) for key, spec in data.specs.items()}
+        out_specs = {key: TensorSpec("F32", spec.shape) for key, spec in data.specs.items()}
         total = sum(spec.nbytes for spec in out_specs.values())
         kept = _KeptCounter(out_specs)
         metadata = {
@@ -281,31 +284,40 @@ def _merge_files(
             "params": json.dumps(method.params.model_dump(), sort_keys=True),
             "n": str(data.n),
         }
-        with SafetensorsWriter(output, out_specs, metadata, reserve=256 + 96 * data.n) as writer:
-            done = 0
-            for chunk in data.stream(indices, chunk_elements):
-                merged = merge_chunk(method, chunk, data.n)
-                kept.count(chunk.key, merged)
-                writer.write(chunk.key, merged)
-                done += merged.numel() * 4
-                if on_progress is not None:
-                    on_progress(done, total)
-            hashes = list(input_sha256) if known else data.sha256s()
-            base_hash = None
-            if data.base is not None:
-                base_hash = pretrained_sha256 if known else data.base.sha256()
-            writer.metadata.update(
-                input_sha256=json.dumps(hashes),
-                kept_fraction=f"{kept.overall():.6f}",
-                **({"pretrained_sha256": base_hash} if base_hash else {}),
-            )
+        to_hash = (
+            [] if known else [Path(p) for p in [*inputs, *([pretrained] if pretrained else [])]]
+        )
+        hashes = _Hashes(to_hash, merge_threads())
+        try:
+            with SafetensorsWriter(
+                output, out_specs, metadata, reserve=256 + 96 * data.n
+            ) as writer:
+                done = 0
+                for key, merged, kept_here in data.merged(method, indices, chunk_elements):
+                    kept.add(key, kept_here)
+                    writer.write(key, merged)
+                    done += merged.nbytes
+                    if on_progress is not None:
+                        on_progress(done, total)
+                computed = hashes.result()
+                input_hashes = list(input_sha256) if known else computed[: data.n]
+                base_hash = None
+                if pretrained is not None:
+                    base_hash = pretrained_sha256 if known else computed[data.n]
+                writer.metadata.update(
+                    input_sha256=json.dumps(input_hashes),
+                    kept_fraction=f"{kept.overall():.6f}",
+                    **({"pretrained_sha256": base_hash} if base_hash else {}),
+                )
+        finally:
+            hashes.close()
     return MergeResult(
         method=method.name,
         params=method.params.model_dump(),
         n=data.n,
         kept_fraction=kept.overall(),
         kept_per_tensor=kept.per_tensor(),
-        input_sha256=hashes,
+        input_sha256=input_hashes,
         pretrained_sha256=base_hash,
         output=str(Path(output)),
         seconds=time.perf_counter() - began,
@@ -314,10 +326,11 @@ def _merge_files(
 
 def merge_task_vectors(
     method: str | MergeMethod,
-    vectors: Sequence[Mapping[str, torch.Tensor]],
+    vectors: Sequence[Mapping[str, Any]],
     params: Mapping[str, object] | None = None,
 ) -> MergeResult:
-    """Merge task vectors held in memory (dicts of tensors); the result's `tensors` are fp32.
+    """Merge task vectors held in memory (dicts of torch tensors, or of numpy arrays); the
+    result's `tensors` are fp32, torch tensors if torch tensors came in.
 
     The same methods and rules as `merge_files`, for models small enough to hold n copies.
     """
@@ -333,7 +346,7 @@ def merge_task_vectors(
     merged = {}
     for chunk in iter_memory_chunks(vectors, specs, indices):
         values = merge_chunk(method, chunk, len(vectors))
-        kept.count(chunk.key, values)
+        kept.add(chunk.key, int(np.count_nonzero(values)))
         merged[chunk.key] = values.reshape(specs[chunk.key].shape)
     return MergeResult(
         method=method.name,
@@ -342,33 +355,52 @@ def merge_task_vectors(
         kept_fraction=kept.overall(),
         kept_per_tensor=kept.per_tensor(),
         seconds=time.perf_counter() - began,
-        tensors=merged,
+        tensors=like_inputs(merged, vectors),
     )
 
 
-def common_specs(vectors: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, TensorSpec]:
+def like_inputs(arrays: dict[str, np.ndarray], vectors: Sequence[Mapping[str, Any]]) -> dict:
+    """`arrays` as torch tensors (sharing memory) if the task vectors were torch tensors."""
+    first = next(iter(vectors[0].values()), None)
+    if first is None or isinstance(first, np.ndarray):
+        return arrays
+    import torch
+
+    return {key: torch.from_numpy(value) for key, value in arrays.items()}
+
+
+def common_specs(vectors: Sequence[Mapping[str, Any]]) -> dict[str, TensorSpec]:
     reference = vectors[0]
     for k, vector in enumerate(vectors[1:], start=2):
         for key, tensor in reference.items():
             other = vector.get(key)
-            if other is None or other.shape != tensor.shape:
+            if other is None or tuple(other.shape) != tuple(tensor.shape):
                 found = "missing" if other is None else f"shaped {list(other.shape)}"
                 raise MergeError(f"task vector {k}: key {key!r} is {found}")
         extra = [key for key in vector if key not in reference]
         if extra:
             raise MergeError(f"task vector {k}: key {extra[0]!r} is not in task vector 1")
-    return {
-        key: TensorSpec(torch.float32, tuple(t.shape))
-        for key, t in reference.items()
-        if t.is_floating_point()
-    }
+    return {key: TensorSpec("F32", tuple(t.shape)) for key, t in reference.items() if _is_float(t)}
 
 
 def iter_memory_chunks(
-    vectors: Sequence[Mapping[str, torch.Tensor]],
+    vectors: Sequence[Mapping[str, Any]],
     specs: Mapping[str, TensorSpec],
     indices: Sequence[int],
 ) -> Iterator[Chunk]:
     for key, spec in specs.items():
-        taus = [vectors[i][key].detach().reshape(-1).float() for i in indices]
-        yield Chunk(key, 0, spec.numel, indices, taus)
+        values = [_float32(vectors[i][key]) for i in indices]
+        yield Chunk(key, 0, spec.numel, indices, values)
+
+
+def _is_float(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return np.issubdtype(value.dtype, np.floating)
+    return value.is_floating_point()
+
+
+def _float32(value: Any) -> np.ndarray:
+    """A task vector's tensor as flat float32 numpy (no copy if it is a CPU fp32 tensor)."""
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value, dtype=np.float32).reshape(-1)
+    return value.detach().reshape(-1).float().cpu().numpy()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from negmerge.merge.base import Chunk, MergeMethod, State, register
+from negmerge.merge.base import Chunk, MergeMethod, State, reduce_chunk, register
 
 _HIGH_BUCKETS = 1 << 15  # |x| has sign bit 0, so the high half of its bits is below 2**15
 _LOW_BUCKETS = 1 << 16
@@ -43,75 +43,79 @@ class Ties(MergeMethod):
         self.thresholds = self._trim_thresholds(stream)
         elected = 0
         for chunk in stream():
-            state = self.start(chunk.taus[0], chunk.indices[0])
-            for tau, index in zip(chunk.taus[1:], chunk.indices[1:], strict=True):
-                self.add(state, tau, index)
-            elected += int(torch.sign(state["total"]).sum())
-        self.majority_sign = float(torch.sign(torch.tensor(float(elected))))
+            total = reduce_chunk(self, chunk.taus(), chunk.indices)["total"]
+            elected += int(np.count_nonzero(total > 0)) - int(np.count_nonzero(total < 0))
+        self.majority_sign = float(np.sign(elected))
 
     def _trim_thresholds(self, stream: Callable[[], Iterable[Chunk]]) -> list[float]:
         """Per task vector, the exact k-th smallest magnitude (radix select on fp32 bits)."""
-        high = torch.zeros(self.n, _HIGH_BUCKETS, dtype=torch.int64)
+        high = np.zeros((self.n, _HIGH_BUCKETS), dtype=np.int64)
         sizes = [0] * self.n
         for chunk in stream():
-            for tau, index in zip(chunk.taus, chunk.indices, strict=True):
-                high[index] += torch.bincount(_magnitude_bits(tau) >> 16, minlength=_HIGH_BUCKETS)
-                sizes[index] += tau.numel()
+            for tau, index in zip(chunk.taus(), chunk.indices, strict=True):
+                high[index] += np.bincount(_magnitude_bits(tau) >> 16, minlength=_HIGH_BUCKETS)
+                sizes[index] += tau.size
         ranks = [d - int(d * (self.params.topk / 100)) for d in sizes]  # 1-based, as kthvalue
         buckets, below = [], []
         for index, rank in enumerate(ranks):
-            cumulative = high[index].cumsum(0)
-            bucket = int(torch.searchsorted(cumulative, max(rank, 1)))
+            cumulative = high[index].cumsum()
+            bucket = int(np.searchsorted(cumulative, max(rank, 1)))
             buckets.append(bucket)
             below.append(int(cumulative[bucket - 1]) if bucket else 0)
-        low = torch.zeros(self.n, _LOW_BUCKETS, dtype=torch.int64)
+        low = np.zeros((self.n, _LOW_BUCKETS), dtype=np.int64)
         for chunk in stream():
-            for tau, index in zip(chunk.taus, chunk.indices, strict=True):
+            for tau, index in zip(chunk.taus(), chunk.indices, strict=True):
                 bits = _magnitude_bits(tau)
                 in_bucket = bits[(bits >> 16) == buckets[index]] & 0xFFFF
-                low[index] += torch.bincount(in_bucket, minlength=_LOW_BUCKETS)
+                low[index] += np.bincount(in_bucket, minlength=_LOW_BUCKETS)
         thresholds = []
         for index, rank in enumerate(ranks):
             if rank == 0:  # topk = 100%: keep everything
                 thresholds.append(0.0)
                 continue
-            cumulative = low[index].cumsum(0)
-            low_bits = int(torch.searchsorted(cumulative, rank - below[index]))
+            cumulative = low[index].cumsum()
+            low_bits = int(np.searchsorted(cumulative, rank - below[index]))
             bits = (buckets[index] << 16) | low_bits
             thresholds.append(struct.unpack("<f", struct.pack("<I", bits))[0])
         return thresholds
 
-    def _trimmed(self, tau: torch.Tensor, index: int) -> torch.Tensor:
-        return torch.where(tau.abs() >= self.thresholds[index], tau, 0.0)
+    def _trimmed(self, tau: np.ndarray, index: int) -> np.ndarray:
+        # The threshold is an fp32 value, so comparing in fp32 is exact.
+        return np.where(np.abs(tau) >= np.float32(self.thresholds[index]), tau, np.float32(0))
 
-    def start(self, tau: torch.Tensor, index: int) -> State:
+    def start(self, tau: np.ndarray, index: int) -> State:
         trimmed = self._trimmed(tau, index)
         positive, negative = trimmed > 0, trimmed < 0
         return {
             "total": trimmed,
-            "positive_sum": torch.where(positive, trimmed, 0.0),
-            "positive_count": positive.to(torch.int32),
-            "negative_sum": torch.where(negative, trimmed, 0.0),
-            "negative_count": negative.to(torch.int32),
+            "positive_sum": np.where(positive, trimmed, np.float32(0)),
+            "positive_count": positive.astype(np.int32),
+            "negative_sum": np.where(negative, trimmed, np.float32(0)),
+            "negative_count": negative.astype(np.int32),
         }
 
-    def add(self, state: State, tau: torch.Tensor, index: int) -> None:
+    def add(self, state: State, tau: np.ndarray, index: int) -> None:
         trimmed = self._trimmed(tau, index)
         positive, negative = trimmed > 0, trimmed < 0
-        state["total"].add_(trimmed)
-        state["positive_sum"].add_(torch.where(positive, trimmed, 0.0))
-        state["positive_count"].add_(positive)
-        state["negative_sum"].add_(torch.where(negative, trimmed, 0.0))
-        state["negative_count"].add_(negative)
+        np.add(state["total"], trimmed, out=state["total"])
+        np.add(state["positive_sum"], trimmed, out=state["positive_sum"], where=positive)
+        np.add(state["positive_count"], positive, out=state["positive_count"])
+        np.add(state["negative_sum"], trimmed, out=state["negative_sum"], where=negative)
+        np.add(state["negative_count"], negative, out=state["negative_count"])
 
-    def finish(self, state: State, n: int) -> torch.Tensor:
-        sign = torch.sign(state["total"])
+    def finish(self, state: State, n: int) -> np.ndarray:
+        sign = np.sign(state["total"])
         sign[sign == 0] = self.majority_sign
-        positive_mean = state["positive_sum"] / state["positive_count"].clamp(min=1)
-        negative_mean = state["negative_sum"] / state["negative_count"].clamp(min=1)
-        return torch.where(sign > 0, positive_mean, negative_mean)
+        # torch divided fp32 by int32 counts in fp32; counts are exact in fp32 up to 2**24.
+        positive_mean = state["positive_sum"] / np.maximum(state["positive_count"], 1).astype(
+            np.float32
+        )
+        negative_mean = state["negative_sum"] / np.maximum(state["negative_count"], 1).astype(
+            np.float32
+        )
+        return np.where(sign > 0, positive_mean, negative_mean)
 
 
-def _magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
+def _magnitude_bits(tau: np.ndarray) -> np.ndarray:
     """|tau| as int32 bit patterns, which order the same way as the magnitudes do."""
-    return tau.abs().view(torch.int32)
+    return np.abs(tau).view(np.int32)

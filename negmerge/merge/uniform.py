@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from negmerge.merge.base import MergeMethod, State, register
 
@@ -15,13 +15,13 @@ class Uniform(MergeMethod):
     summary = "the mean of the task vectors"
     associative = True
 
-    def start(self, tau: torch.Tensor, index: int) -> State:
-        return {"sum": tau.clone()}
+    def start(self, tau: np.ndarray, index: int) -> State:
+        return {"sum": tau.copy()}
 
-    def add(self, state: State, tau: torch.Tensor, index: int) -> None:
-        state["sum"].add_(tau)
+    def add(self, state: State, tau: np.ndarray, index: int) -> None:
+        np.add(state["sum"], tau, out=state["sum"])
 
-    def finish(self, state: State, n: int) -> torch.Tensor:
+    def finish(self, state: State, n: int) -> np.ndarray:
         return state["sum"] / n
 
     def combine(self, first: State, second: State) -> State:

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -12,9 +15,11 @@ from negmerge.io import (
     SafetensorsWriter,
     TensorSpec,
     file_sha256,
+    load_arrays,
     load_state_dict,
     open_checkpoint,
     save_file,
+    to_float32,
 )
 from tests.negmerge.conftest import make_model_state
 
@@ -119,3 +124,44 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="nope.safetensors: no such file"):
         open_checkpoint(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    + [torch.float8_e4m3fn, torch.float8_e5m2],
+)
+def test_views_convert_to_float32_exactly_as_torch_does(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randn(3000, generator=gen) * 40).to(dtype)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # every bit pattern, NaNs included
+        values = torch.arange(256, dtype=torch.uint8).view(dtype)
+    save_file({"t": values}, tmp_path / "a.safetensors")
+    with open_checkpoint(tmp_path / "a.safetensors") as ckpt:
+        spec = ckpt.specs["t"]
+        raw = ckpt.view("t", 5, len(values))
+        out = to_float32(raw, spec.dtype, np.empty(len(raw), np.float32))
+        expected = values[5:].float().numpy()
+        assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+        assert not raw.flags.writeable  # a view of the file, never written through
+        del raw, out
+        ckpt.release("t", 5, len(values))
+
+
+def test_numpy_arrays_round_trip_without_torch(tmp_path):
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.array([7], np.int64)}
+    save_file(arrays, tmp_path / "a.safetensors", {"k": "v"})
+    loaded = load_arrays(tmp_path / "a.safetensors")
+    assert all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
+    assert loaded["w"].dtype == np.float32 and loaded["n"].dtype == np.int64
+    with open_checkpoint(tmp_path / "a.safetensors") as ckpt:
+        assert ckpt.specs["w"] == TensorSpec("F32", (3, 4)) == TensorSpec(np.float32, (3, 4))
+
+
+def test_the_merge_engine_imports_without_torch():
+    """`negmerge merge` needs no torch: importing it alone costs more than a checkpoint."""
+    code = (
+        "import sys, negmerge.io, negmerge.merge.streaming, negmerge.merge.partial; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -329,3 +329,21 @@ def test_chunks_reduced_in_smaller_slices_give_the_same_merge(tmp_path, monkeypa
         method, paths, tmp_path / "out.safetensors", tmp_path / "pre.safetensors", chunk_elements=50
     )
     assert_same(load_state_dict(tmp_path / "out.safetensors"), reference(method, vectors, {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("method", ["negmerge", "uniform", "magmax"])
+def test_files_of_other_float_dtypes_merge_in_fp32(tmp_path, dtype, method):
+    """Read without torch, converted to fp32 exactly as torch's .float() does."""
+    gen = torch.Generator().manual_seed(5)
+    pre = {"w": torch.randn(40, 3, generator=gen).to(dtype)}
+    save_file(pre, tmp_path / "pre.safetensors")
+    paths, taus = [], []
+    for k in range(4):
+        ft = {"w": (pre["w"].float() + torch.randn(40, 3, generator=gen) * 0.3).to(dtype)}
+        save_file(ft, tmp_path / f"ft{k}.safetensors")
+        paths.append(tmp_path / f"ft{k}.safetensors")
+        taus.append({"w": ft["w"].float() - pre["w"].float()})
+    merge_files(method, paths, tmp_path / "out.safetensors", tmp_path / "pre.safetensors")
+    expected = merge_task_vectors(method, taus).tensors
+    assert_same(load_state_dict(tmp_path / "out.safetensors"), expected)
