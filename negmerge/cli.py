@@ -1,14 +1,17 @@
 """The `negmerge` command. The library's own subcommands live here; the service attaches its
 subcommands (serve, jobs, models, ...) through the `negmerge.commands` entry-point group, so
-this module never imports the service."""
+this module never imports the service. Those are loaded only when named (or listed by --help),
+and torch only by the commands that use it: `negmerge merge` runs without either, as importing
+torch alone takes more memory than a checkpoint of ViT-B/32 size."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import click
@@ -18,20 +21,28 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from negmerge.errors import NegMergeError
 from negmerge.merge import METHODS
 from negmerge.merge.streaming import merge_files
-from negmerge.task_vector import apply_task_vector_file
 
 stderr = Console(stderr=True)
 FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 class _Group(click.Group):
-    """Turns the library's input errors into one readable line and a non-zero exit."""
+    """Turns the library's input errors into one readable line and a non-zero exit, and loads
+    plugin commands when they are asked for."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except NegMergeError as exc:
             raise click.ClickException(str(exc)) from None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_plugins()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in _plugins():
+            self.add_command(_load_plugin(_plugins()[name]), name)
+        return self.commands.get(name)
 
 
 @click.group(cls=_Group)
@@ -108,6 +119,8 @@ def merge(
 @click.option("--output", "-o", type=FILE, required=True, help="The new model (safetensors).")
 def apply(pretrained: Path, vector: Path, scale: float, output: Path) -> None:
     """Write the unlearned model theta_pre - SCALE * tau."""
+    from negmerge.task_vector import apply_task_vector_file  # torch: only this command needs it
+
     began = time.perf_counter()
     apply_task_vector_file(pretrained, vector, scale, output)
     click.echo(f"wrote {output} (lambda = {scale}) in {time.perf_counter() - began:.2f} s")
@@ -231,14 +244,16 @@ def _byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def _attach_plugins() -> None:
-    for entry in entry_points(group="negmerge.commands"):
-        if entry.name in main.commands:
-            continue
-        try:
-            main.add_command(entry.load(), entry.name)
-        except Exception as exc:  # a broken plugin must not take the library's commands down
-            main.add_command(_unavailable(entry.name, exc), entry.name)
+@functools.cache
+def _plugins() -> dict[str, EntryPoint]:
+    return {entry.name: entry for entry in entry_points(group="negmerge.commands")}
+
+
+def _load_plugin(entry: EntryPoint) -> click.Command:
+    try:
+        return entry.load()
+    except Exception as exc:  # a broken plugin must not take the library's commands down
+        return _unavailable(entry.name, exc)
 
 
 def _unavailable(name: str, error: Exception) -> click.Command:
@@ -250,6 +265,3 @@ def _unavailable(name: str, error: Exception) -> click.Command:
         raise click.ClickException(f"'{name}' is unavailable: {error}")
 
     return command
-
-
-_attach_plugins()

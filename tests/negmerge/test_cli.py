@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 from click.testing import CliRunner
@@ -102,3 +104,18 @@ def test_errors_are_one_line_and_exit_non_zero(checkpoints, tmp_path):
         assert message in out.output, out.output
         assert len([line for line in out.output.splitlines() if line.startswith("Error")]) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_merge_runs_without_importing_torch_or_the_service(checkpoints, tmp_path):
+    """Importing torch alone takes more memory than a ViT-B/32 checkpoint: `negmerge merge`
+    must not, nor load the service's plugin commands."""
+    pre_path, ft_paths, _, _ = checkpoints
+    args = ["merge", "--pretrained", str(pre_path), "-o", str(tmp_path / "tv.safetensors")]
+    code = (
+        "import sys; from negmerge.cli import main; "
+        f"main({[*args, *map(str, ft_paths)]!r}, standalone_mode=False); "
+        "loaded = [m for m in ('torch', 'app', 'worker') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert (tmp_path / "tv.safetensors").exists()
