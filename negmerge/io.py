@@ -243,6 +243,7 @@ class SafetensorsFile(Checkpoint):
     def __init__(self, path: Path, hashing: bool = True) -> None:
         self.path = path
         self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         self._fd = os.open(path, os.O_RDONLY)
         try:
             self._size = os.fstat(self._fd).st_size
@@ -318,7 +319,9 @@ class SafetensorsFile(Checkpoint):
         # file truncated under a mapping would fault where pread reports an error).
         spec, start, stop = self._slice_bounds(key, start, stop)
         if self._map is None:
-            self._map = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
+            with self._map_lock:  # merge threads ask for views at the same time
+                if self._map is None:
+                    self._map = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
         offset = self._offsets[key] + start * spec.itemsize
         return np.frombuffer(self._map, spec.storage, stop - start, offset)
 

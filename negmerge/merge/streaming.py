@@ -50,7 +50,8 @@ _HASH_BLOCK = 8 << 20
 def merge_threads() -> int:
     """Threads that merge chunks (and that hash inputs): one per core this process may use,
     at most four (beyond that, memory bandwidth is the limit)."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
 
 
 @dataclass
