@@ -21,15 +21,71 @@ steps (README, "Workers"):
 
 No CUDA before fork: nothing here or in worker.tasks touches torch.cuda at import time; the
 first CUDA call happens in the child process that runs a step.
+
+Cheap fresh children: the parent imports what a step needs (timm, open_clip, the database
+driver: about 1.5 s) before it forks, so each step's new child starts with them loaded; and
+each child gives torch its share of the cores (cores / concurrency, unless OMP_NUM_THREADS is
+set), so that a worker's processes do not oversubscribe them.
 """
 
 from __future__ import annotations
 
-from celery import bootsteps
+import importlib
+import os
+
+from celery import bootsteps, signals
 from kombu import Queue
+from sqlalchemy import create_engine
 
 from app.queue import make_celery
 from app.settings import Settings, get_settings
+
+# Imported by the parent before the pool forks. None of them initialises CUDA (tested).
+STEP_MODULES = (
+    "timm",
+    "open_clip",
+    "negmerge.finetune",
+    "negmerge.models.classifier",
+    "negmerge.models.open_clip",
+)
+
+_controller = None  # the WorkController of this worker (set in the parent, inherited by children)
+
+
+def preload_step_modules(settings: Settings) -> None:
+    """Import what a step needs, in the worker's parent (no CUDA, no torch work: a parent that
+    has run OpenMP threads can deadlock its forked children)."""
+    for name in STEP_MODULES:
+        importlib.import_module(name)
+    # The database driver (psycopg): an engine imports it without connecting.
+    create_engine(settings.database_url).dispose()
+
+
+def torch_threads(concurrency: int) -> int | None:
+    """CPU threads for torch in one worker child: the cores divided among the worker's
+    processes (one each when they match), or None where OMP_NUM_THREADS is set: an explicit
+    choice torch already follows (set it to 1 when several workers share the cores)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, concurrency))
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender=None, **_: object) -> None:  # type: ignore[no-untyped-def]
+    global _controller
+    _controller = sender
+    preload_step_modules(get_settings())
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: object) -> None:
+    import torch
+
+    concurrency = getattr(_controller, "concurrency", None)
+    threads = torch_threads(concurrency if isinstance(concurrency, int) else 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 class PromptChildReplacement(bootsteps.StartStopStep):

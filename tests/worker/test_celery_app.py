@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from app.queue import JobQueue
 from app.settings import Settings
-from worker.celery_app import PromptChildReplacement, create_celery
+from worker.celery_app import PromptChildReplacement, create_celery, torch_threads
 
 
 def test_the_celery_app_is_configured_for_long_gpu_steps():
@@ -37,3 +38,24 @@ def test_importing_the_workers_does_not_initialise_cuda():
         "assert not torch.cuda.is_initialized(), 'CUDA initialised before fork'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_parent_preloads_the_step_modules_without_initialising_cuda():
+    code = (
+        "import sys, torch; from app.settings import Settings; "
+        "from worker.celery_app import STEP_MODULES, preload_step_modules; "
+        "preload_step_modules(Settings(database_url='postgresql+psycopg://u@h/db')); "
+        "assert all(m in sys.modules for m in STEP_MODULES + ('psycopg',)); "
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised before fork'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_each_worker_process_gets_its_share_of_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert torch_threads(concurrency=2) == 1
+    assert torch_threads(concurrency=1) == 2
+    assert torch_threads(concurrency=4) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an explicit choice is left to torch
+    assert torch_threads(concurrency=2) is None
