@@ -36,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from negmerge.data import Manifest, Sample
 from negmerge.errors import DataError, NegMergeError
-from negmerge.evaluate import EvalSet, evaluate_accuracy, true_label_probs
+from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
-from negmerge.metrics import mia_efficacy
+from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
 from negmerge.search import Evaluation, SearchResult, lambda_grid, search_lambda
 from negmerge.task_vector import apply_task_vector, apply_task_vector_file
@@ -244,16 +244,24 @@ class JobContext:
 
     def metrics(self) -> dict[str, float | None]:
         """Accuracy on every report split, and MIA-efficacy, of the model as it is now."""
-        result: dict[str, float | None] = {f"{s}_acc": self.accuracy(s) for s in REPORT_SPLITS}
-        retain, forget, test = (self.eval_set(s) for s in ("retain", "forget", "test"))
+        # One forward pass a split: accuracy and the MIA feature come from the same logits.
+        data = {s: self.eval_set(s) for s in REPORT_SPLITS}
+        logits = {
+            s: predict(self.model, d, self.device, self.spec.eval_batch_size)
+            for s, d in data.items()
+            if len(d)
+        }
+        result: dict[str, float | None] = {
+            f"{s}_acc": accuracy(logits[s], data[s].labels) if s in logits else None
+            for s in REPORT_SPLITS
+        }
         result["mia"] = None
-        if len(retain) and len(forget) and len(test):
-            args = (self.device, self.spec.eval_batch_size)
-            result["mia"] = mia_efficacy(
-                true_label_probs(self.model, retain, *args),
-                true_label_probs(self.model, forget, *args),
-                true_label_probs(self.model, test, *args),
+        if all(s in logits for s in ("retain", "forget", "test")):
+            retain, forget, test = (
+                true_label_probabilities(logits[s], data[s].labels)
+                for s in ("retain", "forget", "test")
             )
+            result["mia"] = mia_efficacy(retain, forget, test)
         return result
 
 
