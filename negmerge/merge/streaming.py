@@ -3,8 +3,8 @@
 Each input file is viewed through a read-only mmap: its pages are in the page cache already, so
 reducing straight from them skips the copy a read() would make. A chunk of elements (the same
 range of every input) is one task: a pool of threads merges chunks side by side (numpy releases
-the GIL), each reducing its chunk in cache-sized slices, and hands the chunk's mapped pages
-back when done, so a merge of 30 checkpoints needs no more memory than a merge of 2. The
+the GIL), each reducing its chunk in cache-sized slices; the chunk's mapped pages are handed
+back once it is written, so memory is a few MiB per input and never a whole tensor. The
 calling thread writes the merged chunks in order. Input hashes, when the caller does not know
 them, are computed on threads of their own alongside.
 """
@@ -33,7 +33,12 @@ from negmerge.io import (
     float_keys,
     open_checkpoint,
 )
-from negmerge.merge.base import Chunk, MergeMethod, get_method, reduce_chunk  # noqa: F401
+from negmerge.merge.base import (
+    Chunk,
+    MergeMethod,
+    get_method,
+    reduce_chunk,  # noqa: F401 (its home before base.py)
+)
 
 if TYPE_CHECKING:
     import torch
