@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -35,6 +36,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        # Everything imported so far (torch, via the library's schemas, is millions of
+        # objects) lives as long as the process: keep it out of the cyclic collector's full
+        # passes, which otherwise stall every request in flight for tens of milliseconds.
+        gc.freeze()
         yield
         queue.close()
         await database.aclose()
