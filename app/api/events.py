@@ -97,13 +97,7 @@ def look(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID, after: int) -> L
         if job is None:
             return None
         rows = JobEventRepository(session, tenant_id).after(job_id, after, BATCH)
-        progress = JobProgress(
-            variants_done=job.variants_done,
-            variants_total=job.variants_total,
-            lambdas_evaluated=job.lambdas_evaluated,
-            percent=job.percent,
-            current_loss=job.current_loss,
-        )
+        progress = JobProgress.of(job)
         messages = []
         for row in rows:
             data = JobStreamEvent(

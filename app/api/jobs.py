@@ -45,13 +45,7 @@ def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
         id=job.id,
         state=job.state,
         stage=job.stage,
-        progress=JobProgress(
-            variants_done=job.variants_done,
-            variants_total=job.variants_total,
-            lambdas_evaluated=job.lambdas_evaluated,
-            percent=job.percent,
-            current_loss=job.current_loss,
-        ),
+        progress=JobProgress.of(job),
         model=JobModelRef(id=job.model_id, version=version),
         forget=JobForgetSet(
             dataset_id=job.forget_dataset_id,

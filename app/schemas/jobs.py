@@ -109,6 +109,17 @@ class JobProgress(BaseModel):
         examples=[0.42],
     )
 
+    @classmethod
+    def of(cls, job: Any) -> JobProgress:
+        """A job's progress, from its row (or any object with the row's attributes)."""
+        return cls(
+            variants_done=job.variants_done,
+            variants_total=job.variants_total,
+            lambdas_evaluated=job.lambdas_evaluated,
+            percent=job.percent,
+            current_loss=job.current_loss,
+        )
+
     @model_serializer(mode="wrap")
     def _omit_unknown_loss(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
