@@ -181,6 +181,13 @@ def fail_job(session: Session, job: UnlearningJob, code: str, message: str) -> N
         change_state(session, job, JobState.FAILED, WORKER, error=(code, message[:4000]))
 
 
+def _end_step(step: JobStep, state: StepState, now: datetime) -> None:
+    """The step has ended in `state`: its lease is released."""
+    step.state = state
+    step.finished_at = now
+    step.lease_owner = step.lease_expires_at = None
+
+
 def _held(repo: StepRepository, claim: Claim) -> tuple[UnlearningJob | None, JobStep | None]:
     """The job (locked) and the step, if `claim` still holds the step's lease."""
     job = repo.lock_job(claim.job_id)
@@ -203,10 +210,8 @@ def complete_step(
     if job is None or step is None:
         return []
     now = utcnow()
-    step.state = StepState.DONE
+    _end_step(step, StepState.DONE, now)
     step.output = output
-    step.finished_at = now
-    step.lease_owner = step.lease_expires_at = None
     if job.state.is_terminal:
         return []
     if job.state is JobState.CANCELLING:
@@ -252,10 +257,8 @@ def finish_job(
     if job is None or step is None:
         return None
     now = utcnow()
-    step.state = StepState.DONE
+    _end_step(step, StepState.DONE, now)
     step.output = output
-    step.finished_at = now
-    step.lease_owner = step.lease_expires_at = None
     if job.state.is_terminal:
         return None
     change_stage(session, job, JobStage.STORING, WORKER)
@@ -276,9 +279,7 @@ def step_cancelled(session: Session, claim: Claim) -> None:
     repo = StepRepository(session)
     job, step = _held(repo, claim)
     if step is not None:
-        step.state = StepState.CANCELLED
-        step.lease_owner = step.lease_expires_at = None
-        step.finished_at = utcnow()
+        _end_step(step, StepState.CANCELLED, utcnow())
     if job is not None and job.state is JobState.CANCELLING:
         change_state(session, job, JobState.CANCELLED, WORKER)
 
@@ -289,10 +290,8 @@ def step_failed(session: Session, claim: Claim, code: str, message: str) -> None
     job, step = _held(repo, claim)
     if step is None or job is None:
         return
-    step.state = StepState.FAILED
+    _end_step(step, StepState.FAILED, utcnow())
     step.error = message
-    step.lease_owner = step.lease_expires_at = None
-    step.finished_at = utcnow()
     fail_job(session, job, code, message)
 
 
