@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from negmerge.fixtures import ensure_datasets, ensure_tiny_classifier, ensure_tiny_clip
+from negmerge.fixtures.jobs import forget_class_job
 from negmerge.metrics import UnlearningMetrics, avg_gap
 from negmerge.models import ModelSpec
 from negmerge.pipeline import (
@@ -248,13 +249,7 @@ def experiment_2(seed: int, quick: bool, work: Path) -> dict:
             if row["split"] in ("val", "test") or row["id"] in seen:
                 out.write(line)
     spec = JobSpec(
-        model=ModelSpec(
-            family="classifier",
-            architecture=original.model_name,
-            weights=str(original.weights_path),
-            image_size=original.input_size[-1],
-            classes=list(original.classes),
-        ),
+        model=ModelSpec(**forget_class_job(original)["model"]),
         forget=ForgetSpec(dataset=str(manifest), root=str(original.dataset_root), ids=forget_ids),
         variants=VariantGrid(**(CLASSIFIER_VARIANTS_QUICK if quick else CLASSIFIER_VARIANTS)),
         search=SearchSpec(rule="holdout-match", strategy=STRATEGY, grid=GRID),
@@ -283,13 +278,7 @@ def experiment_3(seed: int, quick: bool, work: Path) -> dict:
     """The digits classifier forgets the class "three"."""
     original = ensure_tiny_classifier()
     spec = JobSpec(
-        model=ModelSpec(
-            family="classifier",
-            architecture=original.model_name,
-            weights=str(original.weights_path),
-            image_size=original.input_size[-1],
-            classes=list(original.classes),
-        ),
+        model=ModelSpec(**forget_class_job(original)["model"]),
         forget=ForgetSpec(dataset=str(original.dataset_root), classes=[FORGET_CLASS]),
         variants=VariantGrid(**(CLASSIFIER_VARIANTS_QUICK if quick else CLASSIFIER_VARIANTS)),
         search=SearchSpec(rule="retain-threshold", strategy=STRATEGY, grid=GRID),
