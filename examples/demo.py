@@ -56,8 +56,8 @@ def running_pid(home: Path) -> int | None:
     return pid
 
 
-def start_service(home: Path, port: int, env: dict[str, str]) -> ServiceClient:
-    """`negmerge serve` in its own session (it outlives this script), once it answers."""
+def start_service(home: Path, port: int, env: dict[str, str]) -> str:
+    """`negmerge serve` in its own session (it outlives this script); its URL, once it answers."""
     url = f"http://127.0.0.1:{port}"
     pid = running_pid(home)
     if pid is None:
@@ -73,12 +73,12 @@ def start_service(home: Path, port: int, env: dict[str, str]) -> ServiceClient:
         out.print(f"started the service (pid {process.pid}, log {home / 'service.log'})")
     else:
         out.print(f"the demo service is already running (pid {pid})")
-    client = ServiceClient(url)
     deadline = time.monotonic() + 180
     while True:
         try:
-            client.health()
-            return client
+            with ServiceClient(url) as probe:
+                probe.health()
+            return url
         except ServiceError as exc:
             if running_pid(home) is None or time.monotonic() > deadline:
                 tail = (home / "service.log").read_text(errors="replace")[-3000:]
@@ -138,8 +138,8 @@ def main() -> None:
     clip = ensure_tiny_clip()
     home.mkdir(parents=True, exist_ok=True)
     env = service_env(home, [default_cache_dir(), home])
-    service = start_service(home, args.port, env)
-    service = ServiceClient(service.base_url, api_key(home, env))
+    url = start_service(home, args.port, env)
+    service = ServiceClient(url, api_key(home, env))
 
     model = find_or_create(
         service.list_models(),
