@@ -31,7 +31,7 @@ Errors are JSON: `{"error": {"code", "message", "fields": [{"field", "problem"}]
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for `settings` (default: from the environment), with its database and queue."""
     settings = settings or get_settings()
-    database = Database(settings.database_url, settings.db_pool_size)
+    database = Database(settings.database_url, settings.db_pool_size, settings.db_read_pool_size)
     queue = JobQueue(settings)
 
     @asynccontextmanager

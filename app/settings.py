@@ -29,6 +29,12 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL: sqlite:///... or postgresql+psycopg://...",
     )
     db_pool_size: int = Field(10, gt=0, description="Connections kept per process (PostgreSQL).")
+    db_read_pool_size: int = Field(
+        4,
+        gt=0,
+        description="Connections per process for job status reads (PostgreSQL); reads that "
+        "find them busy wait and are answered together, one query per batch.",
+    )
     broker_url: str = Field(
         "filesystem://", description="Celery broker: redis://... in production."
     )

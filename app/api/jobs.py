@@ -165,10 +165,11 @@ def list_jobs(
 async def get_job(
     job_id: uuid.UUID, principal: Reader, request: Request, settings: SettingsDep
 ) -> Response:
-    # The path dashboards poll: one statement, on the event loop, and the model serialised
-    # once (returning a Response skips FastAPI's second validation of it).
+    # The path dashboards poll: one statement (batched with concurrent polls) on the event
+    # loop, and the model serialised once (returning a Response skips FastAPI's second
+    # validation of it).
     database: Database = request.app.state.db
-    row = await database.fetch_one(JOB_VIEW, {"tenant_id": principal.tenant_id, "job_id": job_id})
+    row = await database.look_up(JOB_VIEW, (principal.tenant_id, job_id))
     if row is None:
         raise NotFound(f"unlearning job {job_id} not found")
     response = Response(

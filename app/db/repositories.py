@@ -34,6 +34,7 @@ from app.db.models import (
     Tenant,
     UnlearningJob,
 )
+from app.db.session import Lookup
 
 Row = TypeVar("Row")
 
@@ -196,19 +197,26 @@ class JobRepository(TenantScoped[UnlearningJob]):
         return list(self.session.scalars(stmt))
 
 
-# A tenant's job, by id, as GET shows it: every column but the large request and spec
-# documents, plus its model version's number (`model_version`). Parameters: tenant_id, job_id.
-# Built once: composing a statement costs more than running it, on the polling hot path.
-JOB_VIEW = (
-    select(
+# Tenants' jobs, by (tenant id, job id), as GET shows them: every column but the large request
+# and spec documents, plus the model version's number (`model_version`). Built once: composing
+# a statement costs more than running it, on the polling hot path.
+JOB_VIEW: Lookup[tuple[uuid.UUID, uuid.UUID]] = Lookup(
+    statement=select(
         *[c for c in UnlearningJob.__table__.c if c.name not in ("request", "spec")],
         ModelVersion.version.label("model_version"),
     )
     .join(ModelVersion, ModelVersion.id == UnlearningJob.model_version_id)
     .where(
-        UnlearningJob.tenant_id == bindparam("tenant_id"),
-        UnlearningJob.id == bindparam("job_id"),
-    )
+        UnlearningJob.tenant_id.in_(bindparam("tenant_ids", expanding=True)),
+        UnlearningJob.id.in_(bindparam("job_ids", expanding=True)),
+    ),
+    # Only a row whose (tenant, id) pair was asked for answers anyone: a job id asked for by
+    # another tenant finds nothing.
+    bind=lambda keys: {
+        "tenant_ids": list({tenant for tenant, _ in keys}),
+        "job_ids": [job for _, job in keys],
+    },
+    key=lambda row: (row.tenant_id, row.id),
 )
 
 

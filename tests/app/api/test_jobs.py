@@ -277,6 +277,33 @@ def test_get_shows_the_job_as_every_other_endpoint_does(client, registered, make
     assert client.get(f"/v1/unlearning-jobs/{job_id}", headers=other.headers).status_code == 404
 
 
+def test_concurrent_gets_each_get_their_own_tenants_job(app, client, register, make_caller):
+    """Concurrent GETs are read together, one query per batch of waiting requests: each still
+    answers with its own job, and a job id of another tenant finds nothing."""
+    tenants = [register(make_caller(name)) for name in ("acme", "globex")]
+    jobs = [
+        client.post("/v1/unlearning-jobs", json=job_body(t), headers=t.caller.headers).json()
+        for t in tenants
+    ]
+    asks = [(asker, owner) for asker in (0, 1) for owner in (0, 1)] * 25
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(
+                *(
+                    http.get(jobs[owner]["links"]["self"], headers=tenants[asker].caller.headers)
+                    for asker, owner in asks
+                )
+            )
+
+    for (asker, owner), response in zip(asks, asyncio.run(burst()), strict=True):
+        if asker == owner:
+            assert response.status_code == 200 and response.json() == jobs[owner]
+        else:
+            assert response.status_code == 404, response.text
+
+
 def test_get_survives_the_database_dropping_its_connections(client, registered, db):
     """The read pool has no pre-ping: a connection the server closed (a restart) fails once,
     is discarded, and the read is retried on a new one."""
