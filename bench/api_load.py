@@ -194,21 +194,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_tree_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) used so far by `pid` and its descendants (Linux /proc);
-    None where /proc is not there."""
-    total, todo = 0.0, [pid]
+def process_tree_cpu(pid: int) -> dict[int, float] | None:
+    """CPU seconds (user + system) used so far by `pid` and each of its descendants, by pid
+    (Linux /proc); None where /proc is not there."""
+    used, todo = {}, [pid]
     try:
         tick = os.sysconf("SC_CLK_TCK")
         while todo:
             current = todo.pop()
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            used[current] = (int(fields[11]) + int(fields[12])) / tick
             for task in Path(f"/proc/{current}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
     except (OSError, ValueError):
         return None
-    return total
+    return used
+
+
+def cpu_split(before: dict[int, float], after: dict[int, float]) -> str:
+    """How the server's CPU time was shared between its busy processes, largest first, e.g.
+    "51/49": with several uvicorn workers, one that accepted most of the connections does
+    most of the work."""
+    used = [after[pid] - before.get(pid, 0.0) for pid in after]
+    total = sum(used) or 1.0
+    shares = [100 * u / total for u in sorted(used, reverse=True)]
+    return "/".join(f"{share:.0f}" for share in shares if share > 2)
 
 
 class Server:
@@ -317,6 +327,7 @@ class Result:
     p99_ms: float
     body_bytes: int
     cpu_ms: float | None  # the server's CPU time (all its processes) per request
+    cpu_split: str  # its share per process, in %, largest first
 
     @property
     def rps(self) -> float:
@@ -411,13 +422,14 @@ def measure(args: argparse.Namespace, server: Server, job_path: str, key: str, t
         cpu_before = process_tree_cpu(server.process.pid)
         raw = load(url, headers, args.duration, script)
         cpu_after = process_tree_cpu(server.process.pid)
-        cpu_ms = None
+        cpu_ms, split = None, "n/a"
         if cpu_before is not None and cpu_after is not None and raw["requests"]:
-            cpu_ms = (cpu_after - cpu_before) * 1e3 / raw["requests"]
+            cpu_ms = (sum(cpu_after.values()) - sum(cpu_before.values())) * 1e3 / raw["requests"]
+            split = cpu_split(cpu_before, cpu_after)
         p50, p95, p99 = raw["latencies_ms"]
         results.append(
             Result(label, args.current_workers, raw["requests"], raw["seconds"], raw["failed"],
-                   p50, p95, p99, size, cpu_ms)
+                   p50, p95, p99, size, cpu_ms, split)
         )  # fmt: skip
     return results
 
@@ -437,14 +449,14 @@ def rows(results: list[Result]) -> list[list[str]]:
             cpu = "n/a" if r.cpu_ms is None else f"{r.cpu_ms:.2f}"
             out.append([
                 r.target, str(r.workers), f"{r.rps:,.0f}", f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}",
-                f"{r.p99_ms:.1f}", cpu, str(r.body_bytes), str(r.failed),
+                f"{r.p99_ms:.1f}", cpu, r.cpu_split, str(r.body_bytes), str(r.failed),
                 f"{ratio:.0%}" if is_ours else "", *(checks if is_ours else ("", "")),
             ])  # fmt: skip
     return out
 
 
 HEADER = ["target", "workers", "req/s", "p50 ms", "p95 ms", "p99 ms", "server CPU ms/req",
-          "body B", "failed", "ours / bare", f"ratio >= {TARGET_RATIO:.0%}",
+          "CPU split %", "body B", "failed", "ours / bare", f"ratio >= {TARGET_RATIO:.0%}",
           f"p99 < {TARGET_P99_MS:g} ms"]  # fmt: skip
 
 
