@@ -10,7 +10,7 @@ route's throughput, with p99 under 50 ms. The script, start to end:
      in a subprocess on a free 127.0.0.1 port, N worker processes; the app factory below adds
      one route, GET /bare, an `async def` returning a static job-shaped JSON of similar size,
      behind the same middleware, so that both targets are measured on the same server;
-  3. registers a model and a data set and submits one job over HTTP (it stays QUEUED: no
+  3. registers a model and a data set and submits --jobs jobs (1) over HTTP (they stay QUEUED: no
      workers run; the broker is Redis on 127.0.0.1:6379 with a queue of its own);
   4. for each target: a warm-up, then a fixed duration at 64 keep-alive connections over
      loopback, with `wrk` (one thread) if it is installed, else an httpx.AsyncClient load
@@ -19,7 +19,7 @@ route's throughput, with p99 under 50 ms. The script, start to end:
   5. prints requests/s and p50 / p95 / p99 latency side by side, the throughput ratio, and
      pass/fail; then stops the server and drops the database, also on errors.
 
-Run:  .venv/bin/python bench/api_load.py [--workers 1 2] [--duration 10] [--markdown]
+Run:  .venv/bin/python bench/api_load.py [--workers 1 2] [--jobs 1] [--duration 10] [--markdown]
 """
 
 from __future__ import annotations
@@ -273,8 +273,10 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def submit_job(base: str, headers: dict[str, str], weights: Path, manifest: Path) -> str:
-    """Registers the model and the data set and submits one job; returns its URL path."""
+def submit_jobs(
+    base: str, headers: dict[str, str], weights: Path, manifest: Path, count: int
+) -> list[str]:
+    """Registers the model and the data set and submits `count` jobs; returns their URL paths."""
     import httpx
 
     with httpx.Client(base_url=base, headers=headers, timeout=30.0) as client:
@@ -293,23 +295,26 @@ def submit_job(base: str, headers: dict[str, str], weights: Path, manifest: Path
         body = {"name": "shapes", "manifest_uri": str(manifest)}
         dataset = client.post("/v1/datasets", json=body)
         dataset.raise_for_status()
-        job = client.post(
-            "/v1/unlearning-jobs",
-            json={
-                "model": {"id": model.json()["id"]},
-                "forget": {"dataset_id": dataset.json()["id"], "ids": ["circle-0", "circle-1"]},
-                "variants": {"preset": "tiny-classifier"},
-                "subject_reference": "DSR-1",
-                "legal_basis": "GDPR Art. 17",
-            },
-        )
-        job.raise_for_status()
-        path = job.headers["Location"]
-        check = client.get(path)
-        check.raise_for_status()
-        if check.json()["state"] != "QUEUED" or "Retry-After" not in check.headers:
-            raise RuntimeError(f"unexpected job: {check.status_code} {check.text}")
-        return path
+        paths = []
+        for number in range(1, count + 1):
+            job = client.post(
+                "/v1/unlearning-jobs",
+                json={
+                    "model": {"id": model.json()["id"]},
+                    "forget": {"dataset_id": dataset.json()["id"], "ids": ["circle-0", "circle-1"]},
+                    "variants": {"preset": "tiny-classifier"},
+                    "subject_reference": f"DSR-{number}",
+                    "legal_basis": "GDPR Art. 17",
+                },
+            )
+            job.raise_for_status()
+            path = job.headers["Location"]
+            check = client.get(path)
+            check.raise_for_status()
+            if check.json()["state"] != "QUEUED" or "Retry-After" not in check.headers:
+                raise RuntimeError(f"unexpected job: {check.status_code} {check.text}")
+            paths.append(path)
+        return paths
 
 
 # ---- load generation ---------------------------------------------------------------------------
@@ -335,6 +340,13 @@ class Result:
 
 
 WRK_SCRIPT = """
+local paths = {PATHS}
+local next_path = 0
+request = function()
+  next_path = next_path % #paths + 1
+  return wrk.format(nil, paths[next_path])
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -346,11 +358,16 @@ end
 """
 
 
-def run_wrk(url: str, headers: dict[str, str], seconds: float, script: Path) -> dict:
+def run_wrk(
+    base: str, paths: list[str], headers: dict[str, str], seconds: float, tmp: Path
+) -> dict:
+    """wrk, each connection asking for `paths` in turn."""
+    script = tmp / "load.lua"
+    script.write_text(WRK_SCRIPT.replace("PATHS", ", ".join(json.dumps(path) for path in paths)))
     command = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--timeout", "10s"]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
-    command += ["-s", str(script), url]
+    command += ["-s", str(script), base + paths[0]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -364,7 +381,7 @@ def run_wrk(url: str, headers: dict[str, str], seconds: float, script: Path) -> 
     }
 
 
-async def _httpx_load(url: str, headers: dict[str, str], seconds: float) -> dict:
+async def _httpx_load(base: str, paths: list[str], headers: dict[str, str], seconds: float) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
@@ -379,7 +396,7 @@ async def _httpx_load(url: str, headers: dict[str, str], seconds: float) -> dict
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
-                    answer = await client.get(url)
+                    answer = await client.get(base + paths[len(latencies) % len(paths)])
                     ok = answer.is_success
                 except httpx.HTTPError:
                     ok = False
@@ -401,26 +418,25 @@ async def _httpx_load(url: str, headers: dict[str, str], seconds: float) -> dict
     }
 
 
-def run_httpx(url: str, headers: dict[str, str], seconds: float, _script: Path) -> dict:
-    return asyncio.run(_httpx_load(url, headers, seconds))
+def run_httpx(
+    base: str, paths: list[str], headers: dict[str, str], seconds: float, _tmp: Path
+) -> dict:
+    return asyncio.run(_httpx_load(base, paths, headers, seconds))
 
 
-def measure(args: argparse.Namespace, server: Server, job_path: str, key: str, tmp: Path):  # type: ignore[no-untyped-def]
+def measure(args: argparse.Namespace, server: Server, job_paths: list[str], key: str, tmp: Path):  # type: ignore[no-untyped-def]
     import httpx
 
-    script = tmp / "report.lua"
-    script.write_text(WRK_SCRIPT)
     load = run_wrk if args.client == "wrk" else run_httpx
     auth = {"Authorization": f"Bearer {key}"}
-    targets = [("bare: GET /bare", "/bare", {}),
-               ("ours: GET /v1/unlearning-jobs/{id}", job_path, auth)]  # fmt: skip
+    targets = [("bare: GET /bare", ["/bare"], {}),
+               ("ours: GET /v1/unlearning-jobs/{id}", job_paths, auth)]  # fmt: skip
     results = []
-    for label, path, headers in targets:
-        url = server.base + path
-        size = len(httpx.get(url, headers=headers).content)
-        load(url, headers, args.warmup, script)
+    for label, paths, headers in targets:
+        size = len(httpx.get(server.base + paths[0], headers=headers).content)
+        load(server.base, paths, headers, args.warmup, tmp)
         cpu_before = process_tree_cpu(server.process.pid)
-        raw = load(url, headers, args.duration, script)
+        raw = load(server.base, paths, headers, args.duration, tmp)
         cpu_after = process_tree_cpu(server.process.pid)
         cpu_ms, split = None, "n/a"
         if cpu_before is not None and cpu_after is not None and raw["requests"]:
@@ -466,7 +482,8 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
 
     title = (
         f"{CONNECTIONS} concurrent keep-alive clients over 127.0.0.1, {args.duration:g} s per "
-        f"target after {args.warmup:g} s warm-up; client: {args.client}; "
+        f"target after {args.warmup:g} s warm-up, {args.jobs} job(s) polled; "
+        f"client: {args.client}; "
         f"{os.cpu_count()} CPU cores shared by the server and the load generator"
     )
     table = Table(title=title)
@@ -497,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="load generator (auto: wrk if installed, else httpx)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=CONNECTIONS,
                         help="concurrent clients (the target is stated for 64)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="jobs polled; each client asks for them in turn")  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = parser.parse_args(argv)
     CONNECTIONS = args.connections
@@ -522,17 +541,16 @@ def main(argv: list[str] | None = None) -> int:
             "NEGMERGE_DATA_ROOTS": json.dumps([str(tmp / "data")]),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        job_path = None
+        job_paths = None
         for workers in args.workers:
             server = Server(env, workers, tmp / f"server-{workers}.log")
             try:
                 server.wait_ready()
-                if job_path is None:
-                    job_path = submit_job(
-                        server.base, {"Authorization": f"Bearer {key}"}, weights, manifest
-                    )
+                if job_paths is None:
+                    auth = {"Authorization": f"Bearer {key}"}
+                    job_paths = submit_jobs(server.base, auth, weights, manifest, args.jobs)
                 args.current_workers = workers
-                results += measure(args, server, job_path, key, tmp)
+                results += measure(args, server, job_paths, key, tmp)
             finally:
                 server.stop()
     finally:
