@@ -95,10 +95,13 @@ def known_hashes(folder: Path) -> dict[str, str]:
     from negmerge.io import file_sha256
 
     record = folder / "sha256.json"
-    if not record.exists():
-        hashes = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+    hashes = json.loads(record.read_text()) if record.exists() else {}
+    # A folder made for a smaller n gains files when a larger n is asked for.
+    missing = [p for p in sorted(folder.glob("*.safetensors")) if p.name not in hashes]
+    if missing:
+        hashes.update({p.name: file_sha256(p) for p in missing})
         record.write_text(json.dumps(hashes))
-    return json.loads(record.read_text())
+    return hashes
 
 
 def read_floor(paths: list[Path], hashing: bool = False) -> None:
