@@ -78,12 +78,15 @@ def generate(folder: Path, n: int, scale: float) -> tuple[Path, list[Path]]:
     pre = {key: torch.randn(shape, generator=gen) * 0.02 for key, shape in shapes.items()}
     save_file(pre, pre_path)
     shared = {key: torch.randn(t.shape, generator=gen) * 1e-4 for key, t in pre.items()}
-    for path in paths:
+    for k, path in enumerate(paths):
         if not path.exists():
+            # Each variant's noise from a seed of its own: a folder made for a smaller n and
+            # grown later holds the same files as one made at once, and no two alike.
+            noise = torch.Generator().manual_seed(1 + k)
             save_file(
                 {
-                    k: v + shared[k] + torch.randn(v.shape, generator=gen) * 1e-4
-                    for k, v in pre.items()
+                    key: v + shared[key] + torch.randn(v.shape, generator=noise) * 1e-4
+                    for key, v in pre.items()
                 },
                 path,
             )
