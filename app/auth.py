@@ -33,7 +33,7 @@ SCOPES: dict[str, str] = {
     "jobs:read": "read jobs, their reports, and model and data set metadata",
     "models:write": "register models and data sets (implies models:read)",
     "models:read": "read models and data sets and download weights",
-    "audit:read": "read the tenant's audit trail",
+    "audit:read": "read the tenant's audit trail, and its jobs and their reports",
     "admin": "everything within the tenant",
 }
 IMPLIES: dict[str, set[str]] = {
@@ -41,6 +41,11 @@ IMPLIES: dict[str, set[str]] = {
     "models:write": {"models:read"},
     "admin": set(SCOPES),
 }
+
+
+# Who may read jobs, their reports and their events: auditors too (they read the evidence),
+# though not models or data sets.
+JOB_READERS = ("jobs:read", "audit:read")
 
 
 def expand_scopes(scopes: list[str] | set[str]) -> frozenset[str]:

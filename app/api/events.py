@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.common import AUTH_ERRORS, SettingsDep, errors
-from app.auth import Principal, require
+from app.auth import JOB_READERS, Principal, require
 from app.db.event_repositories import JobEventRepository
 from app.db.repositories import JobRepository
 from app.db.session import Database
@@ -37,7 +37,7 @@ from app.settings import Settings
 
 router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
 
-Reader = Annotated[Principal, Depends(require("jobs:read"))]
+Reader = Annotated[Principal, Depends(require(*JOB_READERS))]
 
 BATCH = 500  # events read per look; a longer backlog is sent in several looks, at once
 RETRY_MS = 3000  # how long EventSource waits before it reconnects

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
-from app.auth import Principal, require
+from app.auth import JOB_READERS, Principal, require
 from app.db.models import JobState, ModelVersion, UnlearningJob
 from app.db.repositories import JOB_VIEW, InvalidPageToken, JobFilter, JobRepository
 from app.db.session import Database
@@ -36,7 +36,7 @@ from app.services import jobs as service
 router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
 
 Writer = Annotated[Principal, Depends(require("jobs:write"))]
-Reader = Annotated[Principal, Depends(require("jobs:read"))]
+Reader = Annotated[Principal, Depends(require(*JOB_READERS))]
 
 
 def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:

@@ -18,14 +18,14 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request
 from fastapi.responses import Response
 
-from app.auth import Principal, principal_for_key
+from app.auth import JOB_READERS, Principal, principal_for_key
 from app.dependencies import DbSession
 from app.errors import Forbidden
 
 COOKIE = "negmerge_dashboard_key"
 COOKIE_PATH = "/dashboard"
 SESSION_SECONDS = 12 * 3600
-READ_SCOPES = frozenset({"jobs:read", "audit:read"})
+READ_SCOPES = frozenset(JOB_READERS)
 HOME = "/dashboard/jobs"
 SIGN_IN = "/dashboard/sign-in"
 

@@ -35,6 +35,8 @@ def test_revoked_key_is_401(client, caller, db):
         (("jobs:write",), "get", "/v1/audit", False),
         (("audit:read",), "get", "/v1/audit", True),
         (("audit:read",), "get", "/v1/models", False),
+        (("audit:read",), "get", "/v1/unlearning-jobs", True),  # auditors read the evidence
+        (("audit:read",), "post", "/v1/unlearning-jobs", False),
         (("models:read",), "post", "/v1/models", False),
         (("jobs:read",), "get", "/v1/models", True),
         (("models:write",), "get", "/v1/datasets", True),
