@@ -17,7 +17,8 @@ from app.schemas.models import ModelCreate
 from app.services import audit
 from app.settings import Settings
 from app.storage import UriNotAllowed, check_allowed, is_local, local_path, sha256_and_size
-from negmerge.models import ModelSpec
+from negmerge.errors import CheckpointError, NegMergeError
+from negmerge.models import ModelSpec, check_weights
 
 
 def _model_config_path(body: ModelCreate, settings: Settings) -> str:
@@ -39,6 +40,19 @@ def _model_config_path(body: ModelCreate, settings: Settings) -> str:
     return str(local_path(uri))
 
 
+def _check_weights_fit(spec: ModelSpec) -> None:
+    """Weights that do not load into the architecture fail now, not in the first job."""
+    try:
+        check_weights(spec)
+    except CheckpointError as exc:
+        problem = str(exc).removeprefix(f"{spec.weights}: ")
+        raise InvalidRequest("weights_uri", problem) from None
+    except NegMergeError as exc:
+        message = str(exc).removeprefix("architecture: ")
+        field = "architecture" if message != str(exc) else "weights_uri"
+        raise InvalidRequest(field, message) from None
+
+
 def register_model(
     session: Session, principal: Principal, body: ModelCreate, settings: Settings
 ) -> tuple[Model, ModelVersion]:
@@ -56,7 +70,9 @@ def register_model(
     if body.model_config_uri is not None:
         spec["model_config_path"] = _model_config_path(body, settings)
     try:  # the library's own rules: unique classes, '{}' in templates, ...
-        ModelSpec(family=body.family, architecture=body.architecture, classes=body.classes, **spec)
+        model_spec = ModelSpec(
+            family=body.family, architecture=body.architecture, classes=body.classes, **spec
+        )
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     try:
@@ -64,6 +80,8 @@ def register_model(
         sha256, size = sha256_and_size(weights_uri)
     except UriNotAllowed as exc:
         raise InvalidRequest("weights_uri", str(exc)) from None
+    if is_local(weights_uri):  # remote weights are checked when a job first loads them
+        _check_weights_fit(model_spec.model_copy(update={"weights": weights_uri}))
     if repo.get_by_name(body.name) is not None:
         raise Conflict(f"name: this tenant already has a model named {body.name!r}")
 

@@ -7,11 +7,15 @@ the image tower: the zero-shot head is frozen and the text tower is not part of 
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from negmerge.errors import NegMergeError
 from negmerge.models.base import UnlearningModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "an image of a {}."]
 
@@ -68,4 +72,41 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
     return load_classifier(spec, device)
 
 
-__all__ = ["ModelSpec", "UnlearningModel", "load_model"]
+def check_weights(spec: ModelSpec) -> None:
+    """Raise NegMergeError unless `spec.weights` loads strictly into the model `spec`
+    describes: the same keys, the same shapes. Cheap enough for a request: the model is built
+    on PyTorch's meta device (shapes, no memory) and only the file's layout is read."""
+    import torch
+
+    from negmerge.io import open_checkpoint
+
+    if spec.family == "open_clip":
+        from negmerge.models.open_clip import build_module
+    else:
+        from negmerge.models.classifier import build_module
+    try:
+        with torch.device("meta"):
+            module = build_module(spec)
+    except NegMergeError:
+        raise
+    except Exception as exc:  # an architecture that cannot be built without memory
+        log.info("weights of %s not checked: %s", spec.architecture, exc)
+        return
+    expected = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
+    with open_checkpoint(spec.weights, hashing=False) as checkpoint:
+        found = {key: tuple(layout.shape) for key, layout in checkpoint.specs.items()}
+    problems = [
+        *(f"missing key {key!r}" for key in expected if key not in found),
+        *(f"unexpected key {key!r}" for key in found if key not in expected),
+        *(
+            f"key {key!r} is shaped {list(found[key])}, the model's {list(expected[key])}"
+            for key in expected
+            if key in found and found[key] != expected[key]
+        ),
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise NegMergeError(f"does not fit {spec.architecture}: {problems[0]}{more}")
+
+
+__all__ = ["ModelSpec", "UnlearningModel", "check_weights", "load_model"]

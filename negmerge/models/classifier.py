@@ -17,7 +17,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_classifier(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
-    module = _build(spec)
+    module = build_module(spec)
     if spec.weights:
         load_weights(module, spec.weights, spec.architecture)
     module = module.to(device).eval()
@@ -33,7 +33,8 @@ def load_classifier(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
     )
 
 
-def _build(spec: ModelSpec) -> nn.Module:
+def build_module(spec: ModelSpec) -> nn.Module:
+    """The module `spec` describes, without its weights."""
     if ":" in spec.architecture:
         module_name, _, attr = spec.architecture.partition(":")
         try:

@@ -55,14 +55,23 @@ def zero_shot_head(
     return torch.stack(rows)
 
 
-def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
-    if spec.model_config_path:
-        _register_config(spec.architecture, spec.model_config_path)
-    if spec.architecture not in open_clip.list_models():
-        raise NegMergeError(
-            f"architecture: open_clip knows no model {spec.architecture!r} "
-            "(give model_config_path for a custom one)"
+def build_module(spec: ModelSpec) -> nn.Module:
+    """The whole CLIP model `spec` describes (both towers, as its checkpoints hold it),
+    without weights."""
+    _check_architecture(spec)
+    # On the default device: open_clip moves the model to `device` (cpu unless told), which
+    # a model built on the meta device cannot do.
+    with _root_log_level(logging.ERROR):  # "No pretrained weights loaded": as asked
+        return open_clip.create_model(
+            spec.architecture,
+            pretrained=None,
+            force_image_size=spec.image_size,
+            device=torch.get_default_device(),
         )
+
+
+def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
+    _check_architecture(spec)
     pretrained = None if spec.weights else spec.pretrained
     with _root_log_level(logging.ERROR if spec.weights else logging.NOTSET):
         # open_clip warns "No pretrained weights loaded" although the weights follow below.
@@ -97,6 +106,16 @@ def _root_log_level(level: int) -> Iterator[None]:
         yield
     finally:
         root.setLevel(previous)
+
+
+def _check_architecture(spec: ModelSpec) -> None:
+    if spec.model_config_path:
+        _register_config(spec.architecture, spec.model_config_path)
+    if spec.architecture not in open_clip.list_models():
+        raise NegMergeError(
+            f"architecture: open_clip knows no model {spec.architecture!r} "
+            "(give model_config_path for a custom one)"
+        )
 
 
 def _register_config(name: str, path: str) -> None:

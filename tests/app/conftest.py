@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import timm
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -33,6 +34,7 @@ from tests.conftest import REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["circle", "square", "triangle"]
+ARCHITECTURE = "test_resnet"  # timm's smallest ResNet
 MiB = 1024 * 1024
 
 
@@ -163,7 +165,9 @@ def shapes_dir(data_root: Path) -> Path:
 def weights_file(data_root: Path) -> Path:
     path = data_root / "weights" / "base.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"fc.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, path)
+    # Real weights of the architecture model_body names: registration checks that they fit.
+    torch.manual_seed(0)
+    save_file(timm.create_model(ARCHITECTURE, num_classes=len(CLASSES)).state_dict(), path)
     return path
 
 
@@ -171,7 +175,7 @@ def model_body(weights: Path, name: str = "shapes-net") -> dict:
     return {
         "name": name,
         "family": "classifier",
-        "architecture": "resnet18",
+        "architecture": ARCHITECTURE,
         "classes": CLASSES,
         "weights_uri": str(weights),
         "image_size": 32,

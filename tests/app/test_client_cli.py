@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 from app.client import ServiceClient
 from app.settings import get_settings
 from negmerge.cli import main
-from tests.app.conftest import CLASSES, model_body
+from tests.app.conftest import ARCHITECTURE, CLASSES, model_body
 from tests.app.live_service import free_port, service_url_fixture  # noqa: F401
 from tests.app.test_client import zip_dataset
 
@@ -93,7 +93,7 @@ def test_models_register_list_versions_download(negmerge, weights_file, tmp_path
         "--family",
         "classifier",
         "--architecture",
-        "resnet18",
+        ARCHITECTURE,
         "--classes",
         ",".join(CLASSES),
         "--weights-uri",

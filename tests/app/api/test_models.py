@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import shutil
 import uuid
 
+import torch
+
 from app.services.models import add_version
+from negmerge.fixtures import ensure_tiny_clip
+from negmerge.io import save_file
 from tests.app.conftest import model_body
 
 
@@ -78,6 +82,30 @@ def test_weights_outside_the_data_roots_or_missing_are_422(client, caller, tmp_p
         assert response.json()["error"]["fields"][0]["field"] == "weights_uri"
 
 
+def test_weights_that_do_not_fit_the_architecture_are_422_and_nothing_is_stored(
+    client, caller, weights_file, data_root
+):
+    junk = data_root / "weights" / "junk.safetensors"
+    junk.write_bytes(b"hello")
+    other_classes = data_root / "weights" / "two-classes.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 4), "fc.bias": torch.zeros(2)}, other_classes)
+    for changes, field, problem in [
+        ({"architecture": "resnet18"}, "weights_uri", "does not fit resnet18: missing key"),
+        ({"classes": ["a", "b"]}, "weights_uri", "key 'fc.weight' is shaped [3, "),
+        ({"weights_uri": str(junk)}, "weights_uri", "not a safetensors or PyTorch file"),
+        ({"weights_uri": str(other_classes)}, "weights_uri", "does not fit test_resnet"),
+        ({"architecture": "no-such-net"}, "architecture", "timm knows no model"),
+    ]:
+        response = client.post(
+            "/v1/models", json={**model_body(weights_file), **changes}, headers=caller.headers
+        )
+        assert response.status_code == 422, (changes, response.text)
+        (error,) = response.json()["error"]["fields"]
+        assert error["field"] == field and problem in error["problem"], error
+        assert str(data_root) not in response.text  # no server paths in the answer
+    assert client.get("/v1/models", headers=caller.headers).json()["items"] == []
+
+
 def test_the_library_rules_apply(client, caller, weights_file):
     body = {**model_body(weights_file), "classes": ["a", "a"]}
     response = client.post("/v1/models", json=body, headers=caller.headers)
@@ -91,11 +119,14 @@ def test_the_library_rules_apply(client, caller, weights_file):
 def test_a_custom_open_clip_architecture_comes_with_its_config(
     client, caller, weights_file, data_root, tmp_path
 ):
+    clip = ensure_tiny_clip()
     config = data_root / "configs" / "tiny-clip.json"
     config.parent.mkdir(exist_ok=True)
-    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {}, "text_cfg": {}}))
+    config.write_text(clip.config_path.read_text())
+    weights = data_root / "weights" / "tiny-clip.safetensors"
+    shutil.copy(clip.weights_path, weights)
     body = {
-        **model_body(weights_file, name="tiny-clip"),
+        **model_body(weights, name="tiny-clip"),
         "family": "open_clip",
         "architecture": "tiny-clip",
         "templates": ["a photo of a {}."],
