@@ -26,7 +26,7 @@ import struct
 import threading
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -409,6 +409,15 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if name.startswith("F8"):
         return tensor.view(torch.uint8).numpy()
     return tensor.numpy()
+
+
+def refuse_overwriting(output: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
+    """Raise CheckpointError if `output` is one of `inputs`, by any path: writing the result
+    would replace an input the user meant to keep."""
+    for source in inputs:
+        with contextlib.suppress(OSError):  # either missing: not the same file
+            if os.path.samefile(output, source):
+                raise CheckpointError(f"{output}: is also an input; write the result elsewhere")
 
 
 def check_same_layout(reference: Checkpoint, other: Checkpoint) -> None:

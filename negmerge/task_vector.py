@@ -19,6 +19,7 @@ from negmerge.io import (  # noqa: F401 (check_same_layout, float_keys: this mod
     check_same_layout,
     float_keys,
     open_checkpoint,
+    refuse_overwriting,
     torch_dtype,
 )
 
@@ -87,9 +88,16 @@ def apply_task_vector_file(
 
     Works tensor slice by tensor slice, so memory stays small whatever the model's size.
     """
+    refuse_overwriting(output, [pretrained, vector])
     with open_checkpoint(pretrained) as pre, open_checkpoint(vector) as tau:
         for key, spec in tau.specs.items():
             ours = pre.specs.get(key)
+            if not spec.is_float:
+                raise CheckpointError(
+                    f"{tau.path}: key {key!r} is {spec.describe()}; a task vector holds only "
+                    "floating-point tensors (is this a model checkpoint? `negmerge merge` "
+                    "makes task vectors)"
+                )
             if ours is None:
                 raise CheckpointError(f"{tau.path}: key {key!r} is not in {pre.path.name}")
             if ours.shape != spec.shape or not ours.is_float:

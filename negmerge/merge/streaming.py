@@ -32,6 +32,7 @@ from negmerge.io import (
     check_same_layout,
     float_keys,
     open_checkpoint,
+    refuse_overwriting,
 )
 from negmerge.merge.base import (
     Chunk,
@@ -279,6 +280,7 @@ def merge_files(
     (content-addressed artifacts) pass `input_sha256` (and `pretrained_sha256`) instead.
     """
     began = time.perf_counter()
+    refuse_overwriting(output, [*inputs, *([pretrained] if pretrained is not None else [])])
     known = input_sha256 is not None and (pretrained is None or pretrained_sha256 is not None)
     if input_sha256 is not None and len(input_sha256) != len(inputs):
         raise MergeError(f"input_sha256: {len(input_sha256)} hashes for {len(inputs)} inputs")

@@ -106,6 +106,32 @@ def test_errors_are_one_line_and_exit_non_zero(checkpoints, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(checkpoints, tmp_path):
+    pre_path, ft_paths, _, _ = checkpoints
+    before = ft_paths[1].read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(ft_paths[1])
+    for output in (ft_paths[1], link):
+        out = run("merge", "--pretrained", pre_path, "-o", output, *ft_paths)
+        assert out.exit_code != 0 and "is also an input" in out.output, out.output
+    out = run(
+        "apply", "--pretrained", pre_path, "--vector", ft_paths[0], "--scale", "1", "-o", pre_path
+    )
+    assert out.exit_code != 0 and "is also an input" in out.output, out.output
+    assert ft_paths[1].read_bytes() == before
+
+
+def test_apply_tells_a_checkpoint_from_a_task_vector(checkpoints, tmp_path):
+    pre_path, ft_paths, _, _ = checkpoints
+    out = run(
+        "apply", "--pretrained", pre_path, "--vector", ft_paths[0], "--scale", "1",
+        "-o", tmp_path / "y.safetensors",
+    )  # fmt: skip
+    assert out.exit_code != 0
+    assert "a task vector holds only floating-point tensors" in out.output, out.output
+    assert not (tmp_path / "y.safetensors").exists()
+
+
 def test_merge_runs_without_importing_torch_or_the_service(checkpoints, tmp_path):
     """Importing torch alone takes more memory than a ViT-B/32 checkpoint: `negmerge merge`
     must not, nor load the service's plugin commands."""
