@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -85,6 +86,8 @@ def describe_errors(errors: list[dict], drop_location: bool = True) -> list[Fiel
     problems = []
     for error in errors:
         loc = [str(part) for part in error.get("loc", ())]
+        if loc and loc[0] == "query":  # 'state.0' for a repeated parameter: the name will do
+            loc = [part for part in loc if not part.isdigit()]
         if drop_location and loc and loc[0] in {"body", "query", "path", "header", "cookie"}:
             loc = loc[1:] or loc[:1]
         field = ".".join(loc) or "body"
@@ -97,8 +100,17 @@ def describe_errors(errors: list[dict], drop_location: bool = True) -> list[Fiel
             field, problem = "body", f"is not valid JSON ({error.get('ctx', {}).get('error')})"
         else:
             problem = error.get("msg", "is invalid").removeprefix("Value error, ")
+            # The library's validators name the part at fault first: 'preset: unknown ...'.
+            if kind == "value_error" and (part := _NAMED_PART.match(problem)):
+                within = [] if field == "body" else loc
+                if within[-1:] != [part[1]]:
+                    field = ".".join([*within, part[1]])
+                problem = problem[part.end() :]
         problems.append(FieldProblem(field=field, problem=problem))
     return problems
+
+
+_NAMED_PART = re.compile(r"([a-z_][a-z0-9_]*): ")
 
 
 def invalid(problems: list[FieldProblem]) -> JSONResponse:

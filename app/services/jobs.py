@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ from app.schemas.jobs import UnlearningJobCreate
 from app.services import audit, webhooks
 from app.settings import Settings
 from app.storage import local_path
-from negmerge.data import Manifest
+from negmerge.data import MANIFEST_NAMES, Manifest
 from negmerge.errors import DataError, MergeError
 from negmerge.merge import get_method
 from negmerge.models import ModelSpec
@@ -172,7 +173,7 @@ def _resolve(
     try:
         chosen = forget_manifest.select(ids=body.forget.ids, classes=body.forget.classes)
     except DataError as exc:
-        raise _data_problem(exc, "forget") from None
+        raise _data_problem(exc, "forget", forget_ds) from None
     if not chosen:
         raise InvalidRequest("forget", "the forget set is empty")
 
@@ -187,7 +188,7 @@ def _resolve(
         field = "merge.method" if "unknown" in str(exc) else "merge.params"
         raise InvalidRequest(field, str(exc)) from None
     except DataError as exc:
-        raise _data_problem(exc, "forget") from None
+        raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
 
     return UnlearningJob(
         model_id=model.id,
@@ -211,13 +212,25 @@ def _load(dataset: Dataset, model: Model, field: str) -> Manifest:
         manifest = Manifest.load(dataset.manifest_uri, dataset.root_uri)
         manifest.check_labels(model.classes)
     except DataError as exc:
-        raise InvalidRequest(field, str(exc)) from None
+        raise InvalidRequest(field, _without_paths(str(exc), dataset)) from None
     return manifest
 
 
-def _data_problem(exc: DataError, default_field: str) -> InvalidRequest:
+def _without_paths(message: str, *datasets: Dataset | None) -> str:
+    """The library names a manifest by its path; answers name the data set by its id (an
+    uploaded one lives under the server's artifact root, which is not the caller's business)."""
+    for dataset in datasets:
+        if dataset is not None:
+            manifest = re.escape(dataset.manifest_uri.rstrip("/"))
+            names = "|".join(re.escape(name) for name in MANIFEST_NAMES)
+            pattern = rf"{manifest}(/({names}))?"
+            message = re.sub(pattern, f"data set {dataset.id}", message)
+    return message
+
+
+def _data_problem(exc: DataError, default_field: str, *datasets: Dataset | None) -> InvalidRequest:
     """The library's DataError messages start with the part at fault ('ids: ...')."""
-    message = str(exc)
+    message = _without_paths(str(exc), *datasets)
     head, _, rest = message.partition(": ")
     fields = {
         "ids": "forget.ids",

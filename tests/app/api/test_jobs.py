@@ -78,7 +78,7 @@ def test_forget_by_class_and_whole_dataset(client, registered):
         ({"forget": {"ids": []}}, "forget.ids", "at least 1"),
         ({"model": {"id": str(uuid.uuid4())}}, "model.id", "no such model"),
         ({"model": {"version": 7}}, "model.version", "no version 7"),
-        ({"variants": {"preset": "huge"}}, "variants", "unknown 'huge'"),
+        ({"variants": {"preset": "huge"}}, "variants.preset", "unknown 'huge'"),
         ({"variants": {"grid": {"lr": [0.1] * 40, "epochs": [1] * 40}}}, "variants", "1024"),
         ({"merge": {"method": "mystery"}}, "merge.method", "unknown 'mystery'"),
         (
@@ -101,6 +101,8 @@ def test_bad_requests_name_the_field_and_store_nothing(
     error = response.json()["error"]
     assert error["fields"][0]["field"].startswith(field), error
     assert words in error["message"], error
+    for server_path in (*settings.data_roots, settings.artifact_root):
+        assert server_path not in response.text  # data sets are named by their ids
     assert count_jobs(db) == 0
     assert queued_messages(redis_client, settings) == []
 
