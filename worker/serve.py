@@ -80,21 +80,25 @@ def serve(host: str, port: int, workers: int, run_migrations: bool | None) -> No
     configure_logging(settings.log_level)
     if run_migrations or (run_migrations is None and settings.database_url.startswith("sqlite")):
         migrate(settings)
-    worker = None
-    if workers > 0:
-        worker = subprocess.Popen(
-            worker_command(settings, workers, f"serve-{os.getpid()}"), env=os.environ.copy()
-        )
-    _, stop = start_thread(settings)
-    click.echo(
-        f"NegMerge Service on http://{host}:{port} (OpenAPI: /docs); "
-        f"{workers} worker process(es); Ctrl-C stops it",
-        err=True,
-    )
+    # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM's default
+    # action would then end this process before the `finally` below stops the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    worker, stop = None, None
     try:
+        if workers > 0:
+            worker = subprocess.Popen(
+                worker_command(settings, workers, f"serve-{os.getpid()}"), env=os.environ.copy()
+            )
+        _, stop = start_thread(settings)
+        click.echo(
+            f"NegMerge Service on http://{host}:{port} (OpenAPI: /docs); "
+            f"{workers} worker process(es); Ctrl-C or SIGTERM stops it",
+            err=True,
+        )
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
     finally:
-        stop.set()
+        if stop is not None:
+            stop.set()
         if worker is not None:
             worker.send_signal(signal.SIGTERM)  # warm shutdown: the running step finishes
             try:

@@ -3,6 +3,7 @@ server installed; the same job as on PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,9 +64,10 @@ def embedded(tmp_path: Path):  # type: ignore[no-untyped-def]
             assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "negmerge serve did not start"
             time.sleep(0.3)
-        yield base, tmp_path
+        yield base, tmp_path, process
     finally:
-        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # a test may have stopped it already
+            os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=40)
         except subprocess.TimeoutExpired:
@@ -75,7 +77,7 @@ def embedded(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_the_embedded_default_runs_a_job_end_to_end(embedded, classifier):
-    base, folder = embedded
+    base, folder, _ = embedded
     assert (folder / "var" / "negmerge.db").exists()  # migrated on start
     db = Database(f"sqlite:///{folder / 'var' / 'negmerge.db'}")
     with httpx.Client(base_url=base, timeout=30) as client:
@@ -91,3 +93,38 @@ def test_the_embedded_default_runs_a_job_end_to_end(embedded, classifier):
         assert hashlib.sha256(weights.content).hexdigest() == expected
     db.dispose()
     assert list((folder / "var" / "artifacts" / "jobs" / job_id).glob("model.safetensors"))
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").iterdir():
+            children = [int(c) for c in (task / "children").read_text().split()]
+            found += children
+            todo += children
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_api_and_its_worker(embedded):
+    """A service manager stops `negmerge serve` with SIGTERM to its main process: the worker
+    it started must stop too, not live on as an orphan."""
+    _, folder, process = embedded
+    log = folder / "serve.log"
+    deadline = time.monotonic() + 90
+    while " ready." not in log.read_text():  # celery's worker says so once it consumes
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    children = descendants(process.pid)
+    assert children
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=45) == 0, log.read_text()[-3000:]
+    left = [pid for pid in children if running(pid)]
+    assert not left, f"processes left running: {left}"
