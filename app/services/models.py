@@ -42,15 +42,18 @@ def _model_config_path(body: ModelCreate, settings: Settings) -> str:
 
 def _check_weights_fit(spec: ModelSpec) -> None:
     """Weights that do not load into the architecture fail now, not in the first job."""
+    if ":" in spec.architecture:
+        return  # an import path: its code runs in the workers that load it, not in the API
     try:
         check_weights(spec)
     except CheckpointError as exc:
         problem = str(exc).removeprefix(f"{spec.weights}: ")
         raise InvalidRequest("weights_uri", problem) from None
-    except NegMergeError as exc:
-        message = str(exc).removeprefix("architecture: ")
-        field = "architecture" if message != str(exc) else "weights_uri"
-        raise InvalidRequest(field, message) from None
+    except NegMergeError as exc:  # the library names the part at fault first, if not weights
+        part, _, problem = str(exc).partition(": ")
+        if part in ("architecture", "init_args"):
+            raise InvalidRequest(part, problem) from None
+        raise InvalidRequest("weights_uri", str(exc)) from None
 
 
 def register_model(

@@ -8,12 +8,15 @@ the image tower: the zero-shot head is frozen and the text tower is not part of 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from negmerge.errors import NegMergeError
 from negmerge.models.base import UnlearningModel
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +77,9 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
 
 def check_weights(spec: ModelSpec) -> None:
     """Raise NegMergeError unless `spec.weights` loads strictly into the model `spec`
-    describes: the same keys, the same shapes. Cheap enough for a request: the model is built
-    on PyTorch's meta device (shapes, no memory) and only the file's layout is read."""
+    describes, as a job would load it. Cheap enough for a request: the model is built on
+    PyTorch's meta device (shapes, no memory) and loads stand-ins of the file's tensors (a
+    safetensors file's header is all that is read)."""
     import torch
 
     from negmerge.io import open_checkpoint
@@ -89,24 +93,38 @@ def check_weights(spec: ModelSpec) -> None:
             module = build_module(spec)
     except NegMergeError:
         raise
+    except TypeError as exc:  # keyword arguments the architecture does not take
+        raise NegMergeError(f"init_args: {spec.architecture} cannot be built: {exc}") from None
     except Exception as exc:  # an architecture that cannot be built without memory
         log.info("weights of %s not checked: %s", spec.architecture, exc)
         return
-    expected = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
     with open_checkpoint(spec.weights, hashing=False) as checkpoint:
-        found = {key: tuple(layout.shape) for key, layout in checkpoint.specs.items()}
+        layout = {key: tuple(tensor.shape) for key, tensor in checkpoint.specs.items()}
+    stand_ins = {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
+    try:  # torch's own rules: e.g. BatchNorm accepts a checkpoint without num_batches_tracked
+        module.load_state_dict(stand_ins, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise NegMergeError(
+            f"does not fit {spec.architecture}: {_first_problem(module, layout, exc)}"
+        ) from None
+
+
+def _first_problem(module: nn.Module, layout: dict[str, tuple[int, ...]], exc: Exception) -> str:
+    """The first key torch refused, in a line (its own message lists every key)."""
+    expected = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
     problems = [
-        *(f"missing key {key!r}" for key in expected if key not in found),
-        *(f"unexpected key {key!r}" for key in found if key not in expected),
+        *(f"missing key {key!r}" for key in expected if key not in layout and key in str(exc)),
+        *(f"unexpected key {key!r}" for key in layout if key not in expected),
         *(
-            f"key {key!r} is shaped {list(found[key])}, the model's {list(expected[key])}"
+            f"key {key!r} is shaped {list(layout[key])}, the model's {list(expected[key])}"
             for key in expected
-            if key in found and found[key] != expected[key]
+            if key in layout and layout[key] != expected[key]
         ),
     ]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise NegMergeError(f"does not fit {spec.architecture}: {problems[0]}{more}")
+    if not problems:
+        return str(exc).splitlines()[-1].strip()
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}"
 
 
 __all__ = ["ModelSpec", "UnlearningModel", "check_weights", "load_model"]

@@ -8,9 +8,12 @@ the head frozen; the text tower is not part of the task vector.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,12 +61,12 @@ def zero_shot_head(
 def build_module(spec: ModelSpec) -> nn.Module:
     """The whole CLIP model `spec` describes (both towers, as its checkpoints hold it),
     without weights."""
-    _check_architecture(spec)
+    name = _model_name(spec)
     # On the default device: open_clip moves the model to `device` (cpu unless told), which
     # a model built on the meta device cannot do.
     with _root_log_level(logging.ERROR):  # "No pretrained weights loaded": as asked
         return open_clip.create_model(
-            spec.architecture,
+            name,
             pretrained=None,
             force_image_size=spec.image_size,
             device=torch.get_default_device(),
@@ -71,17 +74,17 @@ def build_module(spec: ModelSpec) -> nn.Module:
 
 
 def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
-    _check_architecture(spec)
+    name = _model_name(spec)
     pretrained = None if spec.weights else spec.pretrained
     with _root_log_level(logging.ERROR if spec.weights else logging.NOTSET):
         # open_clip warns "No pretrained weights loaded" although the weights follow below.
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.architecture, pretrained=pretrained, force_image_size=spec.image_size
+            name, pretrained=pretrained, force_image_size=spec.image_size
         )
     if spec.weights:
         load_weights(model, spec.weights, spec.architecture)
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(spec.architecture)
+    tokenizer = open_clip.get_tokenizer(name)
     head = zero_shot_head(model, tokenizer, spec.classes, spec.templates, device)
     classifier = ZeroShotClassifier(model.visual, head, model.logit_scale.exp().item())
     tau_keys = [name for name, _ in classifier.named_parameters()]
@@ -96,36 +99,53 @@ def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
     )
 
 
+# The root logger's level is the process's: models built on several threads at once (the
+# API checks registrations on its thread pool) must not restore each other's levels.
+_ROOT_LEVEL_LOCK = threading.Lock()
+
+
 @contextmanager
 def _root_log_level(level: int) -> Iterator[None]:
-    root = logging.getLogger()
-    previous = root.level
-    if level:
-        root.setLevel(level)
-    try:
-        yield
-    finally:
-        root.setLevel(previous)
+    with _ROOT_LEVEL_LOCK:
+        root = logging.getLogger()
+        previous = root.level
+        if level:
+            root.setLevel(level)
+        try:
+            yield
+        finally:
+            root.setLevel(previous)
 
 
-def _check_architecture(spec: ModelSpec) -> None:
+def _model_name(spec: ModelSpec) -> str:
+    """The name open_clip knows the model by: the architecture, or for a custom config a
+    name of its own (see `_register_config`)."""
     if spec.model_config_path:
-        _register_config(spec.architecture, spec.model_config_path)
+        return _register_config(spec.model_config_path)
     if spec.architecture not in open_clip.list_models():
         raise NegMergeError(
             f"architecture: open_clip knows no model {spec.architecture!r} "
             "(give model_config_path for a custom one)"
         )
+    return spec.architecture
 
 
-def _register_config(name: str, path: str) -> None:
-    """open_clip finds custom configs by file name, so copy it under `name`.json."""
+def _register_config(path: str) -> str:
+    """Add a custom config to open_clip's registry, which is by file name and shared by the
+    whole process: named after its content, so that one model's config can never stand in
+    for a built-in architecture or another model's config of the same name."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise NegMergeError(f"model_config_path: cannot read {path}: {exc}") from None
+    text = json.dumps(config, sort_keys=True)
+    name = f"negmerge-config-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     folder = Path(tempfile.gettempdir()) / "negmerge-open-clip-configs"
     folder.mkdir(exist_ok=True)
     target = folder / f"{name}.json"
-    target.write_text(json.dumps(config))
+    if not target.exists():  # written whole, then renamed: other processes may read it
+        partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        partial.write_text(text)
+        os.replace(partial, target)
     open_clip.add_model_config(target)
+    return name

@@ -3,6 +3,9 @@ naming the first key that does not fit, without loading either."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,3 +64,28 @@ def test_a_file_that_is_not_a_checkpoint_is_a_checkpoint_error(
     junk.write_bytes(b"hello")
     with pytest.raises(CheckpointError, match="not a safetensors or PyTorch file"):
         check_weights(classifier.model_copy(update={"weights": str(junk)}))
+
+
+def test_what_torch_accepts_passes_and_bad_arguments_do_not(
+    classifier: ModelSpec, tmp_path
+) -> None:
+    state = load_state_dict(classifier.weights)
+    older = {key: value for key, value in state.items() if "num_batches_tracked" not in key}
+    save_file(older, tmp_path / "older.safetensors")  # BatchNorm fills the counter in
+    check_weights(classifier.model_copy(update={"weights": str(tmp_path / "older.safetensors")}))
+    with pytest.raises(NegMergeError, match=r"^init_args: .*unexpected keyword argument 'bogus'"):
+        check_weights(classifier.model_copy(update={"init_args": {"bogus": 1}}))
+
+
+def test_a_custom_config_never_stands_in_for_another_architecture(clip: ModelSpec) -> None:
+    """open_clip's registry is the process's: a tenant's config named like a built-in (or
+    like a path) must not change what that name builds for anyone else, nor write outside
+    the configs folder."""
+    rn50 = ModelSpec(family="open_clip", architecture="RN50", classes=["a", "b"])
+    as_rn50 = clip.model_copy(update={"architecture": "RN50"})
+    escaping = clip.model_copy(update={"architecture": "../escaped"})
+    for spec in (as_rn50, escaping):
+        check_weights(spec)  # the tiny CLIP's weights fit its own config, whatever its name
+    with pytest.raises(NegMergeError, match="does not fit RN50"):
+        check_weights(rn50.model_copy(update={"weights": clip.weights}))
+    assert not (Path(tempfile.gettempdir()) / "escaped.json").exists()

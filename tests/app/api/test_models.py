@@ -95,6 +95,7 @@ def test_weights_that_do_not_fit_the_architecture_are_422_and_nothing_is_stored(
         ({"weights_uri": str(junk)}, "weights_uri", "not a safetensors or PyTorch file"),
         ({"weights_uri": str(other_classes)}, "weights_uri", "does not fit test_resnet"),
         ({"architecture": "no-such-net"}, "architecture", "timm knows no model"),
+        ({"init_args": {"bogus": 1}}, "init_args", "unexpected keyword argument 'bogus'"),
     ]:
         response = client.post(
             "/v1/models", json={**model_body(weights_file), **changes}, headers=caller.headers
