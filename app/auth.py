@@ -42,7 +42,6 @@ IMPLIES: dict[str, set[str]] = {
     "admin": set(SCOPES),
 }
 
-
 # Who may read jobs, their reports and their events: auditors too (they read the evidence),
 # though not models or data sets.
 JOB_READERS = ("jobs:read", "audit:read")

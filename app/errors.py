@@ -110,7 +110,7 @@ def describe_errors(errors: list[dict], drop_location: bool = True) -> list[Fiel
     return problems
 
 
-_NAMED_PART = re.compile(r"([a-z_][a-z0-9_]*): ")
+_NAMED_PART = re.compile(r"([a-z_][a-z0-9_.]*): ")
 
 
 def invalid(problems: list[FieldProblem]) -> JSONResponse:

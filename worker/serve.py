@@ -97,6 +97,7 @@ def serve(host: str, port: int, workers: int, run_migrations: bool | None) -> No
         )
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not skip the rest
         if stop is not None:
             stop.set()
         if worker is not None:

@@ -120,6 +120,10 @@ class _AsyncReader:
             for _, answer in batch:
                 if not answer.done():
                     answer.set_exception(exc)
+        except BaseException:  # cancelled itself (the loop is closing): so are its callers
+            for _, answer in batch:
+                answer.cancel()
+            raise
         finally:
             self.free += 1
             self._dispatch()

@@ -99,9 +99,10 @@ def descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
         for task in Path(f"/proc/{todo.pop()}/task").iterdir():
-            children = [int(c) for c in (task / "children").read_text().split()]
-            found += children
-            todo += children
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
     return found
 
 
