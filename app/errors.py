@@ -147,8 +147,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response(headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid(describe_errors(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip()
+        if media_type and "json" not in media_type and any(e["loc"] == ("body",) for e in errors):
+            # FastAPI parses a body as JSON only when it is labelled so; any other body would
+            # be reported as "Input should be a valid dictionary".
+            message = f"send JSON with Content-Type: application/json (not {media_type})"
+            body = ErrorResponse(error=ErrorDetail(code="unsupported_media_type", message=message))
+            return JSONResponse(body.model_dump(), status_code=415)
+        return invalid(describe_errors(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

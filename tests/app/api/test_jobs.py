@@ -333,6 +333,16 @@ def test_unknown_job_is_404_and_bad_id_is_422(client, caller):
     assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "job_id"
 
 
+def test_a_body_not_labelled_json_is_415(client, registered):
+    response = client.post(
+        "/v1/unlearning-jobs",
+        content=json.dumps(job_body(registered)),
+        headers={**registered.caller.headers, "Content-Type": "text/plain"},
+    )
+    assert response.status_code == 415, response.text
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
 def test_oversize_body_is_413(client, registered, settings):
     body = job_body(registered, subject_reference="x" * (settings.max_body_bytes + 10))
     response = client.post("/v1/unlearning-jobs", json=body, headers=registered.caller.headers)
