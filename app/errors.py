@@ -100,17 +100,24 @@ def describe_errors(errors: list[dict], drop_location: bool = True) -> list[Fiel
             field, problem = "body", f"is not valid JSON ({error.get('ctx', {}).get('error')})"
         else:
             problem = error.get("msg", "is invalid").removeprefix("Value error, ")
-            # The library's validators name the part at fault first: 'preset: unknown ...'.
-            if kind == "value_error" and (part := _NAMED_PART.match(problem)):
+            part, rest = named_part(problem) if kind == "value_error" else (None, problem)
+            if part is not None:  # the library's validators name the part at fault first
                 within = [] if field == "body" else loc
-                if within[-1:] != [part[1]]:
-                    field = ".".join([*within, part[1]])
-                problem = problem[part.end() :]
+                if within[-1:] != [part]:
+                    field = ".".join([*within, part])
+                problem = rest
         problems.append(FieldProblem(field=field, problem=problem))
     return problems
 
 
 _NAMED_PART = re.compile(r"([a-z_][a-z0-9_.]*): ")
+
+
+def named_part(message: str) -> tuple[str | None, str]:
+    """The library's messages name the part at fault first ('preset: unknown ...'): that
+    part and the rest, or None and the whole message."""
+    match = _NAMED_PART.match(message)
+    return (match[1], message[match.end() :]) if match else (None, message)
 
 
 def invalid(problems: list[FieldProblem]) -> JSONResponse:

@@ -38,6 +38,7 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     from_validation_error,
+    named_part,
 )
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
@@ -231,7 +232,7 @@ def _without_paths(message: str, *datasets: Dataset | None) -> str:
 def _data_problem(exc: DataError, default_field: str, *datasets: Dataset | None) -> InvalidRequest:
     """The library's DataError messages start with the part at fault ('ids: ...')."""
     message = _without_paths(str(exc), *datasets)
-    head, _, rest = message.partition(": ")
+    head, rest = named_part(message)
     fields = {
         "ids": "forget.ids",
         "classes": "forget.classes",

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.db.models import Model, ModelVersion
 from app.db.repositories import ModelRepository
-from app.errors import Conflict, InvalidRequest, NotFound, from_validation_error
+from app.errors import Conflict, InvalidRequest, NotFound, from_validation_error, named_part
 from app.schemas.models import ModelCreate
 from app.services import audit
 from app.settings import Settings
@@ -50,7 +50,7 @@ def _check_weights_fit(spec: ModelSpec) -> None:
         problem = str(exc).removeprefix(f"{spec.weights}: ")
         raise InvalidRequest("weights_uri", problem) from None
     except NegMergeError as exc:  # the library names the part at fault first, if not weights
-        part, _, problem = str(exc).partition(": ")
+        part, problem = named_part(str(exc))
         if part in ("architecture", "init_args"):
             raise InvalidRequest(part, problem) from None
         raise InvalidRequest("weights_uri", str(exc)) from None
