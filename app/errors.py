@@ -40,6 +40,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.message = message
         self.fields = fields or []
+        self.headers: dict[str, str] = {}  # sent with the response (e.g. Retry-After)
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         body = ErrorResponse(
@@ -66,6 +67,16 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status_code, code = 413, "payload_too_large"
+
+
+class TooManyRequests(ApiError):
+    """429 with Retry-After: the caller is at a limit that frees up by itself."""
+
+    status_code, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_seconds)}
 
 
 class InvalidRequest(ApiError):
@@ -144,14 +155,15 @@ _STATUS_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    429: "too_many_requests",
 }
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return exc.response(headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
+        return exc.response({**headers, **exc.headers} or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -87,6 +87,27 @@ class Settings(BaseSettings):
     max_compression_ratio: float = Field(
         100.0, gt=1, description="Refuse archive members that expand more than this (bombs)."
     )
+    max_decompressor_memory_bytes: int = Field(
+        128 * MiB,
+        gt=0,
+        description="Most memory an archive's decompressor may ask for (the xz/lzma "
+        "dictionary; xz -9 needs 64 MiB): archives that need more are refused.",
+    )
+    max_image_pixels: int = Field(
+        25_000_000,
+        gt=0,
+        description="Largest image (width x height) a data set may hold, checked from the "
+        "image's header before it is decoded.",
+    )
+    max_concurrent_uploads: int = Field(
+        2,
+        gt=0,
+        description="Uploads one tenant may have being unpacked and checked at once; more "
+        "are answered 429 (across API processes on PostgreSQL, per process on SQLite).",
+    )
+    upload_retry_after_seconds: int = Field(
+        10, gt=0, description="Retry-After on an upload refused for the concurrent limit."
+    )
     max_dataset_samples: int = Field(200_000, gt=0, description="Most samples in a data set.")
     max_variants: int = Field(64, gt=0, description="Most fine-tuning variants in one job.")
 

@@ -119,8 +119,9 @@ class Manifest:
             digest.update(json.dumps([s.id, s.path, s.label, s.split]).encode() + b"\n")
         return digest.hexdigest()
 
-    def open(self, sample: Sample) -> Image.Image:
-        """The sample's image, decoded, in RGB."""
+    def open(self, sample: Sample, max_pixels: int | None = None) -> Image.Image:
+        """The sample's image, decoded, in RGB. With `max_pixels`, an image with more pixels
+        (width x height, read from its header) is refused before it is decoded."""
         url = f"{self.root.rstrip('/')}/{sample.path}"
         fs, root_path = fsspec.core.url_to_fs(self.root)
         if _is_local(fs):  # a link inside the root may point out of it
@@ -130,14 +131,22 @@ class Manifest:
         try:
             with fsspec.open(url, "rb") as f:
                 data = f.read()
-            image = Image.open(io.BytesIO(data))
-            return image.convert("RGB")
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header, decodes nothing
+            width, height = image.size
+            if max_pixels is None or width * height <= max_pixels:
+                return image.convert("RGB")
         except FileNotFoundError:
             raise DataError(f"sample {sample.id!r}: {url}: no such file") from None
-        except Image.DecompressionBombError:
+        # Pillow's own limit: an error above twice Image.MAX_IMAGE_PIXELS, a warning above it
+        # (an error too where warnings are made errors).
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise DataError(f"sample {sample.id!r}: {url}: image has too many pixels") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"sample {sample.id!r}: {url}: not a readable image ({exc})") from None
+        raise DataError(
+            f"sample {sample.id!r}: {url}: image is {width} x {height} pixels, more than the "
+            f"limit of {max_pixels}"
+        )
 
 
 def safe_relative_path(path: str, where: str) -> str:

@@ -20,8 +20,16 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "The resource's state does not allow this.",
         413: "The body is larger than the configured limit.",
         422: "The request is invalid; the error names each field and its problem.",
+        429: "A limit that frees up by itself was reached; retry after Retry-After seconds.",
     }
-    return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}
+    responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": described[code]} for code in codes
+    }
+    if 429 in responses:
+        responses[429]["headers"] = {
+            "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+        }
+    return responses
 
 
 AUTH_ERRORS = (401, 403)

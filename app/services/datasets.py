@@ -1,9 +1,13 @@
 """Registering data sets: from a manifest URI, or from an uploaded archive.
 
 Either way the data set is validated before anything is stored: unique ids, paths inside
-the root, labels in the model's classes (when a model is named), and every image decodes.
-An upload's files are unpacked into a scratch folder and moved into the artifact store only
-once they pass; if the request then rolls back, they are removed again.
+the root, labels in the model's classes (when a model is named), every image within the
+pixel limit (read from its header) and then decoded. An upload's files are unpacked into a
+scratch folder (within the archive limits, see archives.py) and moved into the artifact
+store only once they pass; an upload may hold only the manifest and the images it lists
+(operating systems' metadata files are dropped, anything else is refused). If the request
+then rolls back, the files are removed again. A tenant has at most
+`max_concurrent_uploads` uploads being checked at once.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from app.auth import Principal
 from app.db.models import Dataset
 from app.db.repositories import DatasetRepository, ModelRepository
 from app.db.session import after_rollback
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, TooManyRequests
 from app.schemas.datasets import DatasetCreate
 from app.services import audit
 from app.services.archives import ArchiveError, ArchiveLimits, extract_archive
+from app.services.upload_slots import upload_slot
 from app.settings import Settings
 from app.storage import UriNotAllowed, check_allowed, is_local, local_path
-from negmerge.data import Manifest
+from negmerge.data import IMAGE_SUFFIXES, Manifest
 from negmerge.errors import DataError
 
 
@@ -57,7 +62,7 @@ def validate_manifest(
             manifest.check_labels(classes)
         digest = hashlib.sha256()
         for sample in sorted(manifest.samples, key=lambda s: s.id):
-            image_sha256 = _image_sha256(manifest, sample)
+            image_sha256 = _image_sha256(manifest, sample, settings.max_image_pixels)
             row = [sample.id, sample.path, sample.label, sample.split, image_sha256]
             digest.update(json.dumps(row).encode() + b"\n")
     except DataError as exc:
@@ -66,10 +71,11 @@ def validate_manifest(
     return Validated(manifest, digest.hexdigest(), dict(splits))
 
 
-def _image_sha256(manifest: Manifest, sample) -> str:  # type: ignore[no-untyped-def]
-    """Decode the sample's image (the library's checks and messages) and hash its bytes."""
+def _image_sha256(manifest: Manifest, sample, max_pixels: int) -> str:  # type: ignore[no-untyped-def]
+    """Check the sample's image size from its header, decode it (the library's checks and
+    messages) and hash its bytes."""
     try:
-        manifest.open(sample)
+        manifest.open(sample, max_pixels=max_pixels)
     except Image.DecompressionBombError:
         raise DataError(f"sample {sample.id!r}: image has too many pixels") from None
     with fsspec.open(f"{manifest.root.rstrip('/')}/{sample.path}", "rb") as f:
@@ -120,6 +126,25 @@ def register_upload(
     if not is_local(settings.artifact_root):
         raise InvalidRequest("file", "uploads need a local artifact_root on this server")
     classes = _model_classes(session, principal, model_id)
+    limit = settings.max_concurrent_uploads
+    with upload_slot(session, principal.tenant_id, limit) as taken:
+        if not taken:
+            raise TooManyRequests(
+                f"file: this tenant already has {limit} uploads being checked, the limit "
+                "(max_concurrent_uploads); retry when one has finished",
+                settings.upload_retry_after_seconds,
+            )
+        return _unpack_and_add(session, principal, name, upload, classes, settings)
+
+
+def _unpack_and_add(
+    session: Session,
+    principal: Principal,
+    name: str,
+    upload: BinaryIO,
+    classes: list[str] | None,
+    settings: Settings,
+) -> Dataset:
     store = local_path(settings.artifact_root)
     scratch = store / "tmp" / uuid.uuid4().hex
     scratch.mkdir(parents=True)
@@ -134,17 +159,20 @@ def register_upload(
             settings.max_extracted_bytes,
             settings.max_archive_members,
             settings.max_compression_ratio,
+            settings.max_decompressor_memory_bytes,
         )
         try:
             extract_archive(archive, unpacked, limits)
         except ArchiveError as exc:
             raise InvalidRequest("file", str(exc).removeprefix("file: ")) from None
         archive.unlink()
+        _drop_os_metadata(unpacked)
         root = _data_root(unpacked)
         try:
             manifest = Manifest.load(str(root))
         except DataError as exc:
             raise InvalidRequest("file", _relative(str(exc), unpacked)) from None
+        _refuse_unlisted_files(unpacked, root, manifest)
         try:
             checked = validate_manifest(manifest, settings, classes, "file")
         except InvalidRequest as exc:
@@ -176,6 +204,53 @@ def register_upload(
         archive_sha256,
         dataset_id,
     )
+
+
+# Files operating systems add to archives on their own (Finder's __MACOSX/ and AppleDouble
+# "._" files, .DS_Store, Windows' Thumbs.db / desktop.ini): dropped, never stored.
+_OS_METADATA_FOLDERS = {"__MACOSX"}
+_OS_METADATA_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def _drop_os_metadata(unpacked: Path) -> None:
+    """Delete operating systems' metadata files, then the folders left empty."""
+    for folder in _OS_METADATA_FOLDERS:
+        shutil.rmtree(unpacked / folder, ignore_errors=True)
+    for path in list(unpacked.rglob("*")):
+        if path.is_file() and (path.name in _OS_METADATA_FILES or path.name.startswith("._")):
+            path.unlink()
+    for path in sorted(unpacked.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _refuse_unlisted_files(unpacked: Path, root: Path, manifest: Manifest) -> None:
+    """An upload holds the manifest and the images it lists, nothing else: a file the
+    manifest does not list, or a listed one not named as an image, is refused by name."""
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    for sample in manifest.samples:
+        if Path(sample.path).suffix.lower() not in IMAGE_SUFFIXES:
+            raise InvalidRequest(
+                "file",
+                f"sample {sample.id!r}: {sample.path} is not an image file name "
+                f"(one of {suffixes})",
+            )
+    listed = {root / sample.path for sample in manifest.samples}
+    if Path(manifest.source).is_file():
+        listed.add(Path(manifest.source))
+    unlisted = sorted(
+        str(path.relative_to(unpacked))
+        for path in unpacked.rglob("*")
+        if path.is_file() and path not in listed
+    )
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else "")
+        count = f"{len(unlisted)} files are" if len(unlisted) > 1 else "1 file is"
+        raise InvalidRequest(
+            "file",
+            f"{count} neither the manifest nor an image it lists: {shown} "
+            "(an upload holds only those)",
+        )
 
 
 def _data_root(unpacked: Path) -> Path:
