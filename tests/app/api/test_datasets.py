@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db.models import Dataset
+from tests.app import bombs
 from tests.app.conftest import CLASSES, write_dataset
 
 
@@ -277,3 +279,160 @@ def test_unknown_model_for_the_label_check_is_422(client, caller):
     response = upload(client, caller, zip_of(good_files()), model_id=str(uuid.uuid4()))
     assert response.status_code == 422
     assert response.json()["error"]["fields"][0]["field"] == "model_id"
+
+
+# ---- bounded uploads (issue 11, findings 2-4) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "filename"),
+    [
+        (lambda: bombs.tar_bomb("bz2"), "bomb.tar.bz2"),
+        (lambda: bombs.tar_bomb("xz"), "bomb.tar.xz"),
+        (lambda: bombs.tar_bomb("gz"), "bomb.tar.gz"),
+        (lambda: bombs.zip_bomb(zipfile.ZIP_BZIP2), "bomb.zip"),
+        (lambda: bombs.zip_bomb(zipfile.ZIP_LZMA), "bomb.zip"),
+        (lambda: bombs.zip_bomb(zipfile.ZIP_DEFLATED), "bomb.zip"),
+    ],
+    ids=["tar-bz2", "tar-xz", "tar-gz", "zip-bzip2", "zip-lzma", "zip-deflate"],
+)
+def test_decompression_bombs_cost_the_api_bounded_memory(
+    client, caller, db, settings, make, filename
+):
+    data = make()
+    with bombs.peak_memory() as peak:
+        response = upload(client, caller, data, filename)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["fields"][0]["field"] == "file"
+    assert peak[0] < bombs.PEAK_BOUND, f"the API took {peak[0] / bombs.MiB:.0f} MiB to refuse it"
+    assert stored_nothing(db, settings)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(client, caller, db, settings):
+    files = good_files()
+    files["img/1.png"] = bombs.png_header_bomb(13000, 13000)  # ~20 KB; 484 MiB as RGB
+    with bombs.peak_memory() as peak:
+        response = upload(client, caller, zip_of(files))
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "img/1.png" in message and "13000 x 13000" in message, message
+    assert str(settings.max_image_pixels) in message, message
+    assert peak[0] < bombs.PEAK_BOUND, f"{peak[0] / bombs.MiB:.0f} MiB: it was decoded"
+    assert stored_nothing(db, settings)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_the_pixel_limit_applies_to_registration_by_uri(client, caller, data_root, settings):
+    root = data_root / "big-image"
+    write_dataset(root, per_class=2)
+    (root / "circle" / "0.png").write_bytes(bombs.png_header_bomb(13000, 13000))
+    response = client.post(
+        "/v1/datasets",
+        json={"name": "big", "manifest_uri": str(root / "manifest.jsonl")},
+        headers=caller.headers,
+    )
+    assert response.status_code == 422, response.text
+    assert "13000 x 13000 pixels" in response.json()["error"]["message"]
+
+
+def test_pillows_bomb_warning_raised_as_an_error_is_a_422(
+    client, caller, db, settings, monkeypatch
+):
+    # Above our own limit's reach (an operator raised it), Pillow warns at 89 Mpx; where
+    # warnings are errors that warning is an exception, which was a 500.
+    from PIL import Image
+
+    monkeypatch.setattr(settings, "max_image_pixels", 10**9)
+    files = good_files()
+    files["img/1.png"] = bombs.png_header_bomb(13000, 13000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        response = upload(client, caller, zip_of(files))
+    assert response.status_code == 422, response.text
+    assert "img/1.png: image has too many pixels" in response.json()["error"]["message"]
+    assert stored_nothing(db, settings)
+
+
+@pytest.mark.parametrize("packer", ["zip", "tar"])
+def test_files_that_are_not_listed_images_are_refused_by_name(client, caller, db, settings, packer):
+    files = {
+        **good_files(),
+        "hubconf.py": b"import os\nos.system('id')\n",
+        "run.sh": b"#!/bin/sh\nid\n",
+        "img/notes.txt": b"notes",
+    }
+    data = zip_of(files) if packer == "zip" else tar_of(files)
+    response = upload(client, caller, data, f"data.{'zip' if packer == 'zip' else 'tar.gz'}")
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "3 files are neither the manifest nor an image it lists" in message, message
+    assert all(name in message for name in ("hubconf.py", "run.sh", "img/notes.txt")), message
+    assert stored_nothing(db, settings)
+
+
+def test_a_listed_file_must_be_named_as_an_image(client, caller, db, settings):
+    files = good_files()
+    # A valid GIF is also valid Python ("GIF89a=..."): the name must say image, not code.
+    rows = [{"id": "s0", "path": "hubconf.py", "label": "circle"}]
+    files = {"manifest.jsonl": manifest(rows), "hubconf.py": files["img/0.png"]}
+    response = upload(client, caller, zip_of(files))
+    assert response.status_code == 422, response.text
+    assert "hubconf.py is not an image file name" in response.json()["error"]["message"]
+    assert stored_nothing(db, settings)
+
+
+def test_an_image_folder_tree_with_other_files_is_refused(client, caller, db, settings):
+    files = {f"{label}/0.png": png_bytes() for label in CLASSES}
+    files["circle/hubconf.py"] = b"print('x')"
+    response = upload(client, caller, zip_of(files))
+    assert response.status_code == 422, response.text
+    assert (
+        "1 file is neither the manifest nor an image it lists: circle/hubconf.py"
+        in (response.json()["error"]["message"])
+    )
+    assert stored_nothing(db, settings)
+
+
+def test_operating_system_metadata_is_dropped_and_only_listed_images_stored(
+    client, caller, settings
+):
+    files = {
+        **good_files(),
+        "__MACOSX/._manifest.jsonl": b"\0\5\26\7 AppleDouble",
+        "__MACOSX/img/._0.png": b"\0\5\26\7 AppleDouble",
+        ".DS_Store": b"\0\0\0\1Bud1",
+        "img/._1.png": b"\0\5\26\7 AppleDouble",
+        "img/Thumbs.db": b"thumbs",
+    }
+    response = upload(client, caller, zip_of(files, prefix="mydata/"))
+    assert response.status_code == 201, response.text
+    dataset = Path(settings.artifact_root, "datasets", str(caller.tenant_id), response.json()["id"])
+    stored = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*"))
+    assert stored == ["mydata", *(f"mydata/{n}" for n in ["img", *sorted(good_files())])]
+
+
+def test_concurrent_uploads_of_a_tenant_are_capped_with_429(
+    client, caller, make_caller, db, settings
+):
+    from app.services.upload_slots import upload_slot
+
+    limit = settings.max_concurrent_uploads
+    # Other uploads in progress, seen as they are: transactions holding the tenant's slots.
+    with contextlib.ExitStack() as others:
+        for _ in range(limit):
+            session = others.enter_context(db.unit_of_work())
+            assert others.enter_context(upload_slot(session, caller.tenant_id, limit))
+        refused = upload(client, caller, zip_of(good_files()))
+        other_tenant = upload(client, make_caller("globex"), zip_of(good_files()))
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["Retry-After"] == str(settings.upload_retry_after_seconds)
+    error = refused.json()["error"]
+    assert error["code"] == "too_many_requests"
+    assert f"already has {limit} uploads being checked" in error["message"]
+    assert "max_concurrent_uploads" in error["message"]
+    assert other_tenant.status_code == 201, other_tenant.text  # the cap is per tenant
+    with db.unit_of_work() as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == 1
+    # The slots are free again once those transactions ended, and a refusal held none.
+    assert upload(client, caller, zip_of(good_files())).status_code == 201
