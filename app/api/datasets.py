@@ -64,7 +64,7 @@ def register_dataset(
     ":upload",
     status_code=201,
     response_model=DatasetOut,
-    responses=errors(*AUTH_ERRORS, 413, 422),
+    responses=errors(*AUTH_ERRORS, 413, 422, 429),
     summary="Upload a data set as a zip or tar archive",
 )
 def upload_dataset(
@@ -72,13 +72,31 @@ def upload_dataset(
     session: DbSession,
     settings: SettingsDep,
     response: Response,
-    file: Annotated[UploadFile, File(description="zip or tar(.gz): images and a manifest.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="zip (stored, deflate, bzip2 or lzma) or tar (plain, .gz, .bz2, .xz): "
+            "a manifest and the images it lists."
+        ),
+    ],
     name: Annotated[str, Form(min_length=1, max_length=200, pattern=r"^[^\x00]+$")],
     model_id: Annotated[uuid.UUID | None, Form(description="Check labels against it.")] = None,
 ) -> DatasetOut:
     """The archive holds manifest.jsonl or manifest.csv (id, path, label, split) and the
-    images, or an ImageFolder tree (class/image). Links, paths leaving the archive, bombs,
-    files that are not images and duplicate ids are refused, and then nothing is stored."""
+    images it lists, or an ImageFolder tree (class/image), optionally inside one top-level
+    folder. Only the manifest and its images are stored: any other file is refused (422,
+    naming the files), except operating systems' metadata (`__MACOSX/`, `._*`, `.DS_Store`,
+    `Thumbs.db`, `desktop.ini`), which is dropped. Listed paths must end in an image suffix.
+
+    Refused with 422 naming the member or sample, and then nothing is stored: links, devices
+    and other special files, paths leaving the archive, encrypted members, more than
+    `max_archive_members` members, more than `max_extracted_bytes` unpacked or more than
+    `max_compression_ratio` times the archive's size (counted as it is decompressed, in
+    bounded chunks, never trusting the headers), a decompressor needing more than
+    `max_decompressor_memory_bytes`, an image over `max_image_pixels` (read from its header,
+    before decoding), images that do not decode, duplicate ids. 413 above
+    `max_upload_bytes`; 429 with Retry-After while the tenant already has
+    `max_concurrent_uploads` uploads being checked."""
     dataset = service.register_upload(session, principal, name, file.file, model_id, settings)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return dataset_out(dataset)
