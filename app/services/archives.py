@@ -144,7 +144,53 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _ENCRYPTED = 0x1
 
 
+# The end of central directory record (APPNOTE 4.3.16), its zip64 locator (4.3.15) and the
+# zip64 record (4.3.14), and the fixed part of a central directory entry (4.3.12).
+_END = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL_ENTRY = struct.Struct("<4s4B4HL2L5H2L")
+
+
+def _check_zip_member_count(raw: BinaryIO, limit: int) -> None:
+    """Count the central directory's entries before zipfile reads them all into memory
+    (about 500 bytes each: a 512 MiB archive of empty entries would take 3 GiB)."""
+    raw.seek(0, 2)
+    size = raw.tell()
+    tail_start = max(0, size - _END.size - 0xFFFF)
+    raw.seek(tail_start)
+    tail = raw.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _END.size:
+        return  # zipfile will say what is wrong
+    *_, cd_size, cd_offset, _comment = _END.unpack_from(tail, at)
+    end_offset = tail_start + at
+    locator_at = at - _ZIP64_LOCATOR.size
+    if locator_at >= 0 and tail[locator_at : locator_at + 4] == b"PK\x06\x07":
+        _, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack_from(tail, locator_at)
+        raw.seek(zip64_offset)
+        record = raw.read(_ZIP64_END.size)
+        if len(record) == _ZIP64_END.size and record[:4] == b"PK\x06\x06":
+            *_, cd_size, cd_offset = _ZIP64_END.unpack(record)
+            end_offset = zip64_offset
+    # As zipfile does: data prepended to the archive (a self-extractor) shifts every offset.
+    position = cd_offset + max(0, end_offset - cd_size - cd_offset)
+    end = position + cd_size
+    for _ in range(limit + 1):
+        if position >= end:
+            return
+        raw.seek(position)
+        entry = raw.read(_CENTRAL_ENTRY.size)
+        if len(entry) < _CENTRAL_ENTRY.size or entry[:4] != b"PK\x01\x02":
+            return  # not a central directory (any more): zipfile will say so
+        name_length, extra_length, comment_length = _CENTRAL_ENTRY.unpack(entry)[12:15]
+        position += _CENTRAL_ENTRY.size + name_length + extra_length + comment_length
+    raise ArchiveError(f"file: more than {limit} members")
+
+
 def _extract_zip(archive: Path, writer: _Writer) -> None:
+    with open(archive, "rb") as raw:
+        _check_zip_member_count(raw, writer.limits.max_members)
     try:
         with zipfile.ZipFile(archive) as zf, open(archive, "rb") as raw:
             infos = zf.infolist()

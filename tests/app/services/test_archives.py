@@ -200,3 +200,19 @@ def test_more_than_the_archive_members_limit_is_refused(tmp_path):
     many = {f"f{i}": b"" for i in range(LIMITS.max_members + 1)}
     with pytest.raises(ArchiveError, match="more than 1000 members"):
         _unpack(tmp_path, _tar(many, "w:gz"))
+
+
+@pytest.mark.parametrize("prefix", [b"", b"#!/bin/sh\nexit 0\n"], ids=["zip", "self-extractor"])
+def test_a_zip_with_too_many_entries_is_refused_before_they_are_read(tmp_path, prefix):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(20_000):
+            zf.writestr(str(i), b"")
+    data = prefix + buffer.getvalue()
+    limits = ArchiveLimits(8 * MiB, max_members=100, max_ratio=50)
+    with peak_memory() as peak, pytest.raises(ArchiveError, match="more than 100 members"):
+        _unpack(tmp_path, data, limits)
+    assert peak[0] < 1 * MiB  # zipfile's reading the 20,000 entries would take about 10 MiB
+    exactly = ArchiveLimits(8 * MiB, max_members=20_000, max_ratio=50)
+    (tmp_path / "again").mkdir()
+    assert len(list(_unpack(tmp_path / "again", data, exactly).iterdir())) == 20_000
