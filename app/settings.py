@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     upload_retry_after_seconds: int = Field(
         10, gt=0, description="Retry-After on an upload refused for the concurrent limit."
     )
+    max_manifest_bytes: int = Field(
+        64 * MiB,
+        gt=0,
+        description="Largest manifest file in an uploaded archive (it is parsed in memory).",
+    )
     max_dataset_samples: int = Field(200_000, gt=0, description="Most samples in a data set.")
     max_variants: int = Field(64, gt=0, description="Most fine-tuning variants in one job.")
 

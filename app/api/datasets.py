@@ -92,7 +92,8 @@ def upload_dataset(
     and other special files, paths leaving the archive, encrypted members, more than
     `max_archive_members` members, more than `max_extracted_bytes` unpacked or more than
     `max_compression_ratio` times the archive's size (counted as it is decompressed, in
-    bounded chunks, never trusting the headers), a decompressor needing more than
+    bounded chunks, never trusting the headers), a manifest over `max_manifest_bytes` or
+    `max_dataset_samples` samples, a decompressor needing more than
     `max_decompressor_memory_bytes`, an image over `max_image_pixels` (read from its header,
     before decoding), images that do not decode, duplicate ids. 413 above
     `max_upload_bytes`; 429 with Retry-After while the tenant already has

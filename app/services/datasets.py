@@ -36,7 +36,7 @@ from app.services.archives import ArchiveError, ArchiveLimits, extract_archive
 from app.services.upload_slots import upload_slot
 from app.settings import Settings
 from app.storage import UriNotAllowed, check_allowed, is_local, local_path
-from negmerge.data import IMAGE_SUFFIXES, Manifest
+from negmerge.data import IMAGE_SUFFIXES, MANIFEST_NAMES, Manifest
 from negmerge.errors import DataError
 
 
@@ -168,6 +168,7 @@ def _unpack_and_add(
         archive.unlink()
         _drop_os_metadata(unpacked)
         root = _data_root(unpacked)
+        _check_manifest_size(root, settings.max_manifest_bytes)
         try:
             manifest = Manifest.load(str(root))
         except DataError as exc:
@@ -204,6 +205,18 @@ def _unpack_and_add(
         archive_sha256,
         dataset_id,
     )
+
+
+def _check_manifest_size(root: Path, limit: int) -> None:
+    """A manifest is read and parsed whole: refuse an oversize one before that."""
+    for name in MANIFEST_NAMES:
+        path = root / name
+        if path.is_file() and path.stat().st_size > limit:
+            raise InvalidRequest(
+                "file",
+                f"{name} is {path.stat().st_size} bytes, more than the limit of {limit} "
+                "(max_manifest_bytes)",
+            )
 
 
 # Files operating systems add to archives on their own (Finder's __MACOSX/ and AppleDouble

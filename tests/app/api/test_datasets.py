@@ -436,3 +436,16 @@ def test_concurrent_uploads_of_a_tenant_are_capped_with_429(
         assert session.scalar(select(func.count()).select_from(Dataset)) == 1
     # The slots are free again once those transactions ended, and a refusal held none.
     assert upload(client, caller, zip_of(good_files())).status_code == 201
+
+
+def test_an_oversize_manifest_is_refused_before_it_is_parsed(
+    client, caller, db, settings, monkeypatch
+):
+    monkeypatch.setattr(settings, "max_manifest_bytes", 1000)
+    files = good_files()
+    files["manifest.jsonl"] += b"\n" * 1000
+    response = upload(client, caller, zip_of(files))
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "manifest.jsonl is " in message and "max_manifest_bytes" in message, message
+    assert stored_nothing(db, settings)
