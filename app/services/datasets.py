@@ -130,7 +130,7 @@ def register_upload(
     with upload_slot(session, principal.tenant_id, limit) as taken:
         if not taken:
             raise TooManyRequests(
-                f"file: this tenant already has {limit} uploads being checked, the limit "
+                f"this tenant already has {limit} uploads being checked, the limit "
                 "(max_concurrent_uploads); retry when one has finished",
                 settings.upload_retry_after_seconds,
             )
