@@ -42,8 +42,6 @@ def _model_config_path(body: ModelCreate, settings: Settings) -> str:
 
 def _check_weights_fit(spec: ModelSpec) -> None:
     """Weights that do not load into the architecture fail now, not in the first job."""
-    if ":" in spec.architecture:
-        return  # an import path: its code runs in the workers that load it, not in the API
     try:
         check_weights(spec)
     except CheckpointError as exc:
@@ -51,7 +49,7 @@ def _check_weights_fit(spec: ModelSpec) -> None:
         raise InvalidRequest("weights_uri", problem) from None
     except NegMergeError as exc:  # the library names the part at fault first, if not weights
         part, problem = named_part(str(exc))
-        if part in ("architecture", "init_args"):
+        if part in ("architecture", "init_args") or (part or "").startswith("init_args."):
             raise InvalidRequest(part, problem) from None
         raise InvalidRequest("weights_uri", str(exc)) from None
 
