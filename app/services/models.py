@@ -21,19 +21,21 @@ from negmerge.errors import CheckpointError, NegMergeError
 from negmerge.models import ModelSpec, check_weights
 
 
-def _model_config_path(body: ModelCreate, settings: Settings) -> str:
+def _model_config_path(body: ModelCreate, settings: Settings, tenant_id: uuid.UUID) -> str:
     """The custom open_clip config's local path, once it is known to be a JSON object."""
     if body.family != "open_clip":
         raise InvalidRequest("model_config_uri", "only models of family open_clip take one")
     try:
-        uri = check_allowed(body.model_config_uri or "", settings.data_roots)
+        uri = check_allowed(body.model_config_uri or "", settings.data_roots, tenant_id)
     except UriNotAllowed as exc:
         raise InvalidRequest("model_config_uri", str(exc)) from None
     if not is_local(uri):
         raise InvalidRequest("model_config_uri", "must be a local file")
     try:
         config = json.loads(local_path(uri).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except OSError:  # its message names the server's path
+        raise InvalidRequest("model_config_uri", "cannot be read (a folder?)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest("model_config_uri", f"not a readable JSON file ({exc})") from None
     if not isinstance(config, dict) or "embed_dim" not in config:
         raise InvalidRequest("model_config_uri", "not an open_clip model config (no embed_dim)")
@@ -69,7 +71,7 @@ def register_model(
         if value
     }
     if body.model_config_uri is not None:
-        spec["model_config_path"] = _model_config_path(body, settings)
+        spec["model_config_path"] = _model_config_path(body, settings, principal.tenant_id)
     try:  # the library's own rules: unique classes, '{}' in templates, ...
         model_spec = ModelSpec(
             family=body.family, architecture=body.architecture, classes=body.classes, **spec
@@ -77,7 +79,7 @@ def register_model(
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     try:
-        weights_uri = check_allowed(body.weights_uri, settings.data_roots)
+        weights_uri = check_allowed(body.weights_uri, settings.data_roots, principal.tenant_id)
         sha256, size = sha256_and_size(weights_uri)
     except UriNotAllowed as exc:
         raise InvalidRequest("weights_uri", str(exc)) from None
