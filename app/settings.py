@@ -6,13 +6,15 @@ under ./var. Production sets NEGMERGE_DATABASE_URL (PostgreSQL) and NEGMERGE_BRO
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+TENANT = "{tenant}"  # in a data root: the calling tenant's id (a folder per tenant)
 
 
 def _var(*parts: str) -> str:
@@ -75,9 +77,11 @@ class Settings(BaseSettings):
         description="Where uploaded data sets and job outputs are stored (a path or fsspec URI).",
     )
     data_roots: list[str] = Field(
-        default_factory=lambda: [_var()],
+        default_factory=lambda: [_var("data")],
         description="Registered weights and manifests must lie under one of these paths/URIs, "
-        "so that a tenant cannot make the server read arbitrary files.",
+        "so that a tenant cannot make the server read arbitrary files. `{tenant}` in one "
+        "(a whole path segment) is the calling tenant's id: a folder per tenant. None may "
+        "overlap the artifact root, the broker folder or the SQLite file (refused at start).",
     )
 
     max_body_bytes: int = Field(1 * MiB, gt=0, description="Largest JSON request body.")
@@ -164,6 +168,53 @@ class Settings(BaseSettings):
         description="After the tenant's signing secret is rotated, deliveries are signed with "
         "the old secret too for this long, so receivers can switch over.",
     )
+
+    @field_validator("data_roots")
+    @classmethod
+    def _apart_from_the_servers_files(cls, roots: list[str], info: ValidationInfo) -> list[str]:
+        """A data root that contains the artifact root (or lies inside it) lets a tenant
+        register another tenant's stored models and uploads by path (issue 11, finding 5).
+        A field validator: its error shows the data roots, not the database URL."""
+        own = {"artifact_root": info.data.get("artifact_root", "")}
+        if info.data.get("broker_url", "").startswith("filesystem:"):
+            own["broker_folder"] = info.data.get("broker_folder", "")
+        database_url = info.data.get("database_url", "")
+        if database_url.startswith("sqlite:///"):
+            own["database_url"] = database_url.removeprefix("sqlite:///")
+        own = {name: path for name, path in own.items() if path}
+        for root in roots:
+            shared, placeholder, rest = root.partition(TENANT)
+            if placeholder and (not shared.endswith("/") or rest[:1] not in ("", "/")):
+                raise ValueError(
+                    f"data_roots: {root!r}: {TENANT} must be a whole path segment, "
+                    f"as in /srv/data/{TENANT}"
+                )
+            if TENANT in rest:
+                raise ValueError(f"data_roots: {root!r}: {TENANT} may appear once")
+            for name, path in own.items():
+                if _overlap(shared, path):
+                    raise ValueError(
+                        f"data_roots: {root!r} overlaps {name} {path!r}: tenants could register "
+                        "the server's own files (other tenants' models and uploads) by path; "
+                        "keep the data roots and the server's files apart (e.g. data roots "
+                        "under /srv/data, the artifact root /srv/var/artifacts)"
+                    )
+        return roots
+
+
+def _location(uri: str) -> str:
+    """`uri` as a comparable prefix: a local path made absolute, links resolved, or the URI;
+    with one trailing '/'."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        return "file://" + str(Path(os.path.abspath(path)).resolve()).rstrip("/") + "/"
+    return uri.rstrip("/") + "/"
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether either location contains the other (or they are the same)."""
+    a, b = _location(one), _location(other)
+    return a.startswith(b) or b.startswith(a)
 
 
 @lru_cache

@@ -2,18 +2,22 @@
 
 A tenant registers weights and manifests by URI, and the server then reads them. So that a
 tenant cannot make the server read any file it can reach (/etc/..., another tenant's
-uploads), a URI must lie under one of the configured `data_roots`.
+uploads), a URI must lie under one of the configured `data_roots` (`{tenant}` in one is the
+caller's tenant id). A path outside them and a missing one get the same answer, so that no
+answer tells whether a file the tenant may not read exists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import fsspec
 
+from app.settings import TENANT
 from negmerge.io import file_sha256
 
 _BLOCK = 8 * 1024 * 1024
@@ -33,21 +37,34 @@ def local_path(uri: str) -> Path:
     return Path(os.path.abspath(path))
 
 
-def check_allowed(uri: str, roots: list[str]) -> str:
-    """`uri` normalised (local paths made absolute) if it lies under one of `roots`."""
+# One answer for a path outside the caller's data roots and for a missing one.
+NOT_READABLE = "is not under your data roots on this server (see data_roots), or does not exist"
+
+
+def tenant_roots(roots: list[str], tenant_id: uuid.UUID) -> list[str]:
+    """The data roots of one tenant: `{tenant}` replaced by its id."""
+    return [root.replace(TENANT, str(tenant_id)) for root in roots]
+
+
+def check_allowed(uri: str, roots: list[str], tenant_id: uuid.UUID) -> str:
+    """`uri` normalised (local paths made absolute) if it lies under one of the tenant's
+    `roots` (and, if local, exists); UriNotAllowed(NOT_READABLE) otherwise."""
     if "\x00" in uri:
         raise UriNotAllowed("contains a NUL character")
+    roots = tenant_roots(roots, tenant_id)
     if is_local(uri):
         # resolve() follows links, so a link inside a root cannot lead out of it.
         path = local_path(uri).resolve()
-        for root in roots:
-            if is_local(root) and path.is_relative_to(local_path(root).resolve()):
-                return str(path)
+        inside = any(
+            is_local(root) and path.is_relative_to(local_path(root).resolve()) for root in roots
+        )
+        if inside and path.exists():
+            return str(path)
     else:
         for root in roots:
             if not is_local(root) and uri.startswith(root.rstrip("/") + "/") and ".." not in uri:
                 return uri
-    raise UriNotAllowed("is not under a data root this server reads from (see data_roots)")
+    raise UriNotAllowed(NOT_READABLE)
 
 
 def sha256_and_size(uri: str) -> tuple[str, int]:
@@ -55,7 +72,7 @@ def sha256_and_size(uri: str) -> tuple[str, int]:
     if is_local(uri):
         path = local_path(uri)
         if not path.is_file():
-            raise UriNotAllowed("no such file")
+            raise UriNotAllowed("is a folder, not a file" if path.is_dir() else NOT_READABLE)
         return file_sha256(path), path.stat().st_size
     digest, size = hashlib.sha256(), 0
     try:

@@ -137,7 +137,7 @@ def main() -> None:
     out.print("building the offline fixtures (about a minute, once)...")
     clip = ensure_tiny_clip()
     home.mkdir(parents=True, exist_ok=True)
-    env = service_env(home, [default_cache_dir(), home])
+    env = service_env(home, [default_cache_dir()])  # never `home`: it holds the artifacts
     url = start_service(home, args.port, env)
     service = ServiceClient(url, api_key(home, env))
 

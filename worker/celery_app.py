@@ -19,6 +19,10 @@ steps (README, "Workers"):
 - queues: the default queue for CPU steps and `gpu` (NEGMERGE_GPU_QUEUE_NAME) for
   fine-tuning; a worker takes both unless started with -Q.
 
+Least privilege: the parent drops the database and broker URLs from its environment once the
+settings are read, before the pool forks (worker.credentials), so no step's environment, nor
+any process a step starts, has them.
+
 No CUDA before fork: nothing here or in worker.tasks touches torch.cuda at import time; the
 first CUDA call happens in the child process that runs a step.
 
@@ -39,6 +43,7 @@ from sqlalchemy import create_engine
 
 from app.queue import make_celery
 from app.settings import Settings, get_settings
+from worker.credentials import forget_credentials
 
 # Imported by the parent before the pool forks. None of them initialises CUDA (tested).
 STEP_MODULES = (
@@ -75,7 +80,8 @@ def torch_threads(concurrency: int) -> int | None:
 def _on_worker_init(sender=None, **_: object) -> None:  # type: ignore[no-untyped-def]
     global _controller
     _controller = sender
-    preload_step_modules(get_settings())
+    preload_step_modules(get_settings())  # the settings are read, and kept, from here on
+    forget_credentials()  # before the pool forks: no step's environment has them
 
 
 @signals.worker_process_init.connect

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.db.models import JobState
@@ -39,6 +40,7 @@ from negmerge.pipeline import (
     JobContext,
     JobSpec,
     Workdir,
+    describe_validation_error,
     finalize,
     finetune_variant,
     merge_variants,
@@ -152,7 +154,10 @@ def workdir_for(settings: Settings, job_id: uuid.UUID) -> Path:
 
 
 def load_context(rt: Runtime, claim: steps.Claim) -> JobContext:
-    spec = JobSpec.model_validate(claim.spec)
+    try:  # the library's rules again: a spec stored before a rule existed fails cleanly
+        spec = JobSpec.model_validate(claim.spec)
+    except ValidationError as exc:
+        raise NegMergeError(describe_validation_error(exc)) from None
     root = workdir_for(rt.settings, claim.job_id)
     Workdir(root).claim(spec)
     return JobContext.load(spec, root)

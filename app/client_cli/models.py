@@ -24,7 +24,7 @@ def models() -> None:
 @click.option("-f", "--file", "body_file", type=click.File("r"), help="Body as JSON or YAML.")
 @click.option("--name", help="Unique within the tenant.")
 @click.option("--family", type=click.Choice(["open_clip", "classifier"]))
-@click.option("--architecture", help="open_clip model name, timm name or module:Class.")
+@click.option("--architecture", help="open_clip or timm model name, or one the server installed.")
 @click.option("--classes", help="Comma-separated class names, in the model's output order.")
 @click.option("--weights-uri", help="Where the server reads the weights (under its data roots).")
 @click.option("--image-size", type=int)

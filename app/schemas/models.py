@@ -30,7 +30,11 @@ class ModelCreate(Strict):
     description: str | None = Field(None, max_length=2000)
     family: Literal["open_clip", "classifier"]
     architecture: str = Field(
-        min_length=1, max_length=200, description="open_clip model name, timm name or module:Class."
+        min_length=1,
+        max_length=200,
+        description="A name, never an import path: an open_clip model name (or the name of "
+        "the custom config in model_config_uri), a timm model name, or an architecture the "
+        "operator installed.",
     )
     classes: list[str] = Field(min_length=2, max_length=100_000)
     weights_uri: str = Field(
@@ -48,7 +52,9 @@ class ModelCreate(Strict):
     )
     image_size: int | None = Field(None, gt=0, le=4096)
     init_args: dict[str, Any] = Field(
-        default_factory=dict, description="classifier given as module:Class: its arguments."
+        default_factory=dict,
+        description="classifier: keyword arguments among the architecture's declared "
+        "parameters (timm: drop_rate, drop_path_rate, in_chans, global_pool); others are 422.",
     )
 
 

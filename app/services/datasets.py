@@ -95,21 +95,22 @@ def register_from_uri(
     session: Session, principal: Principal, body: DatasetCreate, settings: Settings
 ) -> Dataset:
     classes = _model_classes(session, principal, body.model_id)
-    manifest_uri = _allowed(body.manifest_uri, settings, "manifest_uri")
-    root_uri = _allowed(body.root_uri, settings, "root_uri") if body.root_uri else None
+    tenant = principal.tenant_id
+    manifest_uri = _allowed(body.manifest_uri, settings, tenant, "manifest_uri")
+    root_uri = _allowed(body.root_uri, settings, tenant, "root_uri") if body.root_uri else None
     try:
         manifest = Manifest.load(manifest_uri, root_uri)
     except DataError as exc:
         raise InvalidRequest("manifest_uri", str(exc)) from None
     if root_uri is None:  # the default root (beside the manifest) must be allowed too
-        _allowed(manifest.root, settings, "root_uri")
+        _allowed(manifest.root, settings, tenant, "root_uri")
     checked = validate_manifest(manifest, settings, classes, "manifest_uri")
     return _add(session, principal, body.name, "uri", checked, manifest.source, manifest.root, None)
 
 
-def _allowed(uri: str, settings: Settings, field: str) -> str:
+def _allowed(uri: str, settings: Settings, tenant_id: uuid.UUID, field: str) -> str:
     try:
-        return check_allowed(uri, settings.data_roots)
+        return check_allowed(uri, settings.data_roots, tenant_id)
     except UriNotAllowed as exc:
         raise InvalidRequest(field, str(exc)) from None
 

@@ -21,19 +21,21 @@ from negmerge.errors import CheckpointError, NegMergeError
 from negmerge.models import ModelSpec, check_weights
 
 
-def _model_config_path(body: ModelCreate, settings: Settings) -> str:
+def _model_config_path(body: ModelCreate, settings: Settings, tenant_id: uuid.UUID) -> str:
     """The custom open_clip config's local path, once it is known to be a JSON object."""
     if body.family != "open_clip":
         raise InvalidRequest("model_config_uri", "only models of family open_clip take one")
     try:
-        uri = check_allowed(body.model_config_uri or "", settings.data_roots)
+        uri = check_allowed(body.model_config_uri or "", settings.data_roots, tenant_id)
     except UriNotAllowed as exc:
         raise InvalidRequest("model_config_uri", str(exc)) from None
     if not is_local(uri):
         raise InvalidRequest("model_config_uri", "must be a local file")
     try:
         config = json.loads(local_path(uri).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except OSError:  # its message names the server's path
+        raise InvalidRequest("model_config_uri", "cannot be read (a folder?)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest("model_config_uri", f"not a readable JSON file ({exc})") from None
     if not isinstance(config, dict) or "embed_dim" not in config:
         raise InvalidRequest("model_config_uri", "not an open_clip model config (no embed_dim)")
@@ -42,8 +44,6 @@ def _model_config_path(body: ModelCreate, settings: Settings) -> str:
 
 def _check_weights_fit(spec: ModelSpec) -> None:
     """Weights that do not load into the architecture fail now, not in the first job."""
-    if ":" in spec.architecture:
-        return  # an import path: its code runs in the workers that load it, not in the API
     try:
         check_weights(spec)
     except CheckpointError as exc:
@@ -51,7 +51,7 @@ def _check_weights_fit(spec: ModelSpec) -> None:
         raise InvalidRequest("weights_uri", problem) from None
     except NegMergeError as exc:  # the library names the part at fault first, if not weights
         part, problem = named_part(str(exc))
-        if part in ("architecture", "init_args"):
+        if part in ("architecture", "init_args") or (part or "").startswith("init_args."):
             raise InvalidRequest(part, problem) from None
         raise InvalidRequest("weights_uri", str(exc)) from None
 
@@ -71,7 +71,7 @@ def register_model(
         if value
     }
     if body.model_config_uri is not None:
-        spec["model_config_path"] = _model_config_path(body, settings)
+        spec["model_config_path"] = _model_config_path(body, settings, principal.tenant_id)
     try:  # the library's own rules: unique classes, '{}' in templates, ...
         model_spec = ModelSpec(
             family=body.family, architecture=body.architecture, classes=body.classes, **spec
@@ -79,7 +79,7 @@ def register_model(
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     try:
-        weights_uri = check_allowed(body.weights_uri, settings.data_roots)
+        weights_uri = check_allowed(body.weights_uri, settings.data_roots, principal.tenant_id)
         sha256, size = sha256_and_size(weights_uri)
     except UriNotAllowed as exc:
         raise InvalidRequest("weights_uri", str(exc)) from None

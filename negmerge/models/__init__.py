@@ -31,8 +31,9 @@ class ModelSpec(BaseModel):
     family: Literal["open_clip", "classifier"]
     architecture: str = Field(
         description="open_clip model name (ViT-B-32, ...) or a custom config's name; a timm "
-        "model name (resnet18, ...); or an import path module:Class for a torch module.",
-        examples=["ViT-B-32", "resnet18", "my_package.models:Net"],
+        "model name (resnet18, ...) or an architecture the operator installed (entry-point "
+        "group negmerge.architectures). A name, never an import path.",
+        examples=["ViT-B-32", "resnet18"],
     )
     classes: list[str] = Field(min_length=2, description="Class names, in the model's order.")
     weights: str | None = Field(
@@ -49,7 +50,9 @@ class ModelSpec(BaseModel):
         description="open_clip: prompt templates for the zero-shot head, '{}' is the class name.",
     )
     init_args: dict[str, object] = Field(
-        default_factory=dict, description="classifier import path: keyword arguments."
+        default_factory=dict,
+        description="classifier: keyword arguments among the architecture's declared "
+        "parameters (timm: drop_rate, drop_path_rate, in_chans, global_pool).",
     )
     image_size: int | None = Field(None, gt=0, description="Override the input size.")
 
@@ -61,6 +64,15 @@ class ModelSpec(BaseModel):
             raise ValueError("templates: each must contain '{}' for the class name")
         if self.family == "classifier" and self.pretrained:
             raise ValueError("pretrained: only for open_clip; give classifier weights as a file")
+        if self.family == "open_clip" and self.init_args:
+            raise ValueError("init_args: open_clip models take none")
+        if self.family == "classifier":
+            from negmerge.models.architectures import check_classifier
+
+            try:
+                check_classifier(self.architecture, self.init_args)
+            except NegMergeError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
 

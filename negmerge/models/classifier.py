@@ -1,16 +1,15 @@
-"""Ordinary image classifiers: timm models by name, or an operator's own torch module."""
+"""Ordinary image classifiers: timm models by name, or architectures the operator installed
+(negmerge.models.architectures)."""
 
 from __future__ import annotations
-
-import importlib
 
 import timm
 import timm.data
 from torch import nn
 from torchvision import transforms
 
-from negmerge.errors import NegMergeError
 from negmerge.models import ModelSpec
+from negmerge.models.architectures import classifier_architecture
 from negmerge.models.base import UnlearningModel, load_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,19 +33,12 @@ def load_classifier(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
 
 
 def build_module(spec: ModelSpec) -> nn.Module:
-    """The module `spec` describes, without its weights."""
-    if ":" in spec.architecture:
-        module_name, _, attr = spec.architecture.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise NegMergeError(f"architecture: cannot import {spec.architecture}: {exc}") from None
-        return factory(num_classes=len(spec.classes), **spec.init_args)
-    if not timm.is_model(spec.architecture):
-        raise NegMergeError(f"architecture: timm knows no model {spec.architecture!r}")
-    return timm.create_model(
-        spec.architecture, pretrained=False, num_classes=len(spec.classes), **spec.init_args
-    )
+    """The module `spec` describes, without its weights. The architecture is looked up by
+    name and its init_args checked against its declared parameters, even for a spec that
+    skipped validation (one read from a database): nothing a spec names is imported."""
+    architecture = classifier_architecture(spec.architecture)
+    arguments = architecture.arguments(spec.architecture, spec.init_args)
+    return architecture.build(num_classes=len(spec.classes), **arguments)
 
 
 def _eval_transform(module: nn.Module, spec: ModelSpec):

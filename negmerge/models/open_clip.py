@@ -75,7 +75,7 @@ def build_module(spec: ModelSpec) -> nn.Module:
 
 def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
     name = _model_name(spec)
-    pretrained = None if spec.weights else spec.pretrained
+    pretrained = None if spec.weights else _pretrained_tag(spec, name)
     with _root_log_level(logging.ERROR if spec.weights else logging.NOTSET):
         # open_clip warns "No pretrained weights loaded" although the weights follow below.
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -128,6 +128,17 @@ def _model_name(spec: ModelSpec) -> str:
             "(give model_config_path for a custom one)"
         )
     return spec.architecture
+
+
+def _pretrained_tag(spec: ModelSpec, name: str) -> str | None:
+    """open_clip's `pretrained` is a tag or a file path; a description may only name a tag."""
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if spec.pretrained and spec.pretrained not in tags:
+        raise NegMergeError(
+            f"pretrained: {spec.pretrained!r} is not one of open_clip's tags for {name} "
+            f"({', '.join(tags) or 'none'}); give local weights as `weights`"
+        )
+    return spec.pretrained
 
 
 def _register_config(path: str) -> str:

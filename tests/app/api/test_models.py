@@ -95,7 +95,7 @@ def test_weights_that_do_not_fit_the_architecture_are_422_and_nothing_is_stored(
         ({"weights_uri": str(junk)}, "weights_uri", "not a safetensors or PyTorch file"),
         ({"weights_uri": str(other_classes)}, "weights_uri", "does not fit test_resnet"),
         ({"architecture": "no-such-net"}, "architecture", "timm knows no model"),
-        ({"init_args": {"bogus": 1}}, "init_args", "unexpected keyword argument 'bogus'"),
+        ({"init_args": {"bogus": 1}}, "init_args.bogus", "is not a parameter of test_resnet"),
     ]:
         response = client.post(
             "/v1/models", json={**model_body(weights_file), **changes}, headers=caller.headers
@@ -155,3 +155,66 @@ def test_a_custom_open_clip_architecture_comes_with_its_config(
         assert bad.status_code == 422, bad.text
         (field,) = bad.json()["error"]["fields"]
         assert field["field"] == "model_config_uri" and problem in field["problem"], field
+
+
+def test_architectures_that_are_import_paths_are_422_and_nothing_runs(
+    client, caller, weights_file, tmp_path
+):
+    """Issue 11, finding 1: `module:Class` was imported and called with the tenant's
+    init_args (torch.hub:load ran an uploaded hubconf.py; logging:basicConfig truncated a
+    file). Architectures are names: both are refused, naming the field and what is allowed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "hubconf.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\ndef net(): 0\n")
+    for architecture, init_args in [
+        ("logging:basicConfig", {"force": True, "filename": str(victim), "filemode": "w"}),
+        ("torch.hub:load", {"repo_or_dir": str(tmp_path), "model": "net", "source": "local"}),
+    ]:
+        body = {**model_body(weights_file), "architecture": architecture, "init_args": init_args}
+        response = client.post("/v1/models", json=body, headers=caller.headers)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["error"]["fields"]
+        assert error["field"] == "architecture", error
+        assert "looks like an import path" in error["problem"]
+        assert "give a timm model name" in error["problem"]  # what is allowed instead
+    assert victim.read_text() == "precious" and not (tmp_path / "ran").exists()
+    assert client.get("/v1/models", headers=caller.headers).json()["items"] == []
+
+
+def test_init_args_outside_the_declared_parameters_are_422(client, caller, weights_file):
+    for init_args, field, problem in [
+        ({"pretrained": True}, "init_args.pretrained", "is not a parameter of test_resnet"),
+        ({"checkpoint_path": "/etc/passwd"}, "init_args.checkpoint_path", "not a parameter"),
+        ({"pretrained_cfg_overlay": {"file": "/x"}}, "init_args.pretrained_cfg_overlay", "not"),
+        ({"drop_rate": 3}, "init_args.drop_rate", "less than 1"),
+    ]:
+        body = {**model_body(weights_file), "init_args": init_args}
+        response = client.post("/v1/models", json=body, headers=caller.headers)
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["error"]["fields"]
+        assert error["field"] == field and problem in error["problem"], error
+        assert "takes drop_path_rate, drop_rate, global_pool, in_chans" in error["problem"]
+    body = {**model_body(weights_file), "init_args": {"drop_rate": 0.1}}
+    assert client.post("/v1/models", json=body, headers=caller.headers).status_code == 201
+
+
+def test_an_import_path_already_in_the_database_never_becomes_a_job(
+    client, caller, db, register, redis_client, settings
+):
+    """Defence in depth: a model row stored before the fix cannot start a job."""
+    from sqlalchemy import update
+
+    from app.db.models import Model
+    from tests.app.conftest import job_body
+
+    registered = register(caller)
+    with db.unit_of_work() as session:
+        session.execute(
+            update(Model)
+            .where(Model.id == uuid.UUID(registered.model_id))
+            .values(architecture="logging:basicConfig", spec={"init_args": {"force": True}})
+        )
+    response = client.post("/v1/unlearning-jobs", json=job_body(registered), headers=caller.headers)
+    assert response.status_code == 422, response.text
+    assert "looks like an import path" in response.text
+    assert redis_client.llen(settings.queue_name) == 0
