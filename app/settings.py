@@ -89,6 +89,28 @@ class Settings(BaseSettings):
     )
     max_dataset_samples: int = Field(200_000, gt=0, description="Most samples in a data set.")
     max_variants: int = Field(64, gt=0, description="Most fine-tuning variants in one job.")
+    max_epochs: int = Field(100, gt=0, description="Most epochs of one variant.")
+    max_steps: int = Field(100_000, gt=0, description="Most optimizer steps of one variant.")
+    max_warmup_steps: int = Field(10_000, ge=0, description="Most warmup steps of one variant.")
+    max_batch_size: int = Field(1024, gt=0, description="Largest fine-tuning batch.")
+    max_augment_layers: int = Field(
+        10, gt=0, description="Most RandAugment operations per image (the n of rand-m9-n2)."
+    )
+    max_total_steps: int = Field(
+        1_000_000,
+        gt=0,
+        description="Most optimizer steps of all a job's variants together (steps, or epochs "
+        "x batches of the forget set): the job's fine-tuning work.",
+    )
+    max_lambda_grid_points: int = Field(1000, gt=0, description="Most lambdas in a search grid.")
+    max_lambda: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="Largest lambda a search grid may hold."
+    )
+    max_eval_samples: int = Field(
+        1_000_000,
+        gt=0,
+        description="Largest max_eval_samples a job may ask for (samples per evaluation split).",
+    )
 
     page_size_default: int = Field(50, gt=0)
     page_size_max: int = Field(200, gt=0)

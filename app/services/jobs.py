@@ -44,6 +44,7 @@ from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
 from app.services import audit, webhooks
+from app.services.bounds import check_job_size
 from app.settings import Settings
 from app.storage import local_path
 from negmerge.data import MANIFEST_NAMES, Manifest
@@ -179,17 +180,18 @@ def _resolve(
         raise InvalidRequest("forget", "the forget set is empty")
 
     spec = _job_spec(body, model, version, forget_ds, retain_ds)
-    n = len(spec.variant_list())
-    if n > settings.max_variants:
-        raise InvalidRequest("variants", f"{n} variants, more than {settings.max_variants}")
+    variants = spec.variant_list()
+    n = len(variants)
+    try:
+        splits = make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
+    except DataError as exc:
+        raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
+    check_job_size(spec, variants, len(splits["forget"]), settings)
     try:
         get_method(spec.merge.method, n, **spec.merge.params)
-        make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
     except MergeError as exc:
         field = "merge.method" if "unknown" in str(exc) else "merge.params"
         raise InvalidRequest(field, str(exc)) from None
-    except DataError as exc:
-        raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
 
     return UnlearningJob(
         model_id=model.id,
