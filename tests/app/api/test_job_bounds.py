@@ -125,17 +125,21 @@ def post_raw(client: TestClient, registered, text: str):  # type: ignore[no-unty
     )
 
 
+LR = {"variants": {"preset": "tiny-classifier", "base": {"lr": "@"}}}
+CONSENSUS = {"merge": {"method": "negmerge", "params": {"consensus": "@"}}}
+
+
 @pytest.mark.parametrize(
     ("changes", "literal", "field"),
     [
         ({"search": {"grid": ["@", 0.5]}}, "NaN", "search.grid.0"),
         ({"search": {"grid": [0, "@"]}}, "Infinity", "search.grid.1"),
-        ({"variants": {"preset": "tiny-classifier", "base": {"lr": "@"}}}, "1e309", "variants.base.lr"),
-        ({"variants": {"preset": "tiny-classifier", "base": {"lr": "@"}}}, "-Infinity", "variants.base.lr"),
+        (LR, "1e309", "variants.base.lr"),
+        (LR, "-Infinity", "variants.base.lr"),
         ({"search": {"retain_ratio": "@"}}, "NaN", "search.retain_ratio"),
-        ({"merge": {"method": "negmerge", "params": {"consensus": "@"}}}, "NaN", "merge.params.consensus"),
+        (CONSENSUS, "NaN", "merge.params.consensus"),
     ],
-)  # fmt: skip
+)
 def test_numbers_that_are_not_finite_are_refused(client, registered, db, changes, literal, field):
     """json.loads reads NaN and Infinity, and 1e309 as infinity; none of them is a number a
     job can run with (or PostgreSQL store in JSON)."""
