@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,14 @@ _STATUS_CODES = {
 }
 
 
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached right now (a transient failure,
+    answered 503), as opposed to a statement it refused (a bug, answered 500)."""
+    if isinstance(exc, DisconnectionError | PoolTimeout | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -170,6 +180,20 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         body = ErrorResponse(error=ErrorDetail(code=code, message=str(exc.detail)))
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(DisconnectionError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not is_database_unavailable(exc):
+            return await _unexpected(request, exc)
+        # A dropped connection, a server restarting, a full pool: nothing was committed, and
+        # the same request can succeed in a moment.
+        log.warning("database unavailable: %s", type(exc).__name__, exc_info=exc)
+        message = "the database is unavailable right now; try again after Retry-After seconds"
+        body = ErrorResponse(error=ErrorDetail(code="unavailable", message=message))
+        retry = str(request.app.state.settings.retry_after_seconds)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": retry})
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
