@@ -11,7 +11,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -19,15 +19,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 
+# A default object repr, `<_io.BytesIO object at 0x7f...>`, as libraries put into their error
+# messages (Pillow names the file object it could not read): it tells a user nothing and an
+# attacker the process's heap addresses.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(text: str) -> str:
+    """`text` without the object reprs in it."""
+    return _OBJECT_REPR.sub("", text)
+
+
 class FieldProblem(BaseModel):
     field: str = Field(examples=["forget.ids"])
     problem: str = Field(examples=["3 ids are not in the data set, e.g. 'img-0042'"])
 
+    _no_reprs = field_validator("problem")(without_reprs)
+
 
 class ErrorDetail(BaseModel):
+    """Every error answer's text passes here: no object reprs leave the service."""
+
     code: str = Field(examples=["invalid_request"])
     message: str = Field(examples=["forget.ids: 3 ids are not in the data set, e.g. 'img-0042'"])
     fields: list[FieldProblem] = Field(default_factory=list)
+
+    _no_reprs = field_validator("message")(without_reprs)
 
 
 class ErrorResponse(BaseModel):

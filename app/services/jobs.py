@@ -39,6 +39,7 @@ from app.errors import (
     NotFound,
     from_validation_error,
     named_part,
+    without_reprs,
 )
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
@@ -343,7 +344,8 @@ def change_state(
         if job.stage is not None:
             _observe_stage(session, job, now)
     if error is not None:
-        job.error_code, job.error_message = error
+        # The one place a job's error text is written: what every reader of it shows.
+        job.error_code, job.error_message = error[0], without_reprs(error[1])
     if result is not None:
         job.result = result
     details: dict[str, Any] = {"from": previous.value, "to": state.value}
