@@ -158,6 +158,7 @@ def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequ
 
 
 _STATUS_CODES = {
+    400: "bad_request",
     401: "unauthenticated",
     403: "forbidden",
     404: "not_found",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -110,6 +110,16 @@ class Settings(BaseSettings):
         1_000_000,
         gt=0,
         description="Largest max_eval_samples a job may ask for (samples per evaluation split).",
+    )
+
+    metrics_job_counts: bool = Field(
+        True,
+        description="Show job counts by state (over all tenants) on /metrics; false hides them.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="When set, /metrics answers only `Authorization: Bearer <this token>` "
+        "(401 otherwise); unset, it is open to whoever reaches the port.",
     )
 
     page_size_default: int = Field(50, gt=0)
