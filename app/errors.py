@@ -54,6 +54,7 @@ class ErrorResponse(BaseModel):
 class ApiError(Exception):
     status_code = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None  # sent with the answer (e.g. Retry-After)
 
     def __init__(self, message: str, fields: list[FieldProblem] | None = None) -> None:
         super().__init__(message)
@@ -178,7 +179,7 @@ def is_database_unavailable(exc: BaseException) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else exc.headers
         return exc.response(headers)
 
     @app.exception_handler(RequestValidationError)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -17,6 +17,16 @@ MiB = 1024 * 1024
 
 def _var(*parts: str) -> str:
     return str(Path.cwd().joinpath("var", *parts))
+
+
+class TenantQuota(BaseModel):
+    """One tenant's quotas; a field left out is the global setting's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    active_jobs: int | None = Field(None, gt=0)
+    compute_seconds_per_day: float | None = Field(None, gt=0)
+    stored_bytes: int | None = Field(None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -110,6 +120,33 @@ class Settings(BaseSettings):
         1_000_000,
         gt=0,
         description="Largest max_eval_samples a job may ask for (samples per evaluation split).",
+    )
+
+    quota_active_jobs: int = Field(
+        20,
+        gt=0,
+        description="Most jobs a tenant may have that have not ended (queued, running, "
+        "cancelling); one more is a 429.",
+    )
+    quota_compute_seconds_per_day: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Most worker seconds (the wall time of its jobs' steps, all workers "
+        "together) a tenant may use in any 24 hours; while over it, new jobs are a 429 with "
+        "Retry-After.",
+    )
+    quota_stored_bytes: int = Field(
+        100 * 1024 * MiB,
+        gt=0,
+        description="Most bytes the service stores for a tenant: uploaded data sets and the "
+        "model versions its jobs produce; an upload or job that would pass it is a 413.",
+    )
+    quota_overrides: dict[str, TenantQuota] = Field(
+        default_factory=dict,
+        description="Quotas of particular tenants, by tenant name or id, e.g. "
+        '`{"acme": {"active_jobs": 100, "stored_bytes": 1e12}}`; what one leaves out is the '
+        "global quota.",
     )
 
     metrics_job_counts: bool = Field(

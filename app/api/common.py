@@ -18,7 +18,8 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         403: "The API key lacks the scope this endpoint needs.",
         404: "No such resource for this tenant.",
         409: "The resource's state does not allow this.",
-        413: "The body is larger than the configured limit.",
+        413: "The body is larger than the configured limit, or what the tenant stores would "
+        "pass its quota of bytes.",
         422: "The request is invalid; the error names each field and its problem.",
         429: "A quota of the tenant is used up; Retry-After says when to try again.",
     }

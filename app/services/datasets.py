@@ -27,7 +27,7 @@ from app.db.repositories import DatasetRepository, ModelRepository
 from app.db.session import after_rollback
 from app.errors import InvalidRequest
 from app.schemas.datasets import DatasetCreate
-from app.services import audit
+from app.services import audit, quotas
 from app.services.archives import ArchiveError, ArchiveLimits, extract_archive
 from app.settings import Settings
 from app.storage import UriNotAllowed, check_allowed, is_local, local_path
@@ -150,6 +150,8 @@ def register_upload(
         except InvalidRequest as exc:
             raise InvalidRequest("file", _relative(exc.fields[0].problem, unpacked)) from None
 
+        stored_bytes = sum(p.stat().st_size for p in unpacked.rglob("*") if p.is_file())
+        quotas.admit_upload(session, principal, stored_bytes, settings)
         dataset_id = uuid.uuid4()
         final = store / "datasets" / str(principal.tenant_id) / str(dataset_id)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,7 @@ def register_upload(
         str(moved_root),
         archive_sha256,
         dataset_id,
+        stored_bytes,
     )
 
 
@@ -201,6 +204,7 @@ def _add(
     root_uri: str,
     archive_sha256: str | None,
     dataset_id: uuid.UUID | None = None,
+    stored_bytes: int | None = None,
 ) -> Dataset:
     manifest = checked.manifest
     dataset = DatasetRepository(session, principal.tenant_id).add(
@@ -216,6 +220,7 @@ def _add(
             sample_count=len(manifest.samples),
             labels=manifest.labels,
             split_counts=checked.split_counts,
+            stored_bytes=stored_bytes,
         )
     )
     audit.record(

@@ -44,7 +44,7 @@ from app.errors import (
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit, webhooks
+from app.services import audit, quotas, webhooks
 from app.services.bounds import check_job_size
 from app.settings import Settings
 from app.storage import local_path
@@ -100,6 +100,15 @@ def submit_job(
     job = _resolve(session, principal, body, settings)
     if body.webhook_url is not None:
         webhooks.check_url(str(body.webhook_url), "webhook_url", settings)
+    # The quotas last, with the tenant locked: the slow checks above run concurrently, the
+    # counting one submission at a time. A request with this key may have committed while
+    # this one waited for the lock: it is answered, not counted again.
+    base = session.get(ModelVersion, job.model_version_id)
+    quotas.admit_job(session, principal, base.size_bytes if base else 0, settings)
+    if idempotency_key is not None:
+        existing = repo.get_by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return Submission(_same_request(existing, digest), created=False)
     job.idempotency_key = idempotency_key
     job.request_sha256 = digest
     job.created_by_key_id = principal.key_id
