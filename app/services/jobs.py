@@ -103,12 +103,13 @@ def submit_job(
     # The quotas last, with the tenant locked: the slow checks above run concurrently, the
     # counting one submission at a time. A request with this key may have committed while
     # this one waited for the lock: it is answered, not counted again.
-    base = session.get(ModelVersion, job.model_version_id)
-    quotas.admit_job(session, principal, base.size_bytes if base else 0, settings)
+    tenant = quotas.lock_tenant(session, principal)
     if idempotency_key is not None:
         existing = repo.get_by_idempotency_key(idempotency_key)
         if existing is not None:
             return Submission(_same_request(existing, digest), created=False)
+    base = session.get(ModelVersion, job.model_version_id)
+    quotas.admit_job(session, tenant, base.size_bytes if base else 0, settings)
     job.idempotency_key = idempotency_key
     job.request_sha256 = digest
     job.created_by_key_id = principal.key_id

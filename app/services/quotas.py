@@ -75,14 +75,19 @@ def quota_of(tenant: Tenant, settings: Settings) -> Quota:
     )
 
 
-def admit_job(session: Session, principal: Principal, new_bytes: int, settings: Settings) -> None:
-    """Check a new job against the tenant's quotas, with the tenant's row locked until the
-    transaction ends (so concurrent submissions are counted one after the other).
-    `new_bytes`: what the job will store (its new model version)."""
-    usage = UsageRepository(session, principal.tenant_id)
-    tenant = usage.lock_tenant()
+def lock_tenant(session: Session, principal: Principal) -> Tenant:
+    """The caller's tenant, its row locked until the transaction ends: a tenant's submissions
+    are counted against its quotas one after the other, so concurrent ones cannot all pass."""
+    tenant = UsageRepository(session, principal.tenant_id).lock_tenant()
     if tenant is None:
         raise NotFound("tenant not found")
+    return tenant
+
+
+def admit_job(session: Session, tenant: Tenant, new_bytes: int, settings: Settings) -> None:
+    """Check a new job against the quotas of `tenant` (locked by lock_tenant). `new_bytes`:
+    what the job will store (its new model version)."""
+    usage = UsageRepository(session, tenant.id)
     quota = quota_of(tenant, settings)
 
     active = usage.active_jobs()
@@ -111,10 +116,8 @@ def admit_upload(
     session: Session, principal: Principal, new_bytes: int, settings: Settings
 ) -> None:
     """Check that storing `new_bytes` more (an upload's files) stays within the quota."""
-    usage = UsageRepository(session, principal.tenant_id)
-    tenant = usage.lock_tenant()
-    if tenant is None:
-        raise NotFound("tenant not found")
+    tenant = lock_tenant(session, principal)
+    usage = UsageRepository(session, tenant.id)
     check_storage(usage, quota_of(tenant, settings), new_bytes, "this upload")
 
 

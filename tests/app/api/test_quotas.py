@@ -218,3 +218,23 @@ def test_uploads_count_against_the_storage_quota(quota_app, caller, db, settings
         assert session.scalar(select(func.count()).select_from(Dataset)) == 1
     folders = Path(settings.artifact_root, "datasets", str(caller.tenant_id))
     assert len(list(folders.iterdir())) == 1
+
+
+def test_retries_with_one_idempotency_key_are_answered_not_counted(quota_app, registered, db):
+    """Concurrent retries of one request: one job, every answer that job, even with a quota
+    of one active job that the first of them fills."""
+    client = quota_app(quota_active_jobs=1)
+    headers = {**registered.caller.headers, "Idempotency-Key": "retry-me"}
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(
+                *(http.post(JOBS, json=job_body(registered), headers=headers) for _ in range(8))
+            )
+
+    responses = asyncio.run(burst())
+    assert {r.status_code for r in responses} == {202}, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    with db.unit_of_work() as session:
+        assert session.scalar(select(func.count()).select_from(UnlearningJob)) == 1
