@@ -11,21 +11,40 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+
+# A default object repr, `<_io.BytesIO object at 0x7f...>`, as libraries put into their error
+# messages (Pillow names the file object it could not read): it tells a user nothing and an
+# attacker the process's heap addresses.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(text: str) -> str:
+    """`text` without the object reprs in it."""
+    return _OBJECT_REPR.sub("", text)
 
 
 class FieldProblem(BaseModel):
     field: str = Field(examples=["forget.ids"])
     problem: str = Field(examples=["3 ids are not in the data set, e.g. 'img-0042'"])
 
+    _no_reprs = field_validator("problem")(without_reprs)
+
 
 class ErrorDetail(BaseModel):
+    """Every error answer's text passes here: no object reprs leave the service."""
+
     code: str = Field(examples=["invalid_request"])
     message: str = Field(examples=["forget.ids: 3 ids are not in the data set, e.g. 'img-0042'"])
     fields: list[FieldProblem] = Field(default_factory=list)
+
+    _no_reprs = field_validator("message")(without_reprs)
 
 
 class ErrorResponse(BaseModel):
@@ -150,6 +169,7 @@ def from_validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequ
 
 
 _STATUS_CODES = {
+    400: "bad_request",
     401: "unauthenticated",
     403: "forbidden",
     404: "not_found",
@@ -157,6 +177,14 @@ _STATUS_CODES = {
     413: "payload_too_large",
     429: "too_many_requests",
 }
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached right now (a transient failure,
+    answered 503), as opposed to a statement it refused (a bug, answered 500)."""
+    if isinstance(exc, DisconnectionError | PoolTimeout | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -182,6 +210,20 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         body = ErrorResponse(error=ErrorDetail(code=code, message=str(exc.detail)))
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(DisconnectionError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not is_database_unavailable(exc):
+            return await _unexpected(request, exc)
+        # A dropped connection, a server restarting, a full pool: nothing was committed, and
+        # the same request can succeed in a moment.
+        log.warning("database unavailable: %s", type(exc).__name__, exc_info=exc)
+        message = "the database is unavailable right now; try again after Retry-After seconds"
+        body = ErrorResponse(error=ErrorDetail(code="unavailable", message=message))
+        retry = str(request.app.state.settings.retry_after_seconds)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": retry})
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

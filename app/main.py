@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app.api import ROUTERS
+from app.api.common import document_common_errors
 from app.dashboard import ROUTERS as DASHBOARD_ROUTERS
 from app.db.repositories import count_jobs_by_state
 from app.db.session import Database
@@ -60,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return count_jobs_by_state(session)
 
     app.state.metrics_registry = CollectorRegistry(auto_describe=False)
-    app.state.metrics_registry.register(JobsByState(count))
+    if settings.metrics_job_counts:
+        app.state.metrics_registry.register(JobsByState(count))
 
     install_error_handlers(app)
     app.add_middleware(
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     for router in DASHBOARD_ROUTERS:  # HTML pages under /dashboard, not in the OpenAPI document
         app.include_router(router)
+    document_common_errors(app)
     return app
 
 

@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -19,6 +19,16 @@ TENANT = "{tenant}"  # in a data root: the calling tenant's id (a folder per ten
 
 def _var(*parts: str) -> str:
     return str(Path.cwd().joinpath("var", *parts))
+
+
+class TenantQuota(BaseModel):
+    """One tenant's quotas; a field left out is the global setting's."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    active_jobs: int | None = Field(None, gt=0)
+    compute_seconds_per_day: float | None = Field(None, gt=0)
+    stored_bytes: int | None = Field(None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -119,6 +129,65 @@ class Settings(BaseSettings):
     )
     max_dataset_samples: int = Field(200_000, gt=0, description="Most samples in a data set.")
     max_variants: int = Field(64, gt=0, description="Most fine-tuning variants in one job.")
+    max_epochs: int = Field(100, gt=0, description="Most epochs of one variant.")
+    max_steps: int = Field(100_000, gt=0, description="Most optimizer steps of one variant.")
+    max_warmup_steps: int = Field(10_000, ge=0, description="Most warmup steps of one variant.")
+    max_batch_size: int = Field(1024, gt=0, description="Largest fine-tuning batch.")
+    max_augment_layers: int = Field(
+        10, gt=0, description="Most RandAugment operations per image (the n of rand-m9-n2)."
+    )
+    max_total_steps: int = Field(
+        1_000_000,
+        gt=0,
+        description="Most optimizer steps of all a job's variants together (steps, or epochs "
+        "x batches of the forget set): the job's fine-tuning work.",
+    )
+    max_lambda_grid_points: int = Field(1000, gt=0, description="Most lambdas in a search grid.")
+    max_lambda: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="Largest lambda a search grid may hold."
+    )
+    max_eval_samples: int = Field(
+        1_000_000,
+        gt=0,
+        description="Largest max_eval_samples a job may ask for (samples per evaluation split).",
+    )
+
+    quota_active_jobs: int = Field(
+        20,
+        gt=0,
+        description="Most jobs a tenant may have that have not ended (queued, running, "
+        "cancelling); one more is a 429.",
+    )
+    quota_compute_seconds_per_day: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Most worker seconds (the wall time of its jobs' steps, all workers "
+        "together) a tenant may use in any 24 hours; while over it, new jobs are a 429 with "
+        "Retry-After.",
+    )
+    quota_stored_bytes: int = Field(
+        100 * 1024 * MiB,
+        gt=0,
+        description="Most bytes the service stores for a tenant: uploaded data sets and the "
+        "model versions its jobs produce; an upload or job that would pass it is a 413.",
+    )
+    quota_overrides: dict[str, TenantQuota] = Field(
+        default_factory=dict,
+        description="Quotas of particular tenants, by tenant name or id, e.g. "
+        '`{"acme": {"active_jobs": 100, "stored_bytes": 1e12}}`; what one leaves out is the '
+        "global quota.",
+    )
+
+    metrics_job_counts: bool = Field(
+        True,
+        description="Show job counts by state (over all tenants) on /metrics; false hides them.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="When set, /metrics answers only `Authorization: Bearer <this token>` "
+        "(401 otherwise); unset, it is open to whoever reaches the port.",
+    )
 
     page_size_default: int = Field(50, gt=0)
     page_size_max: int = Field(200, gt=0)

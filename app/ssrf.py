@@ -39,10 +39,67 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+# IPv6 forms that stand for an IPv4 address (a translator sends the packet to it), and forms
+# that carry one as a tunnel's endpoint. Either way that IPv4 address is where packets go.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local use, any embedding
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated, RFC 4291
+_ISATAP_IID = 0x00005EFE  # interface id 0:5efe:a.b.c.d (or 200:5efe:...), RFC 5214
+
+
+def _low_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+
+
+def translated_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 address is a translation of (IPv4-mapped, SIIT, NAT64), and
+    the form's name; None for other addresses."""
+    if ip.ipv4_mapped is not None:
+        return "IPv4-mapped", ip.ipv4_mapped
+    if ip in _IPV4_TRANSLATED:
+        return "IPv4-translated", _low_ipv4(ip)
+    if ip in _NAT64:
+        return "NAT64", _low_ipv4(ip)
+    return None
+
+
+def tunnelled_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses a tunnelling form carries (6to4, Teredo, ISATAP, IPv4-compatible)."""
+    found = []
+    if ip.sixtofour is not None:
+        found.append(("6to4", ip.sixtofour))
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        found += [("Teredo server", server), ("Teredo client", client)]
+    if (int(ip) >> 32) & 0xFDFFFFFF == _ISATAP_IID:
+        found.append(("ISATAP", _low_ipv4(ip)))
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are themselves
+        found.append(("IPv4-compatible", _low_ipv4(ip)))
+    return found
+
+
 def non_public_reason(ip: IPAddress) -> str | None:
-    """Why `ip` is not a public unicast address, or None if it is one."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    """Why `ip` is not a public unicast address, or None if it is one. An IPv6 address that
+    stands for or tunnels to an IPv4 address is judged by that address too."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return "NAT64 local-use prefix"
+        if (translated := translated_ipv4(ip)) is not None:
+            form, inner = translated
+            reason = _own_reason(inner)
+            if reason is None or form == "IPv4-mapped":  # ::ffff:127.0.0.1 is 127.0.0.1
+                return reason
+            return f"{form} of {inner}, {reason}"
+        for form, inner in tunnelled_ipv4(ip):
+            if (reason := _own_reason(inner)) is not None:
+                return f"{form} of {inner}, {reason}"
+        if ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some sites
+            return "site-local"
+    return _own_reason(ip)
+
+
+def _own_reason(ip: IPAddress) -> str | None:
     checks = (
         ("unspecified", ip.is_unspecified),
         ("loopback", ip.is_loopback),

@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from negmerge.data import Manifest, Sample
 from negmerge.errors import DataError, NegMergeError
@@ -41,7 +41,7 @@ from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
-from negmerge.search import Evaluation, SearchResult, lambda_grid, search_lambda
+from negmerge.search import Evaluation, SearchResult, checked_grid, lambda_grid, search_lambda
 from negmerge.task_vector import apply_task_vector, apply_task_vector_file
 from negmerge.variants import Variant, VariantGrid
 
@@ -69,11 +69,26 @@ class MergeSpec(BaseModel):
 
 
 class SearchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     rule: Literal["retain-threshold", "holdout-match"] = "retain-threshold"
     strategy: Literal["fast", "grid"] = "fast"
-    grid: list[float] | None = Field(None, description="Lambdas to try (default 0..1, 21).")
+    grid: list[float] | None = Field(
+        None,
+        description="Lambdas to try, increasing from 0 (default 0..1, 21).",
+        min_length=1,
+    )
     retain_ratio: float = Field(0.95, gt=0, le=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _searchable(cls, grid: list[float] | None) -> list[float] | None:
+        # The search's own rules, checked when the job is written rather than after every
+        # variant has been fine-tuned.
+        return None if grid is None else checked_grid(grid)
+
+    def lambdas(self) -> list[float]:
+        """The lambdas the search may evaluate: the grid, or the default one."""
+        return self.grid or lambda_grid()
 
 
 class JobSpec(BaseModel):
@@ -428,7 +443,7 @@ def search(
             evaluate,
             ctx.spec.search.rule,
             strategy=ctx.spec.search.strategy,
-            grid=ctx.spec.search.grid or lambda_grid(),
+            grid=ctx.spec.search.lambdas(),
             retain_ratio=ctx.spec.search.retain_ratio,
             on_evaluation=on_evaluation,
         )

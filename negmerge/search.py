@@ -207,7 +207,7 @@ def search_lambda(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     chosen_rule = RULES[rule](retain_ratio=retain_ratio)
-    lambdas = _checked_grid(lambda_grid() if grid is None else grid)
+    lambdas = checked_grid(lambda_grid() if grid is None else grid)
 
     evaluated = _Evaluations(evaluate, lambdas, chosen_rule, on_evaluation)
     reference = evaluated(0)
@@ -233,16 +233,23 @@ def search_lambda(
     )
 
 
-def _checked_grid(grid: Sequence[float]) -> list[float]:
+def checked_grid(grid: Sequence[float]) -> list[float]:
+    """`grid` as floats, if it is one the search can run on: non-empty, finite, increasing
+    without repeats, starting at 0 (the reference lambda); else ValueError saying why."""
     lambdas = [float(lam) for lam in grid]
+    # The messages name the offending values, not the whole grid (it may be long).
     if not lambdas:
         raise ValueError("grid must not be empty")
-    if not all(math.isfinite(lam) for lam in lambdas):
-        raise ValueError(f"grid must contain only finite values, got {lambdas}")
-    if any(later <= earlier for earlier, later in pairwise(lambdas)):
-        raise ValueError(f"grid must be sorted in increasing order without repeats, got {lambdas}")
+    if (bad := next((lam for lam in lambdas if not math.isfinite(lam)), None)) is not None:
+        raise ValueError(f"grid must contain only finite values, not {bad}")
+    for earlier, later in pairwise(lambdas):
+        if later <= earlier:
+            raise ValueError(
+                f"grid must be sorted in increasing order without repeats: {later:g} follows "
+                f"{earlier:g}"
+            )
     if lambdas[0] != 0:
-        raise ValueError(f"grid must start at 0, the reference lambda, got {lambdas}")
+        raise ValueError(f"grid must start at 0, the reference lambda, not {lambdas[0]:g}")
     return lambdas
 
 

@@ -23,7 +23,8 @@ _AUGMENT = re.compile(r"^rand(-[a-z]+[0-9.]*)+$")
 class Variant(BaseModel):
     """The hyperparameters of one fine-tuning run on the forget set."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity (YAML's .nan, JSON's 1e309): a run could not train with one.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
@@ -38,7 +39,7 @@ class Variant(BaseModel):
     )
     batch_size: int = Field(32, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null: none.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("augment")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Query
+from fastapi import Depends, FastAPI, Query
 
 from app.dependencies import get_settings
 from app.errors import ErrorResponse
@@ -18,9 +18,11 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         403: "The API key lacks the scope this endpoint needs.",
         404: "No such resource for this tenant.",
         409: "The resource's state does not allow this.",
-        413: "The body is larger than the configured limit.",
+        413: "The body is larger than the configured limit, or what the tenant stores would "
+        "pass its quota of bytes.",
         422: "The request is invalid; the error names each field and its problem.",
-        429: "A limit that frees up by itself was reached; retry after Retry-After seconds.",
+        429: "A limit that frees up by itself was reached (concurrent uploads, a tenant's "
+        "active jobs or daily compute); retry after Retry-After seconds.",
     }
     responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": described[code]} for code in codes
@@ -30,6 +32,42 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
         }
     return responses
+
+
+_COMMON = {
+    400: "The body cannot be read: not UTF-8, or a malformed multipart form.",
+    415: "The body is not labelled JSON: send it with Content-Type: application/json.",
+    503: "The database is unavailable (a dropped connection, a restart); nothing was "
+    "changed: retry after Retry-After seconds.",
+}
+
+
+def document_common_errors(app: FastAPI) -> None:
+    """Add the answers any route can give to `app`'s OpenAPI document: 400 where a body is
+    read, 415 where it must be JSON, 503 where the database is used. As JSON, whatever the
+    route's own media type."""
+    generate = app.openapi
+    schema = {"$ref": "#/components/schemas/ErrorResponse"}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for path, operations in generate()["paths"].items():  # the cached document
+                for operation in operations.values():
+                    body = operation.get("requestBody", {}).get("content", {})
+                    codes = [400] if body else []
+                    codes += [415] if "application/json" in body else []
+                    codes += [503] if path.startswith("/v1/") or path == "/metrics" else []
+                    for code in codes:
+                        operation["responses"].setdefault(
+                            str(code),
+                            {
+                                "description": _COMMON[code],
+                                "content": {"application/json": {"schema": schema}},
+                            },
+                        )
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 AUTH_ERRORS = (401, 403)

@@ -53,6 +53,39 @@ EXAMPLE = (
 )
 
 
+def _event_data_schema() -> dict[str, Any]:
+    # Its parts (JobState, JobStage, JobProgress) are components already: jobs use them.
+    schema = JobStreamEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
+# The stream as a whole is text; each message is typed with OpenAPI 3.2's itemSchema (for
+# sequential media types such as text/event-stream): its fields, and its data as JSON.
+EVENT_STREAM: dict[str, Any] = {
+    "schema": {
+        "type": "string",
+        "format": "event-stream",
+        "contentMediaType": "text/event-stream",
+        "description": "Server-Sent Events (text/event-stream); each message is itemSchema.",
+    },
+    "itemSchema": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "description": "The event id: send it as Last-Event-ID."},
+            "event": {"type": "string", "enum": ["state", "stage", "progress"]},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": _event_data_schema(),
+            },
+            "retry": {"type": "integer", "description": "Milliseconds before reconnecting."},
+        },
+    },
+    "example": EXAMPLE,
+}
+
+
 class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
@@ -158,7 +191,7 @@ async def event_stream(
             "':' are heartbeats. The stream ends after the job's terminal state "
             "(SUCCEEDED, FAILED or CANCELLED), and at once for an ended job with nothing "
             "after the client's cursor.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": EXAMPLE}},
+            "content": {"text/event-stream": EVENT_STREAM},
         },
         **json_errors(*AUTH_ERRORS, 404, 422),
     },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from fastapi import APIRouter, Request, Response
@@ -10,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
+from app.api.common import errors
+from app.errors import Unauthenticated
 from app.observability import REGISTRY
 
 router = APIRouter(tags=["operations"])
@@ -61,10 +64,20 @@ def readyz(request: Request) -> Response:
         200: {
             "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
             "description": "Prometheus text format.",
-        }
+        },
+        **errors(401),
     },
     summary="Prometheus metrics",
+    description="Open, unless the operator sets NEGMERGE_METRICS_TOKEN: then only "
+    "`Authorization: Bearer <token>` is answered. Job counts by state (all tenants together) "
+    "are shown unless NEGMERGE_METRICS_JOB_COUNTS is false.",
 )
 def metrics(request: Request) -> Response:
+    token = request.app.state.settings.metrics_token
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected):
+            raise Unauthenticated("/metrics needs Authorization: Bearer <the metrics token>")
     body = generate_latest(REGISTRY) + generate_latest(request.app.state.metrics_registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -86,7 +86,7 @@ def _retry_after(response: Response, job: UnlearningJob, seconds: int) -> None:
             "description": "Accepted; Location names the job. A repeated Idempotency-Key "
             "with the same body answers with the same job."
         },
-        **errors(*AUTH_ERRORS, 413, 422),
+        **errors(*AUTH_ERRORS, 413, 422, 429),
     },
     summary="Submit a deletion request",
 )

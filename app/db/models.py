@@ -144,6 +144,9 @@ class Dataset(Base):
     sample_count: Mapped[int] = mapped_column(Integer)
     labels: Mapped[list] = mapped_column()
     split_counts: Mapped[dict[str, Any]] = mapped_column()
+    # Bytes the service stores for it (an upload's unpacked files); None: registered by URI,
+    # the tenant's own storage.
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -209,7 +212,11 @@ class JobStep(Base):
     only names the step; this row says whether it still needs running."""
 
     __tablename__ = "job_steps"
-    __table_args__ = (Index("ix_job_steps_state_lease", "state", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_job_steps_state_lease", "state", "lease_expires_at"),
+        # A tenant's recent steps: its compute over the last day (the daily quota).
+        Index("ix_job_steps_tenant_finished", "tenant_id", "finished_at"),
+    )
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("unlearning_jobs.id"), primary_key=True)
     name: Mapped[str] = mapped_column(String(32), primary_key=True)

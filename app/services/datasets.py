@@ -31,7 +31,7 @@ from app.db.repositories import DatasetRepository, ModelRepository
 from app.db.session import after_rollback
 from app.errors import InvalidRequest, TooManyRequests
 from app.schemas.datasets import DatasetCreate
-from app.services import audit
+from app.services import audit, quotas
 from app.services.archives import ArchiveError, ArchiveLimits, extract_archive
 from app.services.upload_slots import upload_slot
 from app.settings import Settings
@@ -180,6 +180,8 @@ def _unpack_and_add(
         except InvalidRequest as exc:
             raise InvalidRequest("file", _relative(exc.fields[0].problem, unpacked)) from None
 
+        stored_bytes = sum(p.stat().st_size for p in unpacked.rglob("*") if p.is_file())
+        quotas.admit_upload(session, principal, stored_bytes, settings)
         dataset_id = uuid.uuid4()
         final = store / "datasets" / str(principal.tenant_id) / str(dataset_id)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,7 @@ def _unpack_and_add(
         str(moved_root),
         archive_sha256,
         dataset_id,
+        stored_bytes,
     )
 
 
@@ -290,6 +293,7 @@ def _add(
     root_uri: str,
     archive_sha256: str | None,
     dataset_id: uuid.UUID | None = None,
+    stored_bytes: int | None = None,
 ) -> Dataset:
     manifest = checked.manifest
     dataset = DatasetRepository(session, principal.tenant_id).add(
@@ -305,6 +309,7 @@ def _add(
             sample_count=len(manifest.samples),
             labels=manifest.labels,
             split_counts=checked.split_counts,
+            stored_bytes=stored_bytes,
         )
     )
     audit.record(

@@ -39,11 +39,13 @@ from app.errors import (
     NotFound,
     from_validation_error,
     named_part,
+    without_reprs,
 )
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit, webhooks
+from app.services import audit, quotas, webhooks
+from app.services.bounds import check_job_size
 from app.settings import Settings
 from app.storage import local_path
 from negmerge.data import MANIFEST_NAMES, Manifest
@@ -98,6 +100,16 @@ def submit_job(
     job = _resolve(session, principal, body, settings)
     if body.webhook_url is not None:
         webhooks.check_url(str(body.webhook_url), "webhook_url", settings)
+    # The quotas last, with the tenant locked: the slow checks above run concurrently, the
+    # counting one submission at a time. A request with this key may have committed while
+    # this one waited for the lock: it is answered, not counted again.
+    tenant = quotas.lock_tenant(session, principal)
+    if idempotency_key is not None:
+        existing = repo.get_by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return Submission(_same_request(existing, digest), created=False)
+    base = session.get(ModelVersion, job.model_version_id)
+    quotas.admit_job(session, tenant, base.size_bytes if base else 0, settings)
     job.idempotency_key = idempotency_key
     job.request_sha256 = digest
     job.created_by_key_id = principal.key_id
@@ -179,17 +191,18 @@ def _resolve(
         raise InvalidRequest("forget", "the forget set is empty")
 
     spec = _job_spec(body, model, version, forget_ds, retain_ds)
-    n = len(spec.variant_list())
-    if n > settings.max_variants:
-        raise InvalidRequest("variants", f"{n} variants, more than {settings.max_variants}")
+    variants = spec.variant_list()
+    n = len(variants)
+    try:
+        splits = make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
+    except DataError as exc:
+        raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
+    check_job_size(spec, variants, len(splits["forget"]), settings)
     try:
         get_method(spec.merge.method, n, **spec.merge.params)
-        make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
     except MergeError as exc:
         field = "merge.method" if "unknown" in str(exc) else "merge.params"
         raise InvalidRequest(field, str(exc)) from None
-    except DataError as exc:
-        raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
 
     return UnlearningJob(
         model_id=model.id,
@@ -341,7 +354,8 @@ def change_state(
         if job.stage is not None:
             _observe_stage(session, job, now)
     if error is not None:
-        job.error_code, job.error_message = error
+        # The one place a job's error text is written: what every reader of it shows.
+        job.error_code, job.error_message = error[0], without_reprs(error[1])
     if result is not None:
         job.result = result
     details: dict[str, Any] = {"from": previous.value, "to": state.value}

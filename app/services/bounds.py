@@ -1,0 +1,111 @@
+"""Bounds on the size of a job, checked at submission: every number in a request that makes a
+job's work grow is capped by an operator's setting, and a request over one is a 422 naming
+the field, the value and the setting's limit, before anything is queued.
+
+A variant's values come from the preset, the grid's base or its lists; the field named is the
+one the value came from (variants.grid.epochs, variants.base.epochs or variants.preset).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from app.errors import InvalidRequest
+from app.settings import Settings
+from negmerge.pipeline import JobSpec
+from negmerge.variants import PRESETS, Variant, VariantGrid
+
+_AUGMENT_LAYERS = re.compile(r"-n([0-9]+)")
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """What a job will do: the fine-tuning runs, their optimizer steps, the lambdas."""
+
+    variants: int
+    total_steps: int
+    lambdas: int
+
+
+def check_job_size(
+    spec: JobSpec, variants: Sequence[Variant], train_samples: int, settings: Settings
+) -> JobSize:
+    """The job's size, if every part of it is within the settings' bounds; else the 422 of
+    the first part that is not. `train_samples`: the forget set's samples fine-tuned on."""
+    if len(variants) > settings.max_variants:
+        raise _over("variants", len(variants), settings.max_variants, "max_variants", "variants")
+    per_variant = (
+        ("epochs", settings.max_epochs, "max_epochs"),
+        ("steps", settings.max_steps, "max_steps"),
+        ("warmup_steps", settings.max_warmup_steps, "max_warmup_steps"),
+        ("batch_size", settings.max_batch_size, "max_batch_size"),
+    )
+    total_steps = 0
+    for variant in variants:
+        for name, limit, setting in per_variant:
+            value = getattr(variant, name)
+            if value is not None and value > limit:
+                raise _over(_source(spec.variants, name), value, limit, setting)
+        layers = _augment_layers(variant.augment)
+        if layers > settings.max_augment_layers:
+            where = _source(spec.variants, "augment")
+            raise _over(
+                where, layers, settings.max_augment_layers, "max_augment_layers", "operations"
+            )
+        # As fine-tuning counts them: steps, or epochs x batches (the last one partial).
+        total_steps += variant.steps or variant.epochs * math.ceil(
+            train_samples / variant.batch_size
+        )
+    if total_steps > settings.max_total_steps:
+        raise InvalidRequest(
+            "variants",
+            f"{len(variants)} variants of {total_steps} optimizer steps in all on "
+            f"{train_samples} forget samples, more than the limit of {settings.max_total_steps} "
+            "(NEGMERGE_MAX_TOTAL_STEPS); use fewer variants, epochs or steps",
+        )
+
+    lambdas = spec.search.lambdas()
+    if len(lambdas) > settings.max_lambda_grid_points:
+        limit = settings.max_lambda_grid_points
+        raise _over("search.grid", len(lambdas), limit, "max_lambda_grid_points", "points")
+    if lambdas[-1] > settings.max_lambda:
+        raise _over(
+            "search.grid", lambdas[-1], settings.max_lambda, "max_lambda", "(its largest lambda)"
+        )
+    if spec.max_eval_samples is not None and spec.max_eval_samples > settings.max_eval_samples:
+        raise _over(
+            "max_eval_samples", spec.max_eval_samples, settings.max_eval_samples, "max_eval_samples"
+        )
+    return JobSize(len(variants), total_steps, len(lambdas))
+
+
+def _over(field: str, value: object, limit: object, setting: str, what: str = "") -> InvalidRequest:
+    """The 422 for `value` over `limit`; `what` says what the value counts ("points")."""
+    number = f"{value:g}" if isinstance(value, float) else str(value)
+    given = f"{number} {what}" if what else number
+    return InvalidRequest(
+        field, f"{given} is more than the limit of {limit} (NEGMERGE_{setting.upper()})"
+    )
+
+
+def _source(grid: VariantGrid, name: str) -> str:
+    """Where a variant's value of `name` was given: the grid's list, its base, or the preset."""
+    if name in grid.grid:
+        return f"variants.grid.{name}"
+    if name in grid.base:
+        return f"variants.base.{name}"
+    preset = PRESETS.get(grid.preset or "", {})
+    if name in preset.get("grid", {}) or name in preset.get("base", {}):
+        return "variants.preset"
+    return "variants"
+
+
+def _augment_layers(augment: str | None) -> int:
+    """The n of a RandAugment config (operations applied to each image); 0 for none."""
+    if augment is None:
+        return 0
+    found = _AUGMENT_LAYERS.findall(augment)
+    return max((int(n) for n in found), default=2)  # timm's default n is 2
