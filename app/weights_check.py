@@ -3,7 +3,7 @@
 The check (negmerge.models.check_weights) builds the architecture on PyTorch's meta device.
 Done in the API process, it imported timm or open_clip and left their objects on the heap
 after start-up's gc.freeze(): every later full garbage collection walked about 200,000 more
-objects and paused the requests in flight for 60-200 ms (bench/api_load.py: the job GET's p95
+objects and paused the requests in flight for 60-350 ms (bench/api_load.py: the job GET's p95
 went from under 2x to about 4x the bare route's). So each check runs in a child process forked
 from a fork server that has the model libraries imported: the API process never imports them,
 and nothing of a check stays behind in it. The first check starts the server (it imports
