@@ -93,6 +93,19 @@ class Settings(BaseSettings):
         "(a whole path segment) is the calling tenant's id: a folder per tenant. None may "
         "overlap the artifact root, the broker folder or the SQLite file (refused at start).",
     )
+    weights_check_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Registration checks that the weights fit the architecture in a child "
+        "process (forked from a server with the model libraries loaded, started by the first "
+        "registration); past this time the child is killed and the registration refused.",
+    )
+    weights_check_memory_mib: int = Field(
+        512,
+        gt=0,
+        description="How much the weights check's child process may grow beyond the model "
+        "libraries it starts with (Linux).",
+    )
 
     max_body_bytes: int = Field(1 * MiB, gt=0, description="Largest JSON request body.")
     max_upload_bytes: int = Field(512 * MiB, gt=0, description="Largest data set archive.")

@@ -17,8 +17,9 @@ from app.schemas.models import ModelCreate
 from app.services import audit
 from app.settings import Settings
 from app.storage import UriNotAllowed, check_allowed, is_local, local_path, sha256_and_size
+from app.weights_check import check_weights_in_child
 from negmerge.errors import CheckpointError, NegMergeError
-from negmerge.models import ModelSpec, check_weights
+from negmerge.models import ModelSpec
 
 
 def _model_config_path(body: ModelCreate, settings: Settings, tenant_id: uuid.UUID) -> str:
@@ -42,10 +43,15 @@ def _model_config_path(body: ModelCreate, settings: Settings, tenant_id: uuid.UU
     return str(local_path(uri))
 
 
-def _check_weights_fit(spec: ModelSpec) -> None:
-    """Weights that do not load into the architecture fail now, not in the first job."""
+def _check_weights_fit(spec: ModelSpec, settings: Settings) -> None:
+    """Weights that do not load into the architecture fail now, not in the first job. The
+    model is built in a child process: importing and building it here slowed every request."""
     try:
-        check_weights(spec)
+        check_weights_in_child(
+            spec,
+            timeout_seconds=settings.weights_check_timeout_seconds,
+            memory_mib=settings.weights_check_memory_mib,
+        )
     except CheckpointError as exc:
         problem = str(exc).removeprefix(f"{spec.weights}: ")
         raise InvalidRequest("weights_uri", problem) from None
@@ -84,7 +90,7 @@ def register_model(
     except UriNotAllowed as exc:
         raise InvalidRequest("weights_uri", str(exc)) from None
     if is_local(weights_uri):  # remote weights are checked when a job first loads them
-        _check_weights_fit(model_spec.model_copy(update={"weights": weights_uri}))
+        _check_weights_fit(model_spec.model_copy(update={"weights": weights_uri}), settings)
     if repo.get_by_name(body.name) is not None:
         raise Conflict(f"name: this tenant already has a model named {body.name!r}")
 

@@ -103,7 +103,7 @@ def check_weights(spec: ModelSpec) -> None:
     try:
         with torch.device("meta"):
             module = build_module(spec)
-    except NegMergeError:
+    except (NegMergeError, MemoryError):  # a MemoryError: past the caller's memory limit
         raise
     except TypeError as exc:  # keyword arguments the architecture does not take
         raise NegMergeError(f"init_args: {spec.architecture} cannot be built: {exc}") from None
