@@ -314,12 +314,13 @@ def make_splits(spec: JobSpec, forget: Manifest, retain: Manifest) -> dict[str, 
     splits["retain_val"] = splits["retain_val"] or splits["retain"] or kept
     if spec.search.rule == "holdout-match" and not splits["holdout"]:
         raise DataError("search.rule: holdout-match needs retain samples in the val split")
-    target, default = spec.resolved_target()
-    if target.needs_test_split and not (splits["test"] and splits["retain"]):
-        which = f"the default target for {spec.target_kind}" if default else "the target"
+    # A stated target that cannot be measured is refused before any work; the default one is
+    # not (a request need not know it), and its verdict then says what was not measured.
+    measurable = bool(splits["test"] and splits["retain"])
+    if spec.target is not None and spec.target.needs_test_split and not measurable:
         raise DataError(
-            f"target: {which} bounds held-out accuracy or MIA-efficacy, which need retain "
-            "samples in the train and test splits; state a target without them"
+            "target: holdout_gap_max and mia_min need retain samples in the train and test "
+            "splits (held-out accuracy, MIA-efficacy); this data has none"
         )
     return splits
 
