@@ -117,6 +117,7 @@ class Check(BaseModel):
 
     bound: str = Field(description="The target's field, or 'lambda'.", examples=["forget_acc_max"])
     metric: str = Field(description="The metric it applies to.", examples=["forget_acc"])
+    label: str = Field(description="The metric, for people.", examples=["forget accuracy"])
     value: float | None = Field(description="The unlearned model's value (None: not measured).")
     limit: float = Field(description="The value must be on the right side of this.")
     comparison: Literal["<=", ">=", ">"]
@@ -163,7 +164,7 @@ def judge(
         label = _LABELS.get(metric, metric)
         shown = "not measured" if value is None else f"{value:.2f}"
         text = f"{label} {shown} (must be {op} {limit:.4g})"
-        checks.append(Check(bound=bound, metric=metric, value=value, limit=limit,
+        checks.append(Check(bound=bound, metric=metric, label=label, value=value, limit=limit,
                             comparison=op, met=met, text=text))  # fmt: skip
 
     check("lambda", "lambda", float(lam), ">", 0.0)
