@@ -82,3 +82,26 @@ def test_lambda_zero_is_never_met_however_loose_the_bounds():
     assert not verdict.met
     assert "chose 0" in verdict.reason and "nothing was forgotten" in verdict.reason
     assert verdict.to_dict()["lambda"] == 0.0
+
+
+def test_a_stated_target_that_needs_a_test_split_is_refused_on_data_without_one(tmp_path):
+    from negmerge.data import Manifest
+    from negmerge.errors import DataError
+    from negmerge.fixtures import ensure_tiny_classifier
+    from negmerge.fixtures.jobs import forget_class_job
+    from negmerge.pipeline import JobSpec, make_splits
+
+    classifier = ensure_tiny_classifier()
+    rows = (classifier.dataset_root / "manifest.jsonl").read_text().splitlines()
+    (tmp_path / "manifest.jsonl").write_text(
+        "".join(line + "\n" for line in rows if '"test"' not in line)
+    )
+    manifest = Manifest.load(tmp_path / "manifest.jsonl", classifier.dataset_root)
+    job = forget_class_job(classifier)
+    job["forget"] = {"dataset": str(tmp_path / "manifest.jsonl"), "classes": ["three"]}
+
+    default = JobSpec.model_validate(job)  # the default class target needs no test split
+    assert make_splits(default, manifest, manifest)["test"] == []
+    stated = JobSpec.model_validate({**job, "target": {"mia_min": 10.0}})
+    with pytest.raises(DataError, match="target: holdout_gap_max and mia_min need"):
+        make_splits(stated, manifest, manifest)
