@@ -97,6 +97,14 @@ class JobSpec(BaseModel):
     eval_batch_size: int = Field(256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @property
+    def target_kind(self) -> TargetKind:
+        return target_kind(self.forget.classes, self.forget.ids)
+
+    def resolved_target(self) -> tuple[Target, bool]:
+        """The target this job is judged by, and whether it is its kind's default."""
+        return resolve_target(self.target, self.target_kind, self.search.retain_ratio)
+
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> JobSpec:
         """Read a job from YAML or JSON; relative data and weight paths are taken from there."""
@@ -127,14 +135,6 @@ class JobSpec(BaseModel):
                 data[part]["dataset"] = resolve(data[part]["dataset"])
                 data[part]["root"] = resolve(data[part]["root"])
         return JobSpec.model_validate(data)
-
-    @property
-    def target_kind(self) -> TargetKind:
-        return target_kind(self.forget.classes, self.forget.ids)
-
-    def resolved_target(self) -> tuple[Target, bool]:
-        """The target this job is judged by, and whether it is its kind's default."""
-        return resolve_target(self.target, self.target_kind, self.search.retain_ratio)
 
     def variant_list(self) -> list[Variant]:
         return [v.model_copy(update={"seed": v.seed + self.seed}) for v in self.variants.expand()]
