@@ -128,7 +128,8 @@ def run(workers: int, variants: int, epochs: int, folder: Path) -> dict:
                 "wall": wall,
                 "stages": stage_times(steps, wall),
                 "steps": step_costs(steps, job["result"]),
-                "model_sha256": job["result"]["model"]["weights_sha256"],
+                # None when lambda is 0 (no model version is made)
+                "model_sha256": (job["result"]["model"] or {}).get("weights_sha256"),
             }
     finally:
         stop.set()

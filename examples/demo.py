@@ -6,7 +6,8 @@
    the watchdog; SQLite and a filesystem broker under var/demo, nothing to install);
 3. creates a tenant and an API key, registers the model and the two data sets;
 4. submits a deletion request: forget the shapes domain, keep the digits (the paper's CLIP
-   experiment in miniature), follows it with a progress bar, and prints the evidence;
+   experiment in miniature), follows it with a progress bar, and prints the evidence and
+   the verdict (the default target for a domain: forget accuracy at most half the original's);
 5. leaves the service running for the dashboard and the CLI; `make demo-stop` stops it.
 
     python examples/demo.py [--port 8000] [--home var/demo]
@@ -180,7 +181,13 @@ def main() -> None:
     out.print(f"submitted deletion request {job['id']}: forget the shapes, keep the digits")
     with JobProgress() as progress:
         job = service.wait_for_job(job["id"], on_update=progress.update, poll_interval=1.0)
-    print_report(service.job_report(job["id"]), job)
+    print_report(service.job_report(job["id"]), job)  # with the target and the verdict
+    verdict = job.get("verdict") or {}
+    if verdict and not verdict.get("met"):
+        out.print(
+            "[bold dark_orange]The job ran to the end but did not meet its target[/]: this "
+            "deletion is not done (the model version it made, if any, is kept as evidence)."
+        )
 
     base = service.base_url
     out.print(

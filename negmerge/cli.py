@@ -24,6 +24,9 @@ from negmerge.merge.streaming import merge_files
 
 stderr = Console(stderr=True)
 FILE = click.Path(dir_okay=False, path_type=Path)
+# `negmerge unlearn` (and the client's `jobs wait`) exit with this when the job ran to the end
+# but its target was not met: not a success, and not an error in the input either.
+EXIT_TARGET_NOT_MET = 5
 
 
 class _Group(click.Group):
@@ -137,7 +140,8 @@ def apply(pretrained: Path, vector: Path, scale: float, output: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 def unlearn(job: Path, workdir: Path, as_json: bool) -> None:
     """Run the unlearning JOB (YAML or JSON) end to end: fine-tune the variants, merge, search
-    lambda, evaluate, and write the unlearned model and report.json into WORKDIR."""
+    lambda, evaluate, judge the result against the job's target, and write the unlearned model
+    and report.json into WORKDIR. Exits 0 if the target was met, 5 if not (1 on an error)."""
     from negmerge.pipeline import JobSpec, run_unlearning
 
     spec = JobSpec.from_file(job)
@@ -145,8 +149,10 @@ def unlearn(job: Path, workdir: Path, as_json: bool) -> None:
         report = run_unlearning(spec, workdir, progress)
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        return
-    print_report_summary(report)
+    else:
+        print_report_summary(report)
+    if not report["verdict"]["met"]:
+        raise SystemExit(EXIT_TARGET_NOT_MET)
 
 
 def print_report_summary(report: dict) -> None:
@@ -175,8 +181,23 @@ def print_report_summary(report: dict) -> None:
     click.echo(f"lambda        {report['lambda']:g}{edge}")
     click.echo(f"kept          {kept}")
     click.echo(f"base model    sha256 {report['base_model']['sha256']}")
-    click.echo(f"new model     sha256 {report['model']['sha256']}")
-    click.echo(f"              {report['model']['path']}")
+    if report["model"] is not None:
+        click.echo(f"new model     sha256 {report['model']['sha256']}")
+        click.echo(f"              {report['model']['path']}")
+    else:
+        click.echo("new model     none: lambda 0 leaves the model unchanged")
+    print_verdict(report["verdict"])
+
+
+def print_verdict(verdict: dict) -> None:
+    """The verdict: met or not, the target it was judged by, and every check."""
+    target = ", ".join(f"{k} {v:g}" for k, v in verdict["target"].items() if v is not None)
+    default = f" (the default for {verdict['kind']})" if verdict["default_target"] else ""
+    click.echo(f"target        {target}{default}")
+    head = "MET" if verdict["met"] else "NOT MET"
+    click.echo(f"verdict       {head}: {verdict['reason'].split(': ', 1)[-1]}")
+    for check in verdict["checks"]:
+        click.echo(f"              {'ok ' if check['met'] else 'NO '} {check['text']}")
 
 
 class _JobProgress:

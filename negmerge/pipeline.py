@@ -1,6 +1,7 @@
 """The whole unlearning job as a library call.
 
-    evaluate the original -> fine-tune n variants -> merge -> search lambda -> evaluate -> store
+    evaluate the original -> fine-tune n variants -> merge -> search lambda -> evaluate
+        -> judge against the target (negmerge.verdict) -> store (not at lambda 0)
 
 Each stage writes its output into the work directory atomically and a re-run skips what is
 there, so a crash or a kill costs only the stage that was running (finished variants are not
@@ -44,6 +45,7 @@ from negmerge.models import ModelSpec, UnlearningModel, load_model
 from negmerge.search import Evaluation, SearchResult, checked_grid, lambda_grid, search_lambda
 from negmerge.task_vector import apply_task_vector, apply_task_vector_file
 from negmerge.variants import Variant, VariantGrid
+from negmerge.verdict import Target, TargetKind, judge, resolve_target, target_kind
 
 SEARCH_SPLITS = ("forget_val", "retain_val")
 REPORT_SPLITS = ("forget", "forget_test", "retain", "test")
@@ -102,10 +104,21 @@ class JobSpec(BaseModel):
     variants: VariantGrid
     merge: MergeSpec = Field(default_factory=MergeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    target: Target | None = Field(
+        None, description="What counts as forgotten (default: by kind, negmerge.verdict)."
+    )
     seed: int = Field(0, description="Added to every variant's seed.")
     max_eval_samples: int | None = Field(2000, gt=0, description="Cap per evaluation split.")
     eval_batch_size: int = Field(256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def target_kind(self) -> TargetKind:
+        return target_kind(self.forget.classes, self.forget.ids)
+
+    def resolved_target(self) -> tuple[Target, bool]:
+        """The target this job is judged by, and whether it is its kind's default."""
+        return resolve_target(self.target, self.target_kind, self.search.retain_ratio)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> JobSpec:
@@ -316,6 +329,14 @@ def make_splits(spec: JobSpec, forget: Manifest, retain: Manifest) -> dict[str, 
     splits["retain_val"] = splits["retain_val"] or splits["retain"] or kept
     if spec.search.rule == "holdout-match" and not splits["holdout"]:
         raise DataError("search.rule: holdout-match needs retain samples in the val split")
+    # A stated target that cannot be measured is refused before any work; the default one is
+    # not (a request need not know it), and its verdict then says what was not measured.
+    measurable = bool(splits["test"] and splits["retain"])
+    if spec.target is not None and spec.target.needs_test_split and not measurable:
+        raise DataError(
+            "target: holdout_gap_max and mia_min need retain samples in the train and test "
+            "splits (held-out accuracy, MIA-efficacy); this data has none"
+        )
     return splits
 
 
@@ -455,13 +476,14 @@ def search(
 
 
 def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timings: dict) -> dict:
-    """Write the unlearned model, measure it, and write the evidence report."""
+    """Measure the unlearned model, judge it against the job's target, write it (unless lambda
+    is 0: the model would be the original, unchanged) and write the evidence report."""
     wd = ctx.workdir
     if wd.report.exists():
         return json.loads(wd.report.read_text())
     lam = searched["lambda"]
     began = time.perf_counter()
-    if not wd.model.exists():
+    if lam != 0 and not wd.model.exists():
         apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
     vector = load_state_dict(wd.merged)
     ctx.set_scale(vector, lam)
@@ -469,6 +491,10 @@ def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timi
         after = ctx.metrics()
     finally:
         ctx.set_scale(vector, 0.0)
+    target, default = ctx.spec.resolved_target()
+    verdict = judge(
+        target, ctx.spec.target_kind, original["metrics"], after, lam, default_target=default
+    )
     timings = {**timings, "evaluate_and_store": time.perf_counter() - began}
     report = {
         "format": "negmerge.report/1",
@@ -489,7 +515,9 @@ def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timi
         "search": searched,
         "lambda": lam,
         "metrics": {"before": original["metrics"], "after": after},
-        "model": {"path": str(wd.model), "sha256": file_sha256(wd.model)},
+        "verdict": verdict.to_dict(),
+        # No model at lambda 0: it would be the original's bytes under a new name.
+        "model": {"path": str(wd.model), "sha256": file_sha256(wd.model)} if lam != 0 else None,
         "timings": timings,
     }
     write_json_atomic(wd.report, report)

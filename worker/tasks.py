@@ -8,7 +8,7 @@ outcome and the next steps are recorded in one transaction; their messages are s
 commits.
 
     prepare -> finetune:0..n-1 (gpu queue) -> merge (sent by the last variant) -> search
-            -> finalize (new model version, job.result) -> SUCCEEDED
+            -> finalize (verdict; new model version unless lambda is 0; job.result) -> SUCCEEDED
 """
 
 from __future__ import annotations
@@ -208,37 +208,44 @@ def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
         "search": searched.get("seconds"),
     }
     report = finalize(ctx, original, merged, searched, timings)
-    sha256 = report["model"]["sha256"]
+    verdict = report["verdict"]
     with rt.db.unit_of_work() as session:
         job = steps.held_job(session, claim)
         if job is None:
             return "skipped"
-        stored = store_model(rt.settings, job.model_id, Path(report["model"]["path"]), sha256)
-        version = add_version(
-            session,
-            job.tenant_id,
-            job.model_id,
-            weights_uri=str(stored),
-            weights_sha256=sha256,
-            size_bytes=stored.stat().st_size,
-            parent_version_id=job.model_version_id,
-            produced_by_job_id=job.id,
-            actor=steps.WORKER,
-        )
-        result = {
-            "model": {
+        # lambda 0 leaves the model as it was: no new version, and the verdict says why.
+        model = None
+        if report["model"] is not None:
+            sha256 = report["model"]["sha256"]
+            stored = store_model(rt.settings, job.model_id, Path(report["model"]["path"]), sha256)
+            version = add_version(
+                session,
+                job.tenant_id,
+                job.model_id,
+                weights_uri=str(stored),
+                weights_sha256=sha256,
+                size_bytes=stored.stat().st_size,
+                parent_version_id=job.model_version_id,
+                produced_by_job_id=job.id,
+                actor=steps.WORKER,
+            )
+            model = {
                 "model_id": str(job.model_id),
                 "version": version.version,
                 "version_id": str(version.id),
                 "weights_sha256": sha256,
-            },
-            "model_version": version.version,
+            }
+        result = {
+            "model": model,
+            "model_version": model["version"] if model else None,
+            "verdict": verdict,
             "lambda": report["lambda"],
             "lambda_curve": searched.get("evaluations", []),
             "kept_fraction": report["merge"]["kept_fraction"],
             "metrics": report["metrics"],
             "metrics_before": report["metrics"]["before"],
             "metrics_after": report["metrics"]["after"],
+            "split_sizes": report["split_sizes"],
             "code_version": report["code_version"],
             "seeds": report["seeds"],
             "base_model_sha256": report["base_model"]["sha256"],
@@ -246,9 +253,17 @@ def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
             "task_vector_sha256": [v["tau_sha256"] for v in report["variants"]],
             "timings": report["timings"],
         }
-        summary = {"report_path": str(ctx.workdir.report), "model_sha256": sha256}
+        summary = {
+            "report_path": str(ctx.workdir.report),
+            "model_sha256": model["weights_sha256"] if model else None,
+        }
         steps.finish_job(session, claim, summary, result)
-    log.info("job %s: SUCCEEDED, model version %d", claim.job_id, result["model_version"])
+    log.info(
+        "job %s: SUCCEEDED, target %s, model version %s",
+        claim.job_id,
+        "met" if verdict["met"] else "NOT met",
+        result["model_version"],
+    )
     return "done"
 
 

@@ -32,6 +32,7 @@ from app.schemas.jobs import (
     UnlearningReport,
 )
 from app.services import jobs as service
+from negmerge.verdict import Target, Verdict, resolve_target, target_kind
 
 router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
 
@@ -62,8 +63,27 @@ def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
         error=JobError(code=job.error_code, message=job.error_message or "")
         if job.error_code
         else None,
+        verdict=_verdict(job.result),
         result=JobResult.model_validate(job.result) if job.result else None,
         links=JobLinks(self=base, report=f"{base}/report", cancel=f"{base}:cancel"),
+    )
+
+
+def _verdict(result: dict | None) -> Verdict | None:
+    found = (result or {}).get("verdict")
+    return Verdict.model_validate(found) if isinstance(found, dict) else None
+
+
+def _target(job: UnlearningJob) -> tuple[Target, bool]:
+    """The target the job is judged by, from the spec the workers run (as JobSpec.
+    resolved_target works it out, without validating the whole spec)."""
+    spec = job.spec or {}
+    stated = spec.get("target")
+    forget = spec.get("forget") or {}
+    return resolve_target(
+        Target.model_validate(stated) if stated else None,
+        target_kind(forget.get("classes"), forget.get("ids")),
+        (spec.get("search") or {}).get("retain_ratio", 0.95),
     )
 
 
@@ -214,6 +234,7 @@ def get_report(job_id: uuid.UUID, principal: Reader, session: DbSession) -> Unle
     base = session.get(ModelVersion, job.model_version_id)
     result = job.result or {}
     unlearned = result.get("model") if isinstance(result.get("model"), dict) else None
+    target, default_target = _target(job)
     return UnlearningReport(
         job_id=job.id,
         state=job.state,
@@ -242,6 +263,9 @@ def get_report(job_id: uuid.UUID, principal: Reader, session: DbSession) -> Unle
         metrics=result.get("metrics"),
         code_version=result.get("code_version"),
         seeds=result.get("seeds"),
+        target=target,
+        default_target=default_target,
+        verdict=_verdict(result),
         error=JobError(code=job.error_code, message=job.error_message or "")
         if job.error_code
         else None,

@@ -1,7 +1,8 @@
 """`negmerge jobs ...`: submit deletion requests, follow them, cancel them, read the report.
 
-`wait` (and `submit --wait`) exit with the job's outcome: 0 SUCCEEDED, 1 FAILED (or any
-error), 3 CANCELLED, 4 still running when --timeout ran out (2 is click's usage error)."""
+`wait` (and `submit --wait`) exit with the job's outcome: 0 SUCCEEDED with its target met,
+5 SUCCEEDED but the target not met (it did not forget as asked), 1 FAILED (or any error),
+3 CANCELLED, 4 still running when --timeout ran out (2 is click's usage error)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from app.client_cli.connection import with_service
 from app.client_cli.output import print_fields, print_json, print_table, when
 from app.client_cli.progress import JobProgress
 
-EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT = 1, 3, 4
+EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT, EXIT_TARGET_NOT_MET = 1, 3, 4, 5
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
 
 
@@ -143,10 +144,19 @@ def get(service: ServiceClient, job_id: str, as_json: bool) -> None:
             ("started", when(job.get("started_at"))),
             ("finished", when(job.get("finished_at"))),
             ("error", f"{error['code']}: {error['message']}" if error else None),
+            ("verdict", verdict_line(job.get("verdict"))),
             ("new version", result.get("model_version")),
             ("lambda", result.get("lambda")),
         ]
     )  # fmt: skip
+
+
+def verdict_line(verdict: dict[str, Any] | None) -> str | None:
+    """'met: ...' or 'NOT MET: ...', the reason with its numbers; None before the end."""
+    if not verdict:
+        return None
+    head = "met" if verdict.get("met") else "NOT MET"
+    return f"{head}: {str(verdict.get('reason', '')).split(': ', 1)[-1]}"
 
 
 @jobs.command("list")
@@ -196,8 +206,9 @@ def list_jobs(
 def wait(
     service: ServiceClient, job_id: str, interval: float, wait_timeout: float | None, as_json: bool
 ) -> None:
-    """Follow a job until it ends, with a progress bar on stderr. Exits 0 if it SUCCEEDED,
-    1 if it FAILED, 3 if it was CANCELLED, 4 if --timeout ran out first."""
+    """Follow a job until it ends, with a progress bar on stderr. Exits 0 if it SUCCEEDED and
+    met its target, 5 if it SUCCEEDED without meeting it, 1 if it FAILED, 3 if it was
+    CANCELLED, 4 if --timeout ran out first."""
     _wait(service, job_id, interval, wait_timeout, as_json)
 
 
@@ -220,12 +231,20 @@ def _wait(
         raise JobEnded(f"job {job_id} FAILED: {detail}", EXIT_FAILED)
     if state == "CANCELLED":
         raise JobEnded(f"job {job_id} was CANCELLED", EXIT_CANCELLED)
-    if not as_json:
-        result = job.get("result") or {}
-        click.echo(
-            f"job {job_id} SUCCEEDED: model {job['model']['id']} "
-            f"version {result.get('model_version')} (lambda {result.get('lambda')})"
+    result = job.get("result") or {}
+    verdict = job.get("verdict")
+    version = result.get("model_version")
+    made = f"version {version}" if version is not None else "no new version"
+    summary = f"model {job['model']['id']} {made} (lambda {result.get('lambda')})"
+    if verdict is not None and not verdict.get("met"):
+        # Ran to the end, did not forget as asked: not a success, whatever the state says.
+        raise JobEnded(
+            f"job {job_id} SUCCEEDED but its target was NOT MET: {summary}; "
+            f"{verdict_line(verdict)}",
+            EXIT_TARGET_NOT_MET,
         )
+    if not as_json:
+        click.echo(f"job {job_id} SUCCEEDED, {verdict_line(verdict) or 'no verdict'}: {summary}")
 
 
 @jobs.command("cancel")

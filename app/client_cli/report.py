@@ -3,6 +3,7 @@ lambda, the kept fraction and the hashes that identify the models."""
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from app.client import JSON
@@ -15,6 +16,25 @@ METRICS = {
     "test_acc": "test accuracy (Acc D_test)",
     "mia": "MIA-efficacy",
 }
+
+
+def print_verdict(report: JSON) -> None:
+    """The target, and once the job has ended the verdict with every check."""
+    verdict, target = report.get("verdict"), report.get("target") or {}
+    bounds = ", ".join(f"{k} {v:g}" for k, v in target.items() if v is not None)
+    default = " (the default for this kind of request)" if report.get("default_target") else ""
+    out = console()
+    if bounds:
+        out.print(f"target       {escape(bounds)}{default}", highlight=False)
+    if not verdict:
+        return
+    style = "bold green" if verdict["met"] else "bold dark_orange"
+    head = "MET" if verdict["met"] else "NOT MET"
+    reason = escape(verdict["reason"].split(": ", 1)[-1])
+    out.print(f"verdict      [{style}]{head}[/{style}]: {reason}", highlight=False)
+    for check in verdict["checks"]:
+        mark = "ok" if check["met"] else "NO"
+        out.print(f"             {mark}  {escape(check['text'])}", highlight=False)
 
 
 def print_report(report: JSON, job: JSON) -> None:
@@ -47,6 +67,7 @@ def print_report(report: JSON, job: JSON) -> None:
             ("error", f"{error['code']}: {error['message']}" if error else None),
         ]
     )  # fmt: skip
+    print_verdict(report)
     metrics = report.get("metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     if before or after:

@@ -14,6 +14,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from app.dashboard.views import outcome
+
 # Every page polls at this pace while a job on it has not ended.
 POLL_MS = 2500
 
@@ -99,7 +101,7 @@ environment = Environment(
 environment.filters.update(
     when=when, iso=iso, number=number, signed=signed, compact_json=compact_json
 )
-environment.globals.update(asset_url=asset_url, poll_ms=POLL_MS)
+environment.globals.update(asset_url=asset_url, poll_ms=POLL_MS, outcome=outcome)
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:

@@ -205,6 +205,8 @@ def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSessio
         ),
         curve=result.get("lambda_curve") or [],
         metrics=views.metric_rows(result),
+        verdict=views.verdict_of(result),
+        split_size=views.split_size,
         audit=audit,
         more_audit=more_audit,
     )

@@ -92,12 +92,21 @@ def _moment(raw: str, name: str, problems: list[str]) -> datetime | None:
 
 # ---- a job's page ----------------------------------------------------------------------------
 
+# Each row names its split: the λ chart is drawn on the validation splits the search uses,
+# the report's metrics on the others, and a reader must see that they are not the same data.
 METRIC_LABELS = {
-    "forget_acc": "Forget accuracy",
-    "forget_test_acc": "Forget accuracy (test split)",
-    "retain_acc": "Retain accuracy",
-    "test_acc": "Test accuracy",
-    "mia": "MIA efficacy",
+    "forget_acc": "Forget accuracy · forget set, train split",
+    "forget_test_acc": "Forget accuracy · forget set, test split",
+    "retain_acc": "Retain accuracy · retain data, train split",
+    "test_acc": "Test accuracy · retain data, test split",
+    "mia": "MIA efficacy · forget set against retain train and test",
+}
+METRIC_SPLITS = {"forget_acc": "forget", "forget_test_acc": "forget_test", "retain_acc": "retain",
+                 "test_acc": "test"}  # fmt: skip
+# The search's numbers at λ = 0 and at the chosen λ: the chart's points, as table rows.
+SEARCH_LABELS = {
+    "forget_acc": ("forget_val", "Forget accuracy · validation split (the λ search's)"),
+    "retain_acc": ("retain_val", "Retain accuracy · validation split (the λ search's)"),
 }
 
 
@@ -107,6 +116,8 @@ class MetricRow:
     label: str
     before: float | None
     after: float | None
+    size: int | None = None  # samples in the split (evaluations take at most max_eval_samples)
+    search: bool = False  # a validation-split row, from the λ search
 
     @property
     def delta(self) -> float | None:
@@ -121,26 +132,80 @@ def _finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _size(sizes: Any, split: str | None) -> int | None:
+    value = sizes.get(split) if isinstance(sizes, dict) and split else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def metric_rows(result: dict[str, Any] | None) -> list[MetricRow]:
     """Before and after, one row per metric: the known ones in a fixed order, then any other
-    the workers reported."""
+    the workers reported, then the λ search's validation-split numbers at λ = 0 and at the
+    chosen λ (the chart's), so that the table and the chart can be read side by side."""
     result = result or {}
     metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
     before = metrics.get("before") or result.get("metrics_before") or {}
     after = metrics.get("after") or result.get("metrics_after") or {}
     if not isinstance(before, dict) or not isinstance(after, dict):
         return []
+    sizes = result.get("split_sizes")
     keys = [k for k in METRIC_LABELS if k in before or k in after]
     keys += sorted((set(before) | set(after)) - set(METRIC_LABELS))
-    return [
+    rows = [
         MetricRow(
             key,
             METRIC_LABELS.get(key, key.replace("_", " ")),
             _finite(before.get(key)),
             _finite(after.get(key)),
+            _size(sizes, METRIC_SPLITS.get(key)),
         )
         for key in keys
     ]
+    curve = [r for r in result.get("lambda_curve") or [] if isinstance(r, dict)]
+    chosen = _finite(result.get("lambda"))
+    at_zero = next((r for r in curve if _finite(r.get("lambda")) == 0.0), None)
+    at_chosen = next((r for r in curve if _finite(r.get("lambda")) == chosen), None)
+    if at_zero is not None and at_chosen is not None:
+        for key, (split, label) in SEARCH_LABELS.items():
+            rows.append(
+                MetricRow(
+                    f"search_{key}",
+                    label,
+                    _finite(at_zero.get(key)),
+                    _finite(at_chosen.get(key)),
+                    _size(sizes, split),
+                    search=True,
+                )
+            )
+    return rows
+
+
+def split_size(result: dict[str, Any] | None, split: str) -> int | None:
+    return _size((result or {}).get("split_sizes"), split)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job's end reads at a glance: a SUCCEEDED job that missed its target is amber,
+    never the green of one that met it."""
+
+    text: str
+    css: str  # the badge's state-* class
+
+
+def outcome(job: UnlearningJob) -> Outcome:
+    if job.state is not JobState.SUCCEEDED:
+        return Outcome(job.state.value, job.state.value.lower())
+    verdict = verdict_of(job.result)
+    if verdict is None:
+        return Outcome("SUCCEEDED · no verdict", "unjudged")
+    if verdict.get("met"):
+        return Outcome("SUCCEEDED · target met", "succeeded")
+    return Outcome("SUCCEEDED · target not met", "not-met")
+
+
+def verdict_of(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    verdict = (result or {}).get("verdict")
+    return verdict if isinstance(verdict, dict) else None
 
 
 def retain_ratio(job: UnlearningJob) -> float | None:
@@ -159,6 +224,8 @@ def live_status(job: UnlearningJob) -> dict[str, Any]:
     return {
         "id": str(job.id),
         "state": job.state.value,
+        "badge_text": outcome(job).text,
+        "badge_class": outcome(job).css,
         "stage": job.stage.value if job.stage else None,
         "percent": round(job.percent, 1),
         "variants_done": job.variants_done,

@@ -23,7 +23,8 @@ class JobStreamEvent(BaseModel):
     at: datetime
     details: dict[str, Any] = Field(
         default_factory=dict,
-        description='state: {"from", "to", "error_code"?}; progress: {"variants_done", '
+        description='state: {"from", "to", "error_code"?, "verdict"?: {"met", "reason"} '
+        '(the end of a job that ran to the end)}; progress: {"variants_done", '
         '"variants_total"} or {"lambda", "lambdas_evaluated"}.',
     )
     progress: JobProgress = Field(description="The job's progress when the message was sent.")

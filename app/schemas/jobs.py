@@ -21,6 +21,7 @@ from app.db.models import JobStage, JobState
 from app.schemas.common import Strict
 from negmerge.pipeline import MergeSpec, SearchSpec
 from negmerge.variants import PRESETS, VariantGrid
+from negmerge.verdict import DEFAULT_TARGETS, Target, Verdict
 
 # Checked before the library expands the grid: expanding a huge cartesian product to find
 # out it is too big would itself be the denial of service.
@@ -38,6 +39,18 @@ JOB_EXAMPLE = {
     "subject_reference": "DSR-2025-0042",
     "legal_basis": "GDPR Art. 17",
 }
+
+
+TARGET_DESCRIPTION = (
+    "What counts as forgotten; the job's verdict says whether it was met. Default, by what "
+    "the request forgets: "
+    + "; ".join(
+        f"{kind}: {', '.join(f'{k} {v:g}' for k, v in t.model_dump().items() if v is not None)}"
+        for kind, t in DEFAULT_TARGETS.items()
+    )
+    + " (classes: class; ids: samples; neither: domain). retain_ratio defaults to the "
+    "search's. A lambda of 0 is never met."
+)
 
 
 class ModelRef(Strict):
@@ -74,6 +87,7 @@ class UnlearningJobCreate(Strict):
     )
     merge: MergeSpec = Field(default_factory=MergeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    target: Target | None = Field(None, description=TARGET_DESCRIPTION)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_eval_samples: int | None = Field(2000, gt=0, le=1_000_000)
     keep_task_vectors: bool = Field(
@@ -143,6 +157,9 @@ class JobResult(BaseModel):
     kept_fraction: float | None = None
     metrics_before: dict[str, float | None] | None = None
     metrics_after: dict[str, float | None] | None = None
+    verdict: Verdict | None = Field(
+        None, description="Whether the target was met (absent for jobs from before verdicts)."
+    )
 
 
 class JobModelRef(BaseModel):
@@ -177,6 +194,11 @@ class UnlearningJobOut(BaseModel):
     finished_at: datetime | None = None
     cancel_requested_at: datetime | None = None
     error: JobError | None = None
+    verdict: Verdict | None = Field(
+        None,
+        description="Once the job has SUCCEEDED: whether it met its target. A SUCCEEDED job "
+        "whose verdict is not met ran to the end but did not forget as asked: not a success.",
+    )
     result: JobResult | None = None
     links: JobLinks
 
@@ -216,8 +238,17 @@ class UnlearningReport(BaseModel):
     base_model: ReportModel
     unlearned_model: ReportModel | None = None
     lambda_: float | None = Field(None, alias="lambda")
-    lambda_curve: list[dict[str, Any]] | None = None
-    metrics: dict[str, Any] | None = Field(None, description="before / after, per split, MIA.")
+    lambda_curve: list[dict[str, Any]] | None = Field(
+        None, description="The lambda search's evaluations, on the validation splits."
+    )
+    metrics: dict[str, Any] | None = Field(
+        None,
+        description="before / after, on the report splits (forget, forget_test, retain, "
+        "test), and MIA.",
+    )
+    target: Target | None = Field(None, description="The target the job is judged by.")
+    default_target: bool | None = Field(None, description="True: the kind's default.")
+    verdict: Verdict | None = None
     code_version: str | None = None
     seeds: dict[str, Any] | None = None
     error: JobError | None = None

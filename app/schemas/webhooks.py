@@ -59,11 +59,17 @@ class WebhookJobResult(BaseModel):
     kept_fraction: float | None = None
 
 
+class WebhookVerdict(BaseModel):
+    met: bool = Field(description="False: the job ran to the end but did not forget as asked.")
+    reason: str = Field(description="What was met, or what was not (the numbers and bounds).")
+
+
 class WebhookJobData(BaseModel):
     id: uuid.UUID
     state: JobState
     subject_reference: str | None = None
     finished_at: datetime | None = None
+    verdict: WebhookVerdict | None = Field(None, description="SUCCEEDED only.")
     result: WebhookJobResult | None = Field(None, description="Summary; SUCCEEDED only.")
     error: dict[str, str] | None = Field(None, description="{code, message}; FAILED only.")
     links: dict[str, str] = Field(description="self, report and events (paths under the API).")
@@ -75,7 +81,9 @@ class WebhookMessage(BaseModel):
 
     type: str = Field(
         examples=["unlearning_job.succeeded"],
-        description="unlearning_job.succeeded, unlearning_job.failed or unlearning_job.cancelled",
+        description="unlearning_job.succeeded (target met), unlearning_job.target_not_met "
+        "(SUCCEEDED, but the target was not met), unlearning_job.failed or "
+        "unlearning_job.cancelled",
     )
     timestamp: datetime = Field(description="When the job ended.")
     data: WebhookJobData

@@ -252,6 +252,7 @@ def _data_problem(exc: DataError, default_field: str, *datasets: Dataset | None)
         "forget": "forget",
         "retain": "retain",
         "search.rule": "search.rule",
+        "target": "target",
     }
     if head in fields and rest:
         return InvalidRequest(fields[head], rest)
@@ -292,6 +293,7 @@ def _job_spec(
             variants=body.variants,
             merge=body.merge,
             search=body.search,
+            target=body.target,
             seed=body.seed,
             max_eval_samples=body.max_eval_samples,
         )
@@ -361,6 +363,9 @@ def change_state(
     details: dict[str, Any] = {"from": previous.value, "to": state.value}
     if error is not None:
         details["error_code"] = error[0]
+    verdict = (result or {}).get("verdict")
+    if isinstance(verdict, dict):  # the end's event (SSE, timeline, audit) says the outcome
+        details["verdict"] = {"met": verdict.get("met"), "reason": verdict.get("reason")}
     JobRepository(session, job.tenant_id).add_event(
         JobEvent(job_id=job.id, kind="state", state=state, stage=job.stage, details=details, at=now)
     )

@@ -60,7 +60,19 @@ EVENT_TYPES = {
     JobState.FAILED: "unlearning_job.failed",
     JobState.CANCELLED: "unlearning_job.cancelled",
 }
+# A job that ran to the end without meeting its target is not a success, and a receiver that
+# only looks at the type must not take it for one.
+TARGET_NOT_MET = "unlearning_job.target_not_met"
 DELIVERER = "webhooks"
+
+
+def event_type(job: UnlearningJob) -> str:
+    """The message type of `job`'s end: by state, and target_not_met for a SUCCEEDED job
+    whose verdict is not met."""
+    verdict = (job.result or {}).get("verdict")
+    if job.state is JobState.SUCCEEDED and isinstance(verdict, dict) and not verdict.get("met"):
+        return TARGET_NOT_MET
+    return EVENT_TYPES[job.state]
 
 
 def generate_secret() -> str:
@@ -189,7 +201,7 @@ def deliveries_with_attempts(
 
 
 def event_payload(job: UnlearningJob, at: datetime) -> dict[str, Any]:
-    """The message: {type, timestamp, data: {id, state, result or error, links}}."""
+    """The message: {type, timestamp, data: {id, state, verdict, result or error, links}}."""
     base = f"/v1/unlearning-jobs/{job.id}"
     result = job.result or {}
     summary = (
@@ -199,6 +211,7 @@ def event_payload(job: UnlearningJob, at: datetime) -> dict[str, Any]:
             "lambda": result.get("lambda"),
             "kept_fraction": result.get("kept_fraction"),
             "metrics_after": result.get("metrics_after"),
+            "verdict": result.get("verdict"),
         }
         if job.result
         else None
@@ -209,13 +222,21 @@ def event_payload(job: UnlearningJob, at: datetime) -> dict[str, Any]:
         "state": job.state.value,
         "subject_reference": job.subject_reference,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "verdict": _verdict_summary(result.get("verdict")),
         "result": summary,
         "error": error,
         "links": {"self": base, "report": f"{base}/report", "events": f"{base}/events"},
     }
     # Round-tripped through JSON: what is stored is exactly what is sent.
-    message = {"type": EVENT_TYPES[job.state], "timestamp": at.isoformat(), "data": data}
+    message = {"type": event_type(job), "timestamp": at.isoformat(), "data": data}
     return json.loads(json.dumps(message, default=str))
+
+
+def _verdict_summary(verdict: Any) -> dict[str, Any] | None:
+    """met and reason up front; the checks and the target are in data.result.verdict."""
+    if not isinstance(verdict, dict):
+        return None
+    return {"met": verdict.get("met"), "reason": verdict.get("reason")}
 
 
 def enqueue_terminal(

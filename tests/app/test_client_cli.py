@@ -17,6 +17,7 @@ from app.client import ServiceClient
 from app.settings import get_settings
 from negmerge.cli import main
 from tests.app.conftest import ARCHITECTURE, CLASSES, model_body
+from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success
 from tests.app.live_service import free_port, service_url_fixture  # noqa: F401
 from tests.app.test_client import zip_dataset
 
@@ -224,6 +225,41 @@ def test_wait_on_a_cancelled_job_exits_non_zero(negmerge, registered):
     negmerge("jobs", "cancel", job)
     error = one_line_error(negmerge("jobs", "wait", job, "--timeout", "30", code=3))
     assert error == f"Error: job {job} was CANCELLED"
+
+
+def test_wait_exits_0_when_the_target_is_met_and_5_when_it_is_not(
+    app, negmerge, registered, tmp_path
+):  # type: ignore[no-untyped-def]
+    model_id, dataset_id = registered
+    outcomes = {}
+    for name, target, grid in (
+        ("met", MET_TARGET, None),
+        ("missed", MISSED_TARGET, None),
+        ("lambda 0", MET_TARGET, [0.0]),
+    ):
+        body = tmp_path / f"{name}.yaml"
+        body.write_text(yaml.safe_dump({"target": target}))
+        job = negmerge("jobs", "submit", "-f", str(body), *job_flags(registered)).stdout.strip()
+        drive_to_success(app, job, grid=grid)  # a worker's work, done here
+        outcomes[name] = job
+
+    met = negmerge("jobs", "wait", outcomes["met"], "--timeout", "30")
+    assert "SUCCEEDED, met: forget accuracy 25.00" in met.stdout and "version 2" in met.stdout
+
+    missed = one_line_error(negmerge("jobs", "wait", outcomes["missed"], "--timeout", "30", code=5))
+    assert "SUCCEEDED but its target was NOT MET" in missed
+    assert "forget accuracy 25.00 (must be <= 0)" in missed
+
+    unchanged = one_line_error(
+        negmerge("jobs", "wait", outcomes["lambda 0"], "--timeout", "30", code=5)
+    )
+    assert "no new version" in unchanged and "nothing was forgotten" in unchanged
+
+    shown = negmerge("jobs", "get", outcomes["missed"]).stdout
+    assert "NOT MET: forget accuracy 25.00 (must be <= 0)" in shown
+    report = negmerge("jobs", "report", outcomes["missed"]).stdout
+    assert "target       forget_acc_max 0" in report and "NOT MET" in report
+    assert "NO  forget test accuracy 40.00 (must be <= 0)" in report
 
 
 def test_submit_and_wait_follows_the_job_until_it_is_cancelled(negmerge, service, registered):

@@ -38,6 +38,8 @@ def test_the_demo_unlearns_through_the_service_and_stops_it(tmp_path: Path) -> N
         assert run.returncode == 0, f"{run.stderr[-4000:]}\n--- service log ---\n{log}"
         printed = run.stdout + run.stderr
         assert "SUCCEEDED (final)" in printed and "before / after" in printed
+        assert "target       forget_drop_min 0.5" in printed  # the default for a domain
+        assert "verdict      MET" in printed or "verdict      NOT MET" in printed
         assert f"http://127.0.0.1:{port}/dashboard" in printed
 
         # The service is still up, and the key the demo left works for the API.

@@ -191,6 +191,10 @@ def test_cli_runs_a_job_file_with_relative_paths(classifier, tmp_path):
     job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 2}})
     shutil.copy(classifier.weights_path, tmp_path / "weights.safetensors")
     job["model"]["weights"] = "weights.safetensors"  # relative to the job file
+    # A grid reaching far enough that forget accuracy surely falls, and a target any lambda
+    # > 0 meets: the exit code follows the verdict, not the recipe.
+    job["search"] = {"grid": [0.0, 1.0, 2.0], "retain_ratio": 0.01}
+    job["target"] = {"forget_acc_max": 100.0}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = CliRunner().invoke(
         main, ["unlearn", str(tmp_path / "job.yaml"), "--workdir", str(tmp_path / "w")]
@@ -199,11 +203,44 @@ def test_cli_runs_a_job_file_with_relative_paths(classifier, tmp_path):
     assert "forget accuracy (Acc D_f)" in result.output and "lambda" in result.output
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     assert f"sha256 {report['model']['sha256']}" in result.output
+    assert report["verdict"]["met"] and "verdict       MET" in result.output
 
     bad = CliRunner().invoke(
         main, ["unlearn", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path / "x")]
     )
     assert bad.exit_code != 0 and "missing.yaml: cannot read the job" in bad.output
+
+
+def test_cli_exits_5_when_the_target_is_not_met(classifier, tmp_path):
+    # Nothing but a perfect forget would meet this; two steps of fine-tuning do not.
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 2}})
+    job["target"] = {"forget_acc_max": 0.0, "mia_min": 100.0}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(
+        main, ["unlearn", str(tmp_path / "job.yaml"), "--workdir", str(tmp_path / "w"), "--json"]
+    )
+    assert result.exit_code == 5, result.output
+    report = json.loads(result.output)
+    assert not report["verdict"]["met"] and report["verdict"]["reason"].startswith("not met")
+    assert report["verdict"]["target"] == {
+        "forget_acc_max": 0.0,
+        "forget_drop_min": None,
+        "holdout_gap_max": None,
+        "mia_min": 100.0,
+        "retain_ratio": 0.95,
+    }
+
+
+def test_lambda_zero_writes_no_model_and_is_not_met(classifier, tmp_path):
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 1}})
+    job["search"] = {"grid": [0.0]}
+    job["target"] = {"forget_acc_max": 100.0, "retain_ratio": 0.01}
+    report = run_unlearning(JobSpec.model_validate(job), tmp_path)
+    assert report["lambda"] == 0 and report["model"] is None
+    assert not (tmp_path / "model.safetensors").exists()
+    verdict = report["verdict"]
+    assert not verdict["met"] and "nothing was forgotten" in verdict["reason"]
+    assert [c["bound"] for c in verdict["checks"] if not c["met"]] == ["lambda"]
 
 
 def test_holdout_match_measures_the_held_out_split_once(classifier, tmp_path):

@@ -25,8 +25,10 @@
     var ended = TERMINAL.indexOf(job.state) >= 0;
     element.dataset.state = job.state;
     element.querySelectorAll('[data-field="state"]').forEach(function (badge) {
-      badge.textContent = job.state;
-      badge.className = "badge state-" + job.state.toLowerCase();
+      // badge_text and badge_class carry the verdict: a SUCCEEDED job that missed its
+      // target is amber, never the green of one that met it.
+      badge.textContent = job.badge_text || job.state;
+      badge.className = "badge state-" + (job.badge_class || job.state.toLowerCase());
     });
     setText(element, "stage", job.stage || "—");
     setText(element, "percent", Math.round(job.percent) + "%");

@@ -442,6 +442,7 @@ def test_the_payload_is_stored_once_and_sent_byte_for_byte(
         "state",
         "subject_reference",
         "finished_at",
+        "verdict",
         "result",
         "error",
         "links",

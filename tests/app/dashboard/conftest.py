@@ -1,11 +1,9 @@
 """Jobs for the dashboard to show. There are no workers in tests/app, so a finished job is
 made by submitting it through the API and then driving it with the functions the workers
-call (app.services.steps), its result shaped as worker/tasks.py run_finalize writes it."""
+call (tests/app/jobs_driver.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -13,143 +11,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.services import steps
-from app.services.models import add_version
-from negmerge.search import Evaluation, search_lambda
-from tests.app.conftest import Registered, job_body
+from tests.app.conftest import Registered
+from tests.app.jobs_driver import METRICS_AFTER, METRICS_BEFORE, drive_to_success, submit
 
-OWNER = "dashboard-test-worker/0"
-# The split metrics a worker measures (negmerge.pipeline JobContext.metrics), before and after.
-METRICS_BEFORE = {
-    "forget_acc": 100.0,
-    "forget_test_acc": 50.0,
-    "retain_acc": 93.75,
-    "test_acc": 88.5,
-    "mia": 12.0,
-}
-METRICS_AFTER = {
-    "forget_acc": 25.0,
-    "forget_test_acc": 40.0,
-    "retain_acc": 90.0,
-    "test_acc": 86.25,
-    "mia": 71.5,
-}
-
-
-def synthetic_evaluation(lam: float) -> Evaluation:
-    """A typical curve: forget accuracy falls fast with lambda, retain accuracy slowly."""
-    return Evaluation(forget_acc=max(0.0, 100.0 - 160.0 * lam), retain_acc=95.0 - 18.0 * lam)
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def submit(client: TestClient, registered: Registered, **changes: object) -> str:
-    response = client.post(
-        "/v1/unlearning-jobs",
-        json=job_body(registered, **changes),
-        headers=registered.caller.headers,
-    )
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def drive_to_success(app: FastAPI, job_id: str) -> dict[str, Any]:
-    """Take a QUEUED job through every step as the workers do; returns the result it ends with."""
-    db, settings, queue = app.state.db, app.state.settings, app.state.queue
-    job = uuid.UUID(job_id)
-
-    def claim(step: str) -> steps.Claim:
-        with db.unit_of_work() as session:
-            claimed = steps.claim_step(session, job, step, OWNER, settings)
-        assert claimed is not None, step
-        return claimed
-
-    def complete(step: str, output: dict[str, Any]) -> list[str]:
-        held = claim(step)
-        with db.unit_of_work() as session:
-            return steps.complete_step(session, held, output, queue)
-
-    base_sha = sha("base model state")
-    original = {
-        "metrics": METRICS_BEFORE,
-        "base_sha256": base_sha,
-        "weights_sha256": sha("registered weights"),
-        "seconds": 0.5,
-    }
-    variants = complete(steps.PREPARE, original)
-    records = []
-    for name in variants:
-        index = steps.variant_index(name)
-        record = {"index": index, "tau_sha256": sha(f"tau {index}"), "seconds": 1.0}
-        records.append(record)
-        complete(name, record)
-    merged = {
-        "method": "negmerge",
-        "n": len(records),
-        "kept_fraction": 0.4321,
-        "merged_sha256": sha("merged"),
-        "variants": records,
-        "seconds": 0.2,
-    }
-    complete(steps.MERGE, merged)
-
-    held = claim(steps.SEARCH)
-
-    def counted(lam: float, _evaluation: Evaluation) -> None:
-        with db.unit_of_work() as session:
-            steps.lambda_evaluated(session, job, lam)
-
-    searched = {
-        **search_lambda(synthetic_evaluation, strategy="grid", on_evaluation=counted).to_dict(),
-        "seconds": 0.3,
-    }
-    with db.unit_of_work() as session:
-        steps.complete_step(session, held, searched, queue)
-
-    held = claim(steps.FINALIZE)
-    unlearned_sha = sha("unlearned model")
-    with db.unit_of_work() as session:
-        row = steps.held_job(session, held)
-        assert row is not None
-        version = add_version(
-            session,
-            row.tenant_id,
-            row.model_id,
-            weights_uri=f"/nonexistent/{unlearned_sha}.safetensors",
-            weights_sha256=unlearned_sha,
-            size_bytes=1234,
-            parent_version_id=row.model_version_id,
-            produced_by_job_id=row.id,
-            actor=steps.WORKER,
-        )
-        metrics = {"before": METRICS_BEFORE, "after": METRICS_AFTER}
-        # The keys of worker/tasks.py run_finalize's `result`.
-        result = {
-            "model": {
-                "model_id": str(row.model_id),
-                "version": version.version,
-                "version_id": str(version.id),
-                "weights_sha256": unlearned_sha,
-            },
-            "model_version": version.version,
-            "lambda": searched["lambda"],
-            "lambda_curve": searched.get("evaluations", []),
-            "kept_fraction": merged["kept_fraction"],
-            "metrics": metrics,
-            "metrics_before": metrics["before"],
-            "metrics_after": metrics["after"],
-            "code_version": "negmerge 0.1.0 (test)",
-            "seeds": {"job": 0, "variants": [0] * len(records)},
-            "base_model_sha256": base_sha,
-            "merged_sha256": merged["merged_sha256"],
-            "task_vector_sha256": [r["tau_sha256"] for r in records],
-            "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
-        }
-        summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
-        assert steps.finish_job(session, held, summary, result) is not None
-    return result
+__all__ = ["METRICS_AFTER", "METRICS_BEFORE", "drive_to_success", "submit"]
 
 
 def sign_in(client: TestClient, key: str) -> None:

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from tests.app.conftest import REPO
 from tests.app.dashboard.conftest import submit
+from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success
 from tests.conftest import unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -113,12 +114,14 @@ def assert_png(path: Path) -> None:
 def test_sign_in_then_the_list_and_a_finished_jobs_evidence(
     page, base_url, client: TestClient, registered, caller, finished_job, tmp_path: Path
 ):  # type: ignore[no-untyped-def]
-    job_id, result = finished_job(subject_reference="DSR-2025-0042", legal_basis="GDPR Art. 17")
+    job_id, result = finished_job(
+        subject_reference="DSR-2025-0042", legal_basis="GDPR Art. 17", target=MET_TARGET
+    )
     running = submit(client, registered)
     sign_in(page, caller.key)
 
     row = page.locator(f'tr[data-job-id="{job_id}"]')
-    assert row.locator(".badge").inner_text() == "SUCCEEDED"
+    assert row.locator(".badge").inner_text() == "SUCCEEDED · target met"
     assert "DSR-2025-0042" in row.inner_text()
     assert page.locator(f'tr[data-job-id="{running}"] .badge').inner_text() == "QUEUED"
     list_png = tmp_path / "dashboard-jobs.png"
@@ -139,7 +142,10 @@ def test_sign_in_then_the_list_and_a_finished_jobs_evidence(
     assert chart.locator('g[data-series="retain"] circle.point').count() == points
 
     metrics = page.locator("table.metrics tbody tr")
-    assert metrics.count() == len(result["metrics"]["before"])
+    # The report's splits, and the chart's validation splits at lambda = 0 and the chosen one.
+    assert metrics.count() == len(result["metrics"]["before"]) + 2
+    assert page.locator("table.metrics tr.search-row").count() == 2
+    assert page.locator("[data-verdict=met]").is_visible()
     assert page.locator("table.audit tbody tr").count() > 0
     assert (
         result["model"]["weights_sha256"]
@@ -183,4 +189,53 @@ def test_state_updates_live_without_a_reload(page, client: TestClient, registere
     client.post(f"/v1/unlearning-jobs/{in_list}:cancel", headers=caller.headers)
     row.locator(".badge.state-cancelled").wait_for()
     assert page.evaluate("window.__sameDocument") is True
+    assert page.problems == []
+
+
+def background(locator) -> str:  # type: ignore[no-untyped-def]
+    return locator.evaluate("node => getComputedStyle(node).backgroundColor")
+
+
+def test_a_missed_target_is_never_the_green_of_a_met_one(
+    page, app, client: TestClient, registered, caller, tmp_path: Path
+):  # type: ignore[no-untyped-def]
+    met, missed, unchanged = (submit(client, registered, target=t) for t in
+                              (MET_TARGET, MISSED_TARGET, MET_TARGET))  # fmt: skip
+    drive_to_success(app, met)
+    drive_to_success(app, missed)
+    drive_to_success(app, unchanged, grid=[0.0])
+    live = submit(client, registered, target=MISSED_TARGET)
+    sign_in(page, caller.key)
+
+    green = background(page.locator(f'tr[data-job-id="{met}"] .badge'))
+    for job_id in (missed, unchanged):
+        badge = page.locator(f'tr[data-job-id="{job_id}"] .badge')
+        assert badge.inner_text() == "SUCCEEDED · target not met"
+        assert background(badge) != green
+    assert green == "rgb(23, 128, 61)"  # --succeeded
+    assert background(page.locator(f'tr[data-job-id="{missed}"] .badge')) == "rgb(194, 65, 12)"
+    shot = tmp_path / "dashboard-verdicts.png"
+    page.screenshot(path=str(shot), full_page=True)
+
+    page.goto(f"/dashboard/jobs/{missed}")
+    panel = page.locator("[data-verdict=not_met]")
+    assert panel.is_visible() and "Target not met" in panel.inner_text()
+    assert panel.locator("tr.missed").count() == 2  # forget and forget test accuracy
+    job_shot = tmp_path / "dashboard-job-not-met.png"
+    page.screenshot(path=str(job_shot), full_page=True)
+    assert_png(job_shot)
+    page.goto(f"/dashboard/jobs/{unchanged}")
+    assert "No new model version was made" in page.locator("[data-verdict=not_met]").inner_text()
+
+    # A job that ends while its page is open turns amber in place, not green.
+    page.goto(f"/dashboard/jobs/{live}")
+    page.evaluate("window.__sameDocument = true")
+    drive_to_success(app, live)
+    head = page.locator(f'section[data-job-id="{live}"]')
+    head.locator(".badge.state-not-met").wait_for()
+    assert head.locator(".badge").inner_text() == "SUCCEEDED · target not met"
+    assert page.evaluate("window.__sameDocument") is True
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for png in (shot, job_shot):
+        shutil.copyfile(png, SCREENSHOTS / png.name)
     assert page.problems == []

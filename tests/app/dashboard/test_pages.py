@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from app.dashboard.session import COOKIE
 from tests.app.conftest import Registered
 from tests.app.dashboard.conftest import sign_in, submit
+from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success
 
 JOBS = "/dashboard/jobs"
 
@@ -292,6 +293,59 @@ def test_a_finished_jobs_page_shows_its_evidence(client, registered, caller, fin
     assert {"job.created", "job.state_changed", "job.stage_changed"} <= {
         e["action"] for e in entries
     }
+
+
+def test_a_missed_target_is_amber_with_its_reasons_and_a_met_one_green(
+    app, client, registered, caller
+):  # type: ignore[no-untyped-def]
+    met, missed, unchanged = (submit(client, registered, target=t) for t in
+                              (MET_TARGET, MISSED_TARGET, MET_TARGET))  # fmt: skip
+    drive_to_success(app, met)
+    drive_to_success(app, missed)
+    drive_to_success(app, unchanged, grid=[0.0])
+    sign_in(client, caller.key)
+    listing = client.get(JOBS).text
+
+    def badge(page: str, job_id: str) -> str:
+        row = page[page.index(f'data-job-id="{job_id}"') :]
+        return re.search(r'<span class="badge ([^"]+)"[^>]*>([^<]+)<', row).groups()
+
+    assert badge(listing, met) == ("state-succeeded", "SUCCEEDED · target met")
+    assert badge(listing, missed) == ("state-not-met", "SUCCEEDED · target not met")
+    assert badge(listing, unchanged) == ("state-not-met", "SUCCEEDED · target not met")
+
+    page = client.get(f"{JOBS}/{missed}").text
+    assert badge(page, missed)[0] == "state-not-met"
+    panel = page[page.index('data-verdict="not_met"') :].split("</section>", 1)[0]
+    assert "Target not met" in panel and "do not treat this deletion as done" in panel
+    assert html.escape("forget accuracy 25.00 (must be <= 0)") in panel
+    assert 'data-check="forget_acc_max:forget_test_acc" class="missed"' in panel
+    assert "<code>forget_acc_max 0.0</code>" in panel
+
+    page = client.get(f"{JOBS}/{unchanged}").text
+    panel = page[page.index('data-verdict="not_met"') :].split("</section>", 1)[0]
+    assert "No new model version was made" in panel and "nothing was forgotten" in panel
+
+    page = client.get(f"{JOBS}/{met}").text
+    assert 'data-verdict="met"' in page and "Target met" in page
+
+
+def test_the_chart_and_the_table_name_their_splits_and_agree(app, client, registered, caller):  # type: ignore[no-untyped-def]
+    job_id = submit(client, registered, target=MET_TARGET)
+    result = drive_to_success(app, job_id)
+    sign_in(client, caller.key)
+    page = client.get(f"{JOBS}/{job_id}").text
+    note = page[page.index('data-splits="forget_val retain_val"') :].split("</p>", 1)[0]
+    assert "validation splits" in note and "(4 samples)" in note and "(16 samples)" in note
+    # The chart's numbers at lambda = 0 and the chosen lambda are rows of the table.
+    curve = {p["lambda"]: p for p in result["lambda_curve"]}
+    for key in ("forget_acc", "retain_acc"):
+        row = page[page.index(f'data-metric="search_{key}"') :].split("</tr>", 1)[0]
+        assert "validation split" in row
+        assert f"<td>{fmt(curve[0.0][key])}</td>" in row
+        assert f"<td>{fmt(curve[result['lambda']][key])}</td>" in row
+    row = page[page.index('data-metric="forget_acc"') :].split("</tr>", 1)[0]
+    assert "forget set, train split" in row and "(12 samples)" in row
 
 
 def test_the_json_report_is_the_apis_report(client, caller, finished_job):

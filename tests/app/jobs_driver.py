@@ -1,0 +1,177 @@
+"""Finishing a job without workers: tests/app has none, so a job submitted through the API is
+driven through every step with the functions the workers call (app.services.steps), its result
+shaped as worker/tasks.py run_finalize writes it and its verdict judged by the library's own
+code (negmerge.verdict), against the target in the job's spec."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from app.services import steps
+from app.services.models import add_version
+from negmerge.pipeline import JobSpec
+from negmerge.search import Evaluation, search_lambda
+from negmerge.verdict import judge
+from tests.app.conftest import Registered, job_body
+
+OWNER = "dashboard-test-worker/0"
+# The split metrics a worker measures (negmerge.pipeline JobContext.metrics), before and after.
+METRICS_BEFORE = {
+    "forget_acc": 100.0,
+    "forget_test_acc": 50.0,
+    "retain_acc": 93.75,
+    "test_acc": 88.5,
+    "mia": 12.0,
+}
+METRICS_AFTER = {
+    "forget_acc": 25.0,
+    "forget_test_acc": 40.0,
+    "retain_acc": 90.0,
+    "test_acc": 86.25,
+    "mia": 71.5,
+}
+
+
+SPLIT_SIZES = {"forget": 12, "forget_val": 4, "forget_test": 5, "retain": 80, "retain_val": 16,
+               "test": 20, "holdout": 16}  # fmt: skip
+
+
+def synthetic_evaluation(lam: float) -> Evaluation:
+    """A typical curve: forget accuracy falls fast with lambda, retain accuracy slowly."""
+    return Evaluation(forget_acc=max(0.0, 100.0 - 160.0 * lam), retain_acc=95.0 - 18.0 * lam)
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def submit(client: TestClient, registered: Registered, **changes: object) -> str:
+    response = client.post(
+        "/v1/unlearning-jobs",
+        json=job_body(registered, **changes),
+        headers=registered.caller.headers,
+    )
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def drive_to_success(app: FastAPI, job_id: str, grid: list[float] | None = None) -> dict[str, Any]:
+    """Take a QUEUED job through every step as the workers do; returns the result it ends with.
+    `grid`: the lambda search's (default 0..1; [0.0] makes the search choose lambda 0)."""
+    db, settings, queue = app.state.db, app.state.settings, app.state.queue
+    job = uuid.UUID(job_id)
+
+    def claim(step: str) -> steps.Claim:
+        with db.unit_of_work() as session:
+            claimed = steps.claim_step(session, job, step, OWNER, settings)
+        assert claimed is not None, step
+        return claimed
+
+    def complete(step: str, output: dict[str, Any]) -> list[str]:
+        held = claim(step)
+        with db.unit_of_work() as session:
+            return steps.complete_step(session, held, output, queue)
+
+    base_sha = sha("base model state")
+    original = {
+        "metrics": METRICS_BEFORE,
+        "base_sha256": base_sha,
+        "weights_sha256": sha("registered weights"),
+        "seconds": 0.5,
+    }
+    variants = complete(steps.PREPARE, original)
+    records = []
+    for name in variants:
+        index = steps.variant_index(name)
+        record = {"index": index, "tau_sha256": sha(f"tau {index}"), "seconds": 1.0}
+        records.append(record)
+        complete(name, record)
+    merged = {
+        "method": "negmerge",
+        "n": len(records),
+        "kept_fraction": 0.4321,
+        "merged_sha256": sha("merged"),
+        "variants": records,
+        "seconds": 0.2,
+    }
+    complete(steps.MERGE, merged)
+
+    held = claim(steps.SEARCH)
+
+    def counted(lam: float, _evaluation: Evaluation) -> None:
+        with db.unit_of_work() as session:
+            steps.lambda_evaluated(session, job, lam)
+
+    searched = {
+        **search_lambda(
+            synthetic_evaluation, strategy="grid", grid=grid, on_evaluation=counted
+        ).to_dict(),
+        "seconds": 0.3,
+    }
+    with db.unit_of_work() as session:
+        steps.complete_step(session, held, searched, queue)
+
+    held = claim(steps.FINALIZE)
+    lam = searched["lambda"]
+    spec = JobSpec.model_validate(held.spec)
+    target, default = spec.resolved_target()
+    verdict = judge(
+        target, spec.target_kind, METRICS_BEFORE, METRICS_AFTER, lam, default_target=default
+    ).to_dict()
+    unlearned_sha = sha("unlearned model")
+    with db.unit_of_work() as session:
+        row = steps.held_job(session, held)
+        assert row is not None
+        model = None
+        if lam != 0:  # as run_finalize: lambda 0 makes no version
+            version = add_version(
+                session,
+                row.tenant_id,
+                row.model_id,
+                weights_uri=f"/nonexistent/{unlearned_sha}.safetensors",
+                weights_sha256=unlearned_sha,
+                size_bytes=1234,
+                parent_version_id=row.model_version_id,
+                produced_by_job_id=row.id,
+                actor=steps.WORKER,
+            )
+            model = {
+                "model_id": str(row.model_id),
+                "version": version.version,
+                "version_id": str(version.id),
+                "weights_sha256": unlearned_sha,
+            }
+        metrics = {"before": METRICS_BEFORE, "after": METRICS_AFTER}
+        # The keys of worker/tasks.py run_finalize's `result`.
+        result = {
+            "model": model,
+            "model_version": model["version"] if model else None,
+            "verdict": verdict,
+            "lambda": lam,
+            "lambda_curve": searched.get("evaluations", []),
+            "kept_fraction": merged["kept_fraction"],
+            "metrics": metrics,
+            "metrics_before": metrics["before"],
+            "metrics_after": metrics["after"],
+            "split_sizes": SPLIT_SIZES,
+            "code_version": "negmerge 0.1.0 (test)",
+            "seeds": {"job": 0, "variants": [0] * len(records)},
+            "base_model_sha256": base_sha,
+            "merged_sha256": merged["merged_sha256"],
+            "task_vector_sha256": [r["tau_sha256"] for r in records],
+            "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
+        }
+        summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
+        assert steps.finish_job(session, held, summary, result) is not None
+    return result
+
+
+# Targets whose verdict on METRICS_AFTER is certain whatever the recipe: forget accuracy is
+# 25 and 40 after, so at most 50 is met and at most 0 is not (retain stays above 0.95x).
+MET_TARGET = {"forget_acc_max": 50.0}
+MISSED_TARGET = {"forget_acc_max": 0.0}

@@ -1,0 +1,82 @@
+"""The verdict end to end: real worker processes run three jobs on the tiny classifier through
+the API, with targets whose outcome does not depend on the recipe: one any lambda > 0 meets,
+one only a perfect forget would meet, and a search that can only choose lambda 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.worker.conftest import job_body, register_tenant, submit, wait_for
+
+LOOSE = {"forget_acc_max": 100.0, "retain_ratio": 0.5}
+STRICT = {"forget_acc_max": 0.0}
+
+
+@pytest.fixture(scope="module")
+def worker(start_worker, watchdog):  # type: ignore[no-untyped-def]
+    process = start_worker("verdicts")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def finished(client, db, classifier, worker):  # type: ignore[no-untyped-def]
+    """The three jobs, on a tenant (and model) of their own, run to their end."""
+    tenant = register_tenant(client, db, classifier)
+    bodies = {
+        "met": job_body(tenant, target=LOOSE),
+        "missed": job_body(tenant, target=STRICT),
+        "lambda 0": job_body(tenant, target=LOOSE, search={"grid": [0.0]}),
+    }
+    ids = {name: submit(client, tenant, body) for name, body in bodies.items()}
+    jobs = {name: wait_for(client, tenant, job_id, timeout=400) for name, job_id in ids.items()}
+    return tenant, jobs
+
+
+def report_of(client, tenant, job):  # type: ignore[no-untyped-def]
+    return client.get(f"/v1/unlearning-jobs/{job['id']}/report", headers=tenant.headers).json()
+
+
+def test_a_met_target(client, finished):  # type: ignore[no-untyped-def]
+    tenant, jobs = finished
+    job = jobs["met"]
+    assert job["state"] == "SUCCEEDED", job
+    assert job["verdict"]["met"] is True, job["verdict"]
+    assert job["result"]["lambda"] > 0 and job["result"]["model_version"] is not None
+    report = report_of(client, tenant, job)
+    assert report["verdict"] == job["verdict"] and report["unlearned_model"] is not None
+    # The verdict's numbers are the report's metrics.
+    after = report["metrics"]["after"]
+    checked = {c["metric"]: c["value"] for c in job["verdict"]["checks"]}
+    assert checked["forget_acc"] == after["forget_acc"]
+    assert checked["retain_acc"] == after["retain_acc"]
+
+
+def test_a_missed_target(client, finished):  # type: ignore[no-untyped-def]
+    tenant, jobs = finished
+    job = jobs["missed"]
+    assert job["state"] == "SUCCEEDED", job
+    verdict = job["verdict"]
+    assert verdict["met"] is False and verdict["reason"].startswith("not met")
+    assert any(c["bound"] == "forget_acc_max" and not c["met"] for c in verdict["checks"])
+    # It did change the model: the version is kept, and the verdict says it is not enough.
+    assert job["result"]["model_version"] is not None
+    events = report_of(client, tenant, job)["timeline"]
+    assert events[-1]["details"]["verdict"]["met"] is False
+
+
+def test_lambda_zero_creates_no_model_version(client, finished, settings):  # type: ignore[no-untyped-def]
+    tenant, jobs = finished
+    job = jobs["lambda 0"]
+    assert job["state"] == "SUCCEEDED", job
+    assert job["result"]["lambda"] == 0 and job["verdict"]["met"] is False
+    assert "nothing was forgotten" in job["verdict"]["reason"]
+    assert job["result"]["model_version"] is None
+    assert report_of(client, tenant, job)["unlearned_model"] is None
+    assert not (Path(settings.artifact_root) / "jobs" / job["id"] / "model.safetensors").exists()
+    versions = client.get(f"/v1/models/{tenant.model_id}/versions", headers=tenant.headers)
+    # Two versions from the other two jobs (both changed the model), none from this one.
+    produced = [v.get("produced_by_job_id") for v in versions.json()["items"]]
+    assert job["id"] not in produced and len(produced) == 3
