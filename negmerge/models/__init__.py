@@ -70,7 +70,8 @@ class ModelSpec(BaseModel):
             from negmerge.models.architectures import check_classifier
 
             try:
-                check_classifier(self.architecture, self.init_args)
+                # Nothing imported: descriptions are validated in the API process too.
+                check_classifier(self.architecture, self.init_args, load=False)
             except NegMergeError as exc:
                 raise ValueError(str(exc)) from None
         return self

@@ -124,20 +124,28 @@ def classifier_architecture(name: str) -> Architecture:
     installed = _installed(name)
     if installed is not None:
         return installed
-    if ":" in name or "/" in name:
-        raise NegMergeError(
-            f"architecture: {name!r} looks like an import path or file; an architecture is a "
-            f"name: {_known()}"
-        )
+    _refuse_code_like(name)
     import timm
 
     if not timm.is_model(name):
         raise NegMergeError(f"architecture: timm knows no model {name!r}; {_known()}")
+    return _timm_architecture(name)
+
+
+def _timm_architecture(name: str) -> Architecture:
     return Architecture(
         build=functools.partial(_create_timm_model, name),
         parameters=TimmParameters,
         description=f"timm's {name}",
     )
+
+
+def _refuse_code_like(name: str) -> None:
+    if ":" in name or "/" in name:
+        raise NegMergeError(
+            f"architecture: {name!r} looks like an import path or file; an architecture is a "
+            f"name: {_known()}"
+        )
 
 
 def _create_timm_model(name: str, num_classes: int, **parameters: Any) -> nn.Module:
@@ -152,10 +160,26 @@ def _known() -> str:
     return f"give a timm model name (timm.list_models()) or an installed architecture ({listed})"
 
 
-def check_classifier(name: str, init_args: Mapping[str, Any]) -> None:
+def check_classifier(name: str, init_args: Mapping[str, Any], *, load: bool = True) -> None:
     """Raise NegMergeError unless `name` is a known classifier architecture and `init_args`
-    fit its declared parameters."""
-    classifier_architecture(name).arguments(name, init_args)
+    fit its declared parameters.
+
+    With `load=False` no model code is imported (the API process validates descriptions, and
+    model code on its heap slows every later garbage collection, issue 17): a name must not
+    look like code, and the init_args of a timm model (or of one registered in this process)
+    must fit its parameters. That timm knows the name, and an entry point's own parameters,
+    are then checked where the module is built (registration's weights check in a child
+    process, the workers)."""
+    if load:
+        classifier_architecture(name).arguments(name, init_args)
+        return
+    if name in _registered:  # already in this process: nothing to import
+        _registered[name].arguments(name, init_args)
+        return
+    if name in _entry_points():
+        return
+    _refuse_code_like(name)
+    _timm_architecture(name).arguments(name, init_args)
 
 
 __all__ = [
