@@ -38,7 +38,8 @@ def finetune_task_vector(
     `on_step(step, total_steps, loss)` runs after each step; raising from it stops training
     (that is how a job is cancelled between steps).
     """
-    _seed_everything(variant.seed)
+    seed = 0 if variant.seed is None else variant.seed  # a job resolves seeds; a bare call: 0
+    _seed_everything(seed)
     module = model.module
     state = module.state_dict()
     pretrained = {key: value.detach().clone() for key, value in state.items()}
@@ -47,7 +48,7 @@ def finetune_task_vector(
         data,
         batch_size=variant.batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(variant.seed),
+        generator=torch.Generator().manual_seed(seed),
         num_workers=0,
     )
     total = variant.steps or variant.epochs * len(loader)

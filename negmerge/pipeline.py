@@ -43,7 +43,7 @@ from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
 from negmerge.search import Evaluation, SearchResult, lambda_grid, search_lambda
 from negmerge.task_vector import apply_task_vector, apply_task_vector_file
-from negmerge.variants import Variant, VariantGrid
+from negmerge.variants import Variant, VariantGrid, variant_seed
 
 SEARCH_SPLITS = ("forget_val", "retain_val")
 REPORT_SPLITS = ("forget", "forget_test", "retain", "test")
@@ -87,7 +87,11 @@ class JobSpec(BaseModel):
     variants: VariantGrid
     merge: MergeSpec = Field(default_factory=MergeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
-    seed: int = Field(0, description="Added to every variant's seed.")
+    seed: int = Field(
+        0,
+        description="Each variant's seed is derived from it and the variant's index; a seed "
+        "the variants give is added to it instead.",
+    )
     max_eval_samples: int | None = Field(2000, gt=0, description="Cap per evaluation split.")
     eval_batch_size: int = Field(256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -124,7 +128,13 @@ class JobSpec(BaseModel):
         return JobSpec.model_validate(data)
 
     def variant_list(self) -> list[Variant]:
-        return [v.model_copy(update={"seed": v.seed + self.seed}) for v in self.variants.expand()]
+        """The job's variants with their training seeds resolved (see `variant_seed`)."""
+        variants = self.variants.expand()
+        seeds = [
+            variant_seed(self.seed, i) if v.seed is None else v.seed + self.seed
+            for i, v in enumerate(variants)
+        ]
+        return [v.model_copy(update={"seed": s}) for v, s in zip(variants, seeds, strict=True)]
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -38,7 +38,11 @@ class Variant(BaseModel):
     )
     batch_size: int = Field(32, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null: none.")
-    seed: int = 0
+    seed: int | None = Field(
+        None,
+        description="Training seed. Default: derived from the job's seed and the variant's "
+        "index, so every variant draws its own data order and augmentations.",
+    )
 
     @field_validator("augment")
     @classmethod
@@ -60,6 +64,16 @@ class Variant(BaseModel):
         if self.augment:
             parts.append(self.augment)
         return " ".join(parts)
+
+
+def variant_seed(job_seed: int, index: int) -> int:
+    """The default seed of variant `index` of a job: distinct per variant, the same on a rerun.
+
+    A hash rather than job_seed + index, so that neighbouring job seeds do not share variants'
+    seeds (job 0's variant 1 would otherwise train exactly as job 1's variant 0).
+    """
+    digest = hashlib.sha256(f"negmerge.variant-seed:{job_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 PRESETS: dict[str, dict] = {

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from negmerge.variants import PRESETS, Variant, VariantGrid
+from negmerge.variants import PRESETS, Variant, VariantGrid, variant_seed
 
 
 def test_paper_presets_have_the_papers_sizes():
@@ -54,3 +54,31 @@ def test_keys_depend_on_every_hyperparameter():
 def test_bad_grids_name_the_field(grid, message):
     with pytest.raises(ValidationError, match=message):
         VariantGrid(**grid)
+
+
+def _job(variants: dict, seed: int = 0):
+    from negmerge.pipeline import JobSpec
+
+    return JobSpec.model_validate(
+        {
+            "model": {"family": "classifier", "architecture": "test_resnet", "classes": ["a", "b"]},
+            "forget": {"dataset": "data.jsonl"},
+            "variants": variants,
+            "seed": seed,
+        }
+    )
+
+
+def test_each_variant_gets_its_own_seed_from_the_job_seed():
+    job = _job({"preset": "tiny-classifier"})
+    seeds = [v.seed for v in job.variant_list()]
+    assert len(set(seeds)) == len(seeds) == 4
+    assert seeds == [variant_seed(0, i) for i in range(4)]
+    assert seeds == [v.seed for v in _job({"preset": "tiny-classifier"}).variant_list()]
+    other = [v.seed for v in _job({"preset": "tiny-classifier"}, seed=1).variant_list()]
+    assert not set(other) & set(seeds)  # neighbouring job seeds share no variant seed
+
+
+def test_a_seed_the_variants_give_is_offset_by_the_job_seed():
+    job = _job({"base": {"steps": 1}, "grid": {"seed": [3, 3]}}, seed=2)
+    assert [v.seed for v in job.variant_list()] == [5, 5]
