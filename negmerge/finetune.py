@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from negmerge.data import Manifest, Sample
+from negmerge.errors import DivergedError
 from negmerge.models.base import UnlearningModel
 from negmerge.variants import Variant
 
@@ -79,15 +80,31 @@ def finetune_task_vector(
                 if step >= total:
                     break
         finetuned = module.state_dict()
-        return {
+        tau = {
             key: finetuned[key].detach().float().cpu() - pretrained[key].float().cpu()
             for key in model.tau_keys
         }
+        check_finite(tau)
+        return tau
     finally:
         module.eval()
         with torch.no_grad():
             for key, value in pretrained.items():
                 state[key].copy_(value)
+
+
+def check_finite(tau: dict[str, torch.Tensor]) -> None:
+    """Refuse a task vector with NaN or Inf (a diverged run): merged, it would spread them
+    into every kept element (the official code zeroes them silently, hiding the failure)."""
+    for key, value in tau.items():
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(value).sum())
+            inf = value.numel() - int(finite.sum()) - nan
+            raise DivergedError(
+                f"task vector: {key!r} holds {nan} NaN and {inf} Inf values: the run diverged "
+                "(try a lower lr or grad_clip); it is not merged"
+            )
 
 
 class ImageDataset(Dataset):

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from negmerge.data import Manifest, Sample
-from negmerge.errors import DataError, NegMergeError
+from negmerge.errors import DataError, DivergedError, NegMergeError
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
@@ -356,9 +356,13 @@ def finetune_variant(
         if on_step is not None:
             on_step(done, total, loss)
 
-    tau = finetune_task_vector(
-        ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
-    )
+    try:
+        tau = finetune_task_vector(
+            ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
+        )
+    except DivergedError as exc:
+        final = f"final loss {losses[-1]:g}; " if losses else ""
+        raise DivergedError(f"variant {index} ({variant.label()}): {final}{exc}") from None
     # Only deterministic facts go into the task vector file, so that the same seed gives the
     # same bytes and hash; the time taken goes beside it.
     metadata = {

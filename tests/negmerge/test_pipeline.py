@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from negmerge.cli import main
-from negmerge.errors import CheckpointError, DataError, NegMergeError
+from negmerge.errors import CheckpointError, DataError, DivergedError, NegMergeError
 from negmerge.fixtures import ensure_tiny_classifier, ensure_tiny_clip
 from negmerge.fixtures.jobs import forget_class_job, forget_domain_job
 from negmerge.io import file_sha256, load_state_dict
@@ -117,6 +117,17 @@ def test_variants_with_the_same_hyperparameters_train_apart_and_rerun_the_same(
     assert any(not torch.equal(first[k], second[k]) for k in first)
     for again, before in zip(runs[1], runs[0], strict=True):
         assert all(torch.equal(again[k], before[k]) for k in before)
+
+
+def test_a_diverged_variant_is_refused_by_name_and_not_merged(classifier, tmp_path):
+    # An absurd learning rate without clipping blows the weights up to Inf/NaN.
+    variants = {"base": {"steps": 3, "lr": 1e30, "grad_clip": None}, "grid": {"lr": [0.05, 1e30]}}
+    spec = JobSpec.model_validate(classifier_job(classifier, variants=variants))
+    with pytest.raises(DivergedError, match=r"variant 1 \(adamw lr=1e\+30 .*holds \d+ NaN and"):
+        run_unlearning(spec, tmp_path)
+    written = sorted(p.name for p in (tmp_path / "variants").glob("*.safetensors"))
+    assert len(written) == 1 and written[0].startswith("000-")  # the finite one only
+    assert not (tmp_path / "merged.safetensors").exists()
 
 
 def test_a_killed_run_resumes_without_retraining_and_ends_the_same(classifier, tmp_path):
