@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from negmerge.data import Manifest, Sample
-from negmerge.errors import DivergedError
+from negmerge.errors import DivergedError, NegMergeError
 from negmerge.models.base import UnlearningModel
 from negmerge.variants import Variant
 
@@ -44,7 +44,13 @@ def finetune_task_vector(
     module = model.module
     state = module.state_dict()
     pretrained = {key: value.detach().clone() for key, value in state.items()}
-    data = ImageDataset(manifest, samples, model.classes, model.train_transform(variant.augment))
+    transform = model.train_transform(variant.augment, variant.preprocess)
+    data = ImageDataset(manifest, samples, model.classes, transform)
+    columns = _loss_columns(variant, model.classes, samples)
+    if columns is not None:  # class index -> position among the forget set's classes
+        positions = torch.full((len(model.classes),), -1, dtype=torch.long)
+        positions[columns] = torch.arange(len(columns))
+        columns, positions = columns.to(device), positions.to(device)
     loader = DataLoader(
         data,
         batch_size=variant.batch_size,
@@ -67,7 +73,10 @@ def finetune_task_vector(
             for images, labels in loader:
                 images, labels = images.to(device), labels.to(device)
                 with autocast:
-                    loss = loss_fn(module(images), labels)
+                    logits = module(images)
+                    if columns is not None:  # the forget task's own head
+                        logits, labels = logits[:, columns], positions[labels]
+                    loss = loss_fn(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if variant.grad_clip is not None:
@@ -91,6 +100,22 @@ def finetune_task_vector(
         with torch.no_grad():
             for key, value in pretrained.items():
                 state[key].copy_(value)
+
+
+def _loss_columns(
+    variant: Variant, classes: Sequence[str], samples: Sequence[Sample]
+) -> torch.Tensor | None:
+    """With head "forget", the model's class indices present in the forget set (the logits the
+    loss sees), else None. One class alone gives no gradient, so that is refused."""
+    if variant.head == "all":
+        return None
+    present = sorted({classes.index(s.label) for s in samples})
+    if len(present) < 2:
+        raise NegMergeError(
+            "variants.head: 'forget' needs a forget set of at least two classes; this one has "
+            f"{len(present)} (use head 'all')"
+        )
+    return torch.tensor(present)
 
 
 def check_finite(tau: dict[str, torch.Tensor]) -> None:
@@ -145,6 +170,10 @@ def _optimizer(variant: Variant, parameters: list[nn.Parameter]) -> torch.optim.
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    # A warmup longer than the run would never reach the peak lr (the official 500 steps on a
+    # forget set of a few batches): at most a tenth of the run warms up.
+    warmup = min(warmup, total // 10)
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

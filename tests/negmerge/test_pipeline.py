@@ -49,7 +49,7 @@ def test_clip_forgets_a_domain_and_keeps_the_other(clip, tmp_path):
     report = run_unlearning(JobSpec.model_validate(clip_job(clip)), tmp_path)
     check_unlearned(report)
     assert 0 < report["merge"]["kept_fraction"] < 1
-    assert report["merge"]["n"] == 3
+    assert report["merge"]["n"] == 6
     # The task vector covers the image tower only: the text tower is carried over unchanged.
     base, model = (
         load_state_dict(tmp_path / "base.safetensors"),
@@ -128,6 +128,26 @@ def test_a_diverged_variant_is_refused_by_name_and_not_merged(classifier, tmp_pa
     written = sorted(p.name for p in (tmp_path / "variants").glob("*.safetensors"))
     assert len(written) == 1 and written[0].startswith("000-")  # the finite one only
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_the_forget_tasks_own_head_and_training_preprocessing(clip, classifier, tmp_path):
+    taus = {}
+    for name, base in [
+        ("all", {"steps": 2}),
+        ("forget", {"steps": 2, "head": "forget"}),
+        ("train", {"steps": 2, "preprocess": "train", "augment": "rand-m9-n2-mstd0.5"}),
+        ("train-again", {"steps": 2, "preprocess": "train", "augment": "rand-m9-n2-mstd0.5"}),
+    ]:
+        spec = JobSpec.model_validate(clip_job(clip, variants={"base": base}))
+        ctx = JobContext.load(spec, tmp_path / name)
+        ctx.workdir.claim(spec)
+        taus[name] = load_state_dict(finetune_variant(ctx, 0)["path"])
+    differs = lambda a, b: any(not torch.equal(taus[a][k], taus[b][k]) for k in taus[a])  # noqa: E731
+    assert differs("all", "forget") and differs("all", "train")
+    assert not differs("train", "train-again")  # seeded, crops and flips included
+    spec = JobSpec.model_validate(classifier_job(classifier, variants={"base": {"head": "forget"}}))
+    with pytest.raises(NegMergeError, match="variants.head: 'forget' needs a forget set of at"):
+        run_unlearning(spec, tmp_path / "one-class")
 
 
 def test_a_killed_run_resumes_without_retraining_and_ends_the_same(classifier, tmp_path):

@@ -6,18 +6,36 @@ from pydantic import ValidationError
 from negmerge.variants import PRESETS, Variant, VariantGrid, variant_seed
 
 
-def test_paper_presets_have_the_papers_sizes():
+def test_clip_paper_trains_as_the_official_code():
     clip = VariantGrid(preset="clip-paper").expand()
     assert len(clip) == 30
     assert {v.augment for v in clip} == {
-        f"rand-m{m}-n{n}" for m in range(1, 11) for n in range(1, 4)
+        f"rand-m{m}-n{n}-mstd0.5" for m in range(1, 11) for n in range(1, 4)
     }
-    assert {(v.optimizer, v.lr, v.weight_decay, v.grad_clip) for v in clip} == {
-        ("adamw", 1e-5, 0.1, 1.0)
-    }
-    classifier = VariantGrid(preset="classifier-paper").expand()
-    assert len(classifier) == 27 and {v.optimizer for v in classifier} == {"sgd"}
-    assert len({v.key() for v in classifier}) == 27
+    assert {
+        (v.optimizer, v.lr, v.weight_decay, v.grad_clip, v.warmup_steps, v.batch_size, v.epochs)
+        for v in clip
+    } == {("adamw", 1e-5, 0.1, 1.0, 500, 128, 70)}
+    assert {(v.preprocess, v.label_smoothing) for v in clip} == {("train", 0.0)}
+
+
+def test_classifier_presets_carry_the_forget_sets_signal():
+    # No weight decay or label smoothing to swamp a near-zero loss; RandAugment in every one.
+    for preset in ("classifier-paper", "tiny-classifier"):
+        variants = VariantGrid(preset=preset).expand()
+        assert {(v.weight_decay, v.label_smoothing) for v in variants} == {(0.0, 0.0)}
+        assert all(v.augment for v in variants)
+        assert len({v.key() for v in variants}) == len(variants)
+    assert len(VariantGrid(preset="classifier-paper").expand()) == 9
+
+
+def test_warmup_is_at_most_a_tenth_of_the_run():
+    from negmerge.finetune import _warmup_cosine
+
+    factor = _warmup_cosine(500, 40)  # the official 500 steps on a 40-step run
+    assert factor(0) == pytest.approx(0.25) and factor(3) == pytest.approx(1.0)
+    assert factor(39) < 0.01
+    assert _warmup_cosine(0, 5)(0) == 1.0
 
 
 def test_grid_is_a_cartesian_product_over_a_base():
