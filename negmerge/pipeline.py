@@ -41,7 +41,13 @@ from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
-from negmerge.search import Evaluation, SearchResult, lambda_grid, search_lambda
+from negmerge.search import (
+    MAX_EXTENSIONS,
+    MAX_LAMBDA,
+    Evaluation,
+    SearchResult,
+    search_lambda,
+)
 from negmerge.task_vector import apply_task_vector, apply_task_vector_file
 from negmerge.variants import Variant, VariantGrid, variant_seed
 
@@ -72,8 +78,17 @@ class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rule: Literal["retain-threshold", "holdout-match"] = "retain-threshold"
     strategy: Literal["fast", "grid"] = "fast"
-    grid: list[float] | None = Field(None, description="Lambdas to try (default 0..1, 21).")
+    grid: list[float] | None = Field(
+        None, description="Lambdas to try, from 0 (default 0 to 2 in steps of 0.05)."
+    )
     retain_ratio: float = Field(0.95, gt=0, le=1)
+    max_extensions: int = Field(
+        MAX_EXTENSIONS,
+        ge=0,
+        le=4,
+        description="Times a choice at the grid's upper end may double the grid's range.",
+    )
+    max_lambda: float = Field(MAX_LAMBDA, gt=0, le=100, description="Extensions stop here.")
 
 
 class JobSpec(BaseModel):
@@ -442,9 +457,11 @@ def search(
             evaluate,
             ctx.spec.search.rule,
             strategy=ctx.spec.search.strategy,
-            grid=ctx.spec.search.grid or lambda_grid(),
+            grid=ctx.spec.search.grid,
             retain_ratio=ctx.spec.search.retain_ratio,
             on_evaluation=on_evaluation,
+            max_extensions=ctx.spec.search.max_extensions,
+            max_lambda=ctx.spec.search.max_lambda,
         )
     finally:
         ctx.set_scale(vector, 0.0)

@@ -78,8 +78,8 @@ def test_fast_search_picks_the_grid_lambda(classifier, tmp_path):
     job = classifier_job(classifier, search={"strategy": "grid"})
     grid = run_unlearning(JobSpec.model_validate(job), tmp_path / "grid")
     assert fast["lambda"] == grid["lambda"]
-    assert grid["search"]["n_evaluated"] == 21
-    assert fast["search"]["n_evaluated"] <= 21 / 3
+    assert grid["search"]["n_evaluated"] == grid["search"]["grid_size"] >= 41
+    assert fast["search"]["n_evaluated"] <= grid["search"]["n_evaluated"] / 3
 
 
 def test_finetuning_is_deterministic_for_a_seed(classifier, tmp_path):
@@ -262,5 +262,5 @@ def test_holdout_match_measures_the_held_out_split_once(classifier, tmp_path):
     job = classifier_job(classifier, search={"rule": "holdout-match", "strategy": "grid"})
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
     evaluations = report["search"]["evaluations"]
-    assert len(evaluations) == 21
+    assert len(evaluations) == report["search"]["grid_size"] >= 41
     assert all(e["holdout_acc"] == e["retain_acc"] for e in evaluations)
