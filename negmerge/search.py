@@ -22,8 +22,10 @@ Strategies:
   stops at the grid's end or once retain accuracy has fallen twice as far below the reference
   as the threshold allows (a collapse, not a wobble). Then it finds where the plateau of the
   best signal starts (ties go to the smaller lambda), trying the neighbour first because
-  curves usually fall strictly. The choice is the grid rule applied to the evaluated points:
-  the grid's choice whenever the assumption holds. On the default 41 points that is about a
+  curves usually fall strictly, and climbs to any better grid neighbour of the choice (a
+  rising signal, as on sample deletion, can hide the best point between evaluated ones). The
+  choice is the grid rule applied to the evaluated points: the grid's choice whenever the
+  assumption holds. On the default 41 points that is about a
   third of the grid or less; on an extended grid a smaller share.
 
 Extension: a choice at the grid's upper end, where a larger lambda may still be better, means
@@ -369,8 +371,22 @@ def _evaluate_deciding_points(
     while True:
         before, first = _plateau_bounds(evaluated, rule, anchor, best)
         if first - before <= 1:
-            return
+            break
         evaluated(first - 1 if first == anchor else (before + first) // 2)
+
+    # The choice must beat its grid neighbours: where the signal rises (held-out accuracy
+    # falling faster than forget accuracy, as on sample deletion) the best point can sit
+    # between evaluated ones. Climb while a neighbour is better; curves that fall need none.
+    while True:
+        lam, _ = rule.choose(evaluated.history, reference)
+        index = evaluated.lambdas.index(lam)
+        around = [
+            i for i in (index - 1, index + 1) if 0 <= i < size and i not in evaluated.by_index
+        ]
+        if not around:
+            return
+        for i in around:
+            evaluated(i)
 
 
 def _perfect(evaluated: _Evaluations, rule: Rule, reference: Evaluation) -> bool:

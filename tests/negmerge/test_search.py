@@ -411,3 +411,17 @@ def test_extension_is_bounded_by_max_lambda():
 def test_a_fully_forgotten_upper_end_needs_no_extension():
     result = search_lambda(lambda lam: Evaluation(0.0 if lam >= 2.0 else 50.0, 100.0))
     assert result.lam == 2.0 and result.extensions == 0
+
+
+def test_a_better_grid_neighbour_of_the_choice_is_found_where_the_signal_rises():
+    # Recorded on sample deletion (bench/experiments.py, a single task vector): held-out
+    # accuracy falls faster than forget accuracy, so forget - held-out rises after 0.05, the
+    # exact match the bisection steps over.
+    forget = [95.0, 94.0, 93.0, 93.0, 93.0, 93.0, 93.0] + [92.0] * 14
+    holdout = [94.0, 94.0, 92.5, 92.0, 91.5, 90.5, 90.0] + [89.0] * 14
+    evaluations = [Evaluation(f, h, h) for f, h in zip(forget, holdout, strict=True)]
+    for strategy in ("fast", "grid"):
+        curve = RecordedCurve(evaluations)
+        result = search(curve, "holdout-match", strategy=strategy)
+        assert result.lam == brute_force_lambda(evaluations, holdout=True) == 0.05
+        assert_each_lambda_evaluated_once(curve)
