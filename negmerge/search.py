@@ -19,11 +19,13 @@ Strategies:
   held-out accuracy) never rise with lambda. Real retain curves wobble around the threshold
   (a point just infeasible, the next feasible and more forgotten), so past the boundary it
   probes at 1, 2, 4, ... grid steps and bisects again from any probe worth passing; probing
-  stops at the grid's end or once retain accuracy has fallen twice as far below the reference
-  as the threshold allows (a collapse, not a wobble). Then it finds where the plateau of the
+  stops at the grid's end, once retain accuracy has fallen twice as far below the reference
+  as the threshold allows (a collapse, not a wobble), or when a third of the grid has been
+  evaluated. Then it finds where the plateau of the
   best signal starts (ties go to the smaller lambda), trying the neighbour first because
   curves usually fall strictly, and climbs to any better grid neighbour of the choice (a
-  rising signal, as on sample deletion, can hide the best point between evaluated ones). The
+  rising signal, as on sample deletion, can hide the best point between evaluated ones). A
+  feasible stretch short enough to fit in a third of the grid is evaluated whole. The
   choice is the grid rule applied to the evaluated points: the grid's choice whenever the
   assumption holds. On the default 41 points that is about a
   third of the grid or less; on an extended grid a smaller share.
@@ -344,14 +346,24 @@ def _evaluate_deciding_points(
     if not worth_passing(start):
         return
     last_in = start
+    first_pass = True
     while True:
         last_in, first_out = _bisect(last_in, size, worth_passing, signal)
+        if first_pass:
+            # A short stretch before the boundary is looked at whole: the signal can zigzag
+            # there (holdout-match on a few hundred val images), and it costs no more than
+            # the third of the grid that `fast` may spend.
+            missing = [i for i in range(start, last_in) if i not in evaluated.by_index]
+            if len(evaluated.by_index) + len(missing) <= size // 3:
+                for i in missing:
+                    evaluated(i)
+            first_pass = False
         if first_out >= size or _perfect(evaluated, rule, reference):
             break
         # Probe past the boundary: the curves wobble around the threshold.
         restart = None
         offset = 1
-        while first_out + offset < size:
+        while first_out + offset < size and len(evaluated.by_index) < size // 3:
             index = first_out + offset
             if worth_passing(index):
                 restart = index
@@ -377,14 +389,32 @@ def _evaluate_deciding_points(
     # The choice must beat its grid neighbours: where the signal rises (held-out accuracy
     # falling faster than forget accuracy, as on sample deletion) the best point can sit
     # between evaluated ones. Climb while a neighbour is better; curves that fall need none.
+    # Equal neighbours are walked across, too: a run of ties can hide a better point just
+    # past it. Climbing stops when a third of the grid has been evaluated.
     while True:
-        lam, _ = rule.choose(evaluated.history, reference)
+        lam, chosen = rule.choose(evaluated.history, reference)
         index = evaluated.lambdas.index(lam)
+        end = index
+        while end + 1 in evaluated.by_index and rule.score(evaluated.by_index[end + 1]) == (
+            rule.score(chosen)
+        ):
+            end += 1
         around = [
             i for i in (index - 1, index + 1) if 0 <= i < size and i not in evaluated.by_index
         ]
+        if len(evaluated.by_index) + len(around) > max(size // 3, 3):
+            return  # the budget is spent; on curves that fall nothing is left to climb
         if not around:
-            return
+            walk = end + 1
+            if not (
+                end > index
+                and rule.score(chosen) > 0
+                and walk < size
+                and walk not in evaluated.by_index
+                and len(evaluated.by_index) < size // 3
+            ):
+                return
+            around = [walk]
         for i in around:
             evaluated(i)
 

@@ -417,11 +417,33 @@ def test_a_better_grid_neighbour_of_the_choice_is_found_where_the_signal_rises()
     # Recorded on sample deletion (bench/experiments.py, a single task vector): held-out
     # accuracy falls faster than forget accuracy, so forget - held-out rises after 0.05, the
     # exact match the bisection steps over.
-    forget = [95.0, 94.0, 93.0, 93.0, 93.0, 93.0, 93.0] + [92.0] * 14
-    holdout = [94.0, 94.0, 92.5, 92.0, 91.5, 90.5, 90.0] + [89.0] * 14
+    grid = default_grid()
+    forget = [95.0, 94.0, 93.0, 93.0, 93.0, 93.0, 93.0] + [92.0] * 34
+    holdout = [94.0, 94.0, 92.5, 92.0, 91.5, 90.5, 90.0] + [89.0] * 34
     evaluations = [Evaluation(f, h, h) for f, h in zip(forget, holdout, strict=True)]
     for strategy in ("fast", "grid"):
-        curve = RecordedCurve(evaluations)
-        result = search(curve, "holdout-match", strategy=strategy)
-        assert result.lam == brute_force_lambda(evaluations, holdout=True) == 0.05
+        curve = RecordedCurve(evaluations, grid)
+        result = search(curve, "holdout-match", strategy=strategy, grid=grid)
+        assert result.lam == brute_force_lambda(evaluations, grid, holdout=True) == 0.05
         assert_each_lambda_evaluated_once(curve)
+
+
+def test_ties_before_a_better_point_are_walked_across():
+    # Recorded on sample deletion (NegMerge, seed 0): forget - held-out is 1, 1, 1, then 0.5.
+    grid = default_grid()
+    # fmt: off
+    forget = [95.0, 95.0, 95.0, 94.0, 94.0, 94.0, 94.0, 94.0, 94.0, 94.0, 94.0, 93.0, 93.0, 93.0,
+              92.0, 91.0, 90.0, 90.0, 90.0, 90.0, 90.0, 89.0, 89.0, 88.0, 88.0, 87.0, 86.0, 85.0,
+              82.0, 80.0, 79.0, 80.0, 78.0, 77.0, 78.0, 77.0, 75.0, 74.0, 72.0, 69.0, 67.0]
+    holdout = [94.0, 94.0, 94.0, 93.5, 93.0, 92.5, 92.5, 92.0, 91.5, 90.5, 90.5, 90.5, 89.5, 89.5,
+               89.0, 88.0, 87.5, 86.0, 85.5, 84.5, 83.5, 83.5, 83.5, 82.0, 81.0, 80.0, 80.0, 79.0,
+               77.0, 76.0, 74.5, 73.0, 71.0, 70.0, 68.0, 66.5, 65.0, 63.5, 63.0, 60.5, 60.0]
+    # fmt: on
+    evaluations = [Evaluation(f, h, h) for f, h in zip(forget, holdout, strict=True)]
+    curve = RecordedCurve(evaluations, grid)
+
+    result = search(curve, "holdout-match", grid=grid)
+
+    assert result.lam == brute_force_lambda(evaluations, grid, holdout=True) == 0.15
+    assert len(curve.calls) <= len(grid) / 3
+    assert_each_lambda_evaluated_once(curve)
