@@ -499,7 +499,7 @@ Generated {datetime.now(UTC):%Y-%m-%d} by `.venv/bin/python {command}` in {secon
 - Machine: {machine} ({platform.machine()}), {versions} with {torch.get_num_threads()} thread(s)
   ({THREADS_NOTE}). The machine is shared with other work, so times are indicative.
 - Seeds: {seed_list}.
-- Smoke test: `.venv/bin/python bench/experiments.py --quick` (about a minute). One experiment
+- Smoke test: `.venv/bin/python bench/experiments.py --quick` (about three minutes). One experiment
   with other seeds: `.venv/bin/python bench/experiments.py 2 --seeds 3 4`.
 - Work files: `var/bench-experiments/full/` (per method `report.json`, and `search.json` with
   the whole lambda curve); the numbers of every run in its `results.json`.
