@@ -19,7 +19,7 @@ the seeds.
 
     .venv/bin/python bench/experiments.py                  # all three
     .venv/bin/python bench/experiments.py 2 --seeds 0 1    # one experiment, other seeds
-    .venv/bin/python bench/experiments.py --quick          # smoke test (~1 min)
+    .venv/bin/python bench/experiments.py --quick          # smoke test (~3 min)
     .venv/bin/python bench/experiments.py --write-results  # and update docs/RESULTS.md
 """
 
