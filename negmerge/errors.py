@@ -15,3 +15,7 @@ class MergeError(NegMergeError):
 
 class DataError(NegMergeError):
     """A data set, manifest, image or forget-set selection is missing or malformed."""
+
+
+class DivergedError(NegMergeError):
+    """A fine-tuning run diverged: its task vector holds NaN or Inf and must not be merged."""

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from negmerge.data import Manifest, Sample
+from negmerge.errors import DivergedError, NegMergeError
 from negmerge.models.base import UnlearningModel
 from negmerge.variants import Variant
 
@@ -38,16 +39,23 @@ def finetune_task_vector(
     `on_step(step, total_steps, loss)` runs after each step; raising from it stops training
     (that is how a job is cancelled between steps).
     """
-    _seed_everything(variant.seed)
+    seed = 0 if variant.seed is None else variant.seed  # a job resolves seeds; a bare call: 0
+    _seed_everything(seed)
     module = model.module
     state = module.state_dict()
     pretrained = {key: value.detach().clone() for key, value in state.items()}
-    data = ImageDataset(manifest, samples, model.classes, model.train_transform(variant.augment))
+    transform = model.train_transform(variant.augment, variant.preprocess)
+    data = ImageDataset(manifest, samples, model.classes, transform)
+    columns = _loss_columns(variant, model.classes, samples)
+    if columns is not None:  # class index -> position among the forget set's classes
+        positions = torch.full((len(model.classes),), -1, dtype=torch.long)
+        positions[columns] = torch.arange(len(columns))
+        columns, positions = columns.to(device), positions.to(device)
     loader = DataLoader(
         data,
         batch_size=variant.batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(variant.seed),
+        generator=torch.Generator().manual_seed(seed),
         num_workers=0,
     )
     total = variant.steps or variant.epochs * len(loader)
@@ -65,7 +73,10 @@ def finetune_task_vector(
             for images, labels in loader:
                 images, labels = images.to(device), labels.to(device)
                 with autocast:
-                    loss = loss_fn(module(images), labels)
+                    logits = module(images)
+                    if columns is not None:  # the forget task's own head
+                        logits, labels = logits[:, columns], positions[labels]
+                    loss = loss_fn(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if variant.grad_clip is not None:
@@ -78,15 +89,47 @@ def finetune_task_vector(
                 if step >= total:
                     break
         finetuned = module.state_dict()
-        return {
+        tau = {
             key: finetuned[key].detach().float().cpu() - pretrained[key].float().cpu()
             for key in model.tau_keys
         }
+        check_finite(tau)
+        return tau
     finally:
         module.eval()
         with torch.no_grad():
             for key, value in pretrained.items():
                 state[key].copy_(value)
+
+
+def _loss_columns(
+    variant: Variant, classes: Sequence[str], samples: Sequence[Sample]
+) -> torch.Tensor | None:
+    """With head "forget", the model's class indices present in the forget set (the logits the
+    loss sees), else None. One class alone gives no gradient, so that is refused."""
+    if variant.head == "all":
+        return None
+    present = sorted({classes.index(s.label) for s in samples})
+    if len(present) < 2:
+        raise NegMergeError(
+            "variants.head: 'forget' needs a forget set of at least two classes; this one has "
+            f"{len(present)} (use head 'all')"
+        )
+    return torch.tensor(present)
+
+
+def check_finite(tau: dict[str, torch.Tensor]) -> None:
+    """Refuse a task vector with NaN or Inf (a diverged run): merged, it would spread them
+    into every kept element (the official code zeroes them silently, hiding the failure)."""
+    for key, value in tau.items():
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(value).sum())
+            inf = value.numel() - int(finite.sum()) - nan
+            raise DivergedError(
+                f"task vector: {key!r} holds {nan} NaN and {inf} Inf values: the run diverged "
+                "(try a lower lr or grad_clip); it is not merged"
+            )
 
 
 class ImageDataset(Dataset):
@@ -127,6 +170,10 @@ def _optimizer(variant: Variant, parameters: list[nn.Parameter]) -> torch.optim.
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    # A warmup longer than the run would never reach the peak lr (the official 500 steps on a
+    # forget set of a few batches): at most a tenth of the run warms up.
+    warmup = min(warmup, total // 10)
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

@@ -36,15 +36,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from negmerge.data import Manifest, Sample
-from negmerge.errors import DataError, NegMergeError
+from negmerge.errors import DataError, DivergedError, NegMergeError
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
-from negmerge.search import Evaluation, SearchResult, checked_grid, lambda_grid, search_lambda
+from negmerge.search import (
+    MAX_EXTENSIONS,
+    MAX_LAMBDA,
+    Evaluation,
+    SearchResult,
+    checked_grid,
+    default_grid,
+    search_lambda,
+)
 from negmerge.task_vector import apply_task_vector, apply_task_vector_file
-from negmerge.variants import Variant, VariantGrid
+from negmerge.variants import Variant, VariantGrid, variant_seed
 from negmerge.verdict import Target, TargetKind, judge, resolve_target, target_kind
 
 SEARCH_SPLITS = ("forget_val", "retain_val")
@@ -76,10 +84,17 @@ class SearchSpec(BaseModel):
     strategy: Literal["fast", "grid"] = "fast"
     grid: list[float] | None = Field(
         None,
-        description="Lambdas to try, increasing from 0 (default 0..1, 21).",
+        description="Lambdas to try, increasing from 0 (default 0 to 2 in steps of 0.05).",
         min_length=1,
     )
     retain_ratio: float = Field(0.95, gt=0, le=1)
+    max_extensions: int = Field(
+        MAX_EXTENSIONS,
+        ge=0,
+        le=4,
+        description="Times a choice at the grid's upper end may double the grid's range.",
+    )
+    max_lambda: float = Field(MAX_LAMBDA, gt=0, le=100, description="Extensions stop here.")
 
     @field_validator("grid")
     @classmethod
@@ -90,7 +105,7 @@ class SearchSpec(BaseModel):
 
     def lambdas(self) -> list[float]:
         """The lambdas the search may evaluate: the grid, or the default one."""
-        return self.grid or lambda_grid()
+        return self.grid or default_grid()
 
 
 class JobSpec(BaseModel):
@@ -107,7 +122,11 @@ class JobSpec(BaseModel):
     target: Target | None = Field(
         None, description="What counts as forgotten (default: by kind, negmerge.verdict)."
     )
-    seed: int = Field(0, description="Added to every variant's seed.")
+    seed: int = Field(
+        0,
+        description="Each variant's seed is derived from it and the variant's index; a seed "
+        "the variants give is added to it instead.",
+    )
     max_eval_samples: int | None = Field(2000, gt=0, description="Cap per evaluation split.")
     eval_batch_size: int = Field(256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -152,7 +171,13 @@ class JobSpec(BaseModel):
         return JobSpec.model_validate(data)
 
     def variant_list(self) -> list[Variant]:
-        return [v.model_copy(update={"seed": v.seed + self.seed}) for v in self.variants.expand()]
+        """The job's variants with their training seeds resolved (see `variant_seed`)."""
+        variants = self.variants.expand()
+        seeds = [
+            variant_seed(self.seed, i) if v.seed is None else v.seed + self.seed
+            for i, v in enumerate(variants)
+        ]
+        return [v.model_copy(update={"seed": s}) for v, s in zip(variants, seeds, strict=True)]
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -382,9 +407,13 @@ def finetune_variant(
         if on_step is not None:
             on_step(done, total, loss)
 
-    tau = finetune_task_vector(
-        ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
-    )
+    try:
+        tau = finetune_task_vector(
+            ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
+        )
+    except DivergedError as exc:
+        final = f"final loss {losses[-1]:g}; " if losses else ""
+        raise DivergedError(f"variant {index} ({variant.label()}): {final}{exc}") from None
     # Only deterministic facts go into the task vector file, so that the same seed gives the
     # same bytes and hash; the time taken goes beside it.
     metadata = {
@@ -467,6 +496,8 @@ def search(
             grid=ctx.spec.search.lambdas(),
             retain_ratio=ctx.spec.search.retain_ratio,
             on_evaluation=on_evaluation,
+            max_extensions=ctx.spec.search.max_extensions,
+            max_lambda=ctx.spec.search.max_lambda,
         )
     finally:
         ctx.set_scale(vector, 0.0)

@@ -13,18 +13,27 @@ Rules:
 Strategies:
 
 - ``grid`` evaluates every grid point.
-- ``fast`` assumes that retain accuracy (counted at most as its value at lambda = 0) and the
-  rule's signal (forget accuracy, or forget minus held-out accuracy for holdout-match) never rise
-  with lambda, the typical shape. Then the lambdas
-  still worth moving past (feasible, and for holdout-match forget still above held-out accuracy)
-  form a prefix of the grid: one bisection finds its end, a second finds where the plateau of the
-  best signal starts, trying the neighbour first because curves usually fall strictly. The choice
-  is then the grid rule applied to the evaluated points, which include the grid's choice whenever
-  the assumption holds. With L = ceil(log2(n)) on an n-point grid, that takes at most L + 2
-  evaluations when the signal falls strictly and 2L + 1 with plateaus: 7 and 10 on the default 21
-  points (with plateaus, no exact method can promise fewer than 9 there). The assumption is checked
-  on every evaluated point; on a violation the rest of the grid is evaluated and the grid rule
-  applies to all of it.
+- ``fast`` bisects for the end of the lambdas still worth moving past (feasible, and for
+  holdout-match forget still above held-out accuracy), assuming that retain accuracy (counted
+  at most as its value at lambda = 0) and the rule's signal (forget accuracy, or forget minus
+  held-out accuracy) never rise with lambda. Real retain curves wobble around the threshold
+  (a point just infeasible, the next feasible and more forgotten), so past the boundary it
+  probes at 1, 2, 4, ... grid steps and bisects again from any probe worth passing; probing
+  stops at the grid's end, once retain accuracy has fallen twice as far below the reference
+  as the threshold allows (a collapse, not a wobble), or when a third of the grid has been
+  evaluated. Then it finds where the plateau of the
+  best signal starts (ties go to the smaller lambda), trying the neighbour first because
+  curves usually fall strictly, and climbs to any better grid neighbour of the choice (a
+  rising signal, as on sample deletion, can hide the best point between evaluated ones). A
+  feasible stretch short enough to fit in a third of the grid is evaluated whole. The
+  choice is the grid rule applied to the evaluated points: the grid's choice whenever the
+  assumption holds. On the default 41 points that is about a
+  third of the grid or less; on an extended grid a smaller share.
+
+Extension: a choice at the grid's upper end, where a larger lambda may still be better, means
+the grid stopped short. The grid is then extended (up to ``max_extensions`` times, never past
+``max_lambda``) to twice its range at twice its last spacing, and the search goes on there.
+The default grid, 0 to 2 in steps of 0.05, extends to 4 and then 8 (81 points at most).
 
 No lambda is evaluated twice.
 """
@@ -36,6 +45,8 @@ from itertools import pairwise
 from typing import Any, ClassVar
 
 STRATEGIES = ("fast", "grid")
+MAX_LAMBDA = 8.0
+MAX_EXTENSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ class RetainThreshold(Rule):
         return evaluation.forget_acc
 
     def may_improve_beyond(self, evaluation: Evaluation) -> bool:
-        return True
+        return evaluation.forget_acc > 0  # nothing beats forgetting all of it
 
 
 @dataclass(frozen=True)
@@ -145,10 +156,11 @@ class SearchResult:
     reference: Evaluation
     history: tuple[tuple[float, Evaluation], ...]
     strategy: str
-    fell_back_to_grid: bool
     at_upper_end: bool
     rule: str
     retain_ratio: float
+    grid_size: int = 0
+    extensions: int = 0
 
     @property
     def evaluations(self) -> list[tuple[float, Evaluation]]:
@@ -173,8 +185,9 @@ class SearchResult:
             "retain_ratio": self.retain_ratio,
             "retain_threshold": self.retain_threshold,
             "strategy": self.strategy,
-            "fell_back_to_grid": self.fell_back_to_grid,
             "at_upper_end": self.at_upper_end,
+            "grid_size": self.grid_size,
+            "extensions": self.extensions,
             "n_evaluated": self.n_evaluated,
             "evaluation_order": [lam for lam, _ in self.history],
             "evaluations": [{"lambda": lam, **ev.to_dict()} for lam, ev in self.evaluations],
@@ -192,6 +205,24 @@ def lambda_grid(start: float = 0.0, stop: float = 1.0, points: int = 21) -> list
     return [round(start + i * (stop - start) / (points - 1), 10) for i in range(points)]
 
 
+def default_grid() -> list[float]:
+    """The default lambdas: 0 to 2 in steps of 0.05 (extended past 2 when needed). The
+    recipes' task vectors need lambda near or above 1 (sparse merged vectors more), so a grid
+    that stops at 1 stops short."""
+    return lambda_grid(0.0, 2.0, 41)
+
+
+def extend_grid(lambdas: Sequence[float], max_lambda: float = MAX_LAMBDA) -> list[float]:
+    """The points that extend ``lambdas`` to twice its range at twice its last spacing, capped
+    at ``max_lambda`` (none when the grid already reaches it)."""
+    if len(lambdas) < 2:
+        return []
+    stop, step = lambdas[-1], 2 * (lambdas[-1] - lambdas[-2])
+    new_stop = min(2 * stop, max_lambda)
+    count = math.floor((new_stop - stop) / step + 1e-9)
+    return [round(stop + k * step, 10) for k in range(1, count + 1)]
+
+
 def search_lambda(
     evaluate: Callable[[float], Evaluation],
     rule: str = "retain-threshold",
@@ -200,36 +231,51 @@ def search_lambda(
     grid: Sequence[float] | None = None,
     retain_ratio: float = 0.95,
     on_evaluation: Callable[[float, Evaluation], None] | None = None,
+    max_extensions: int = MAX_EXTENSIONS,
+    max_lambda: float = MAX_LAMBDA,
 ) -> SearchResult:
-    """Choose lambda on ``grid`` (default: 0 to 1 in 21 points) by ``rule`` (see the module doc)."""
+    """Choose lambda on ``grid`` (default: `default_grid`) by ``rule``, extending the grid when
+    the choice is at its upper end (see the module doc)."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if not (isinstance(max_extensions, int) and max_extensions >= 0):
+        raise ValueError(f"max_extensions must be a non-negative integer, got {max_extensions!r}")
+    if not (math.isfinite(max_lambda) and max_lambda > 0):
+        raise ValueError(f"max_lambda must be a finite positive number, got {max_lambda!r}")
     chosen_rule = RULES[rule](retain_ratio=retain_ratio)
-    lambdas = checked_grid(lambda_grid() if grid is None else grid)
+    lambdas = checked_grid(default_grid() if grid is None else grid)
 
     evaluated = _Evaluations(evaluate, lambdas, chosen_rule, on_evaluation)
     reference = evaluated(0)
-    fell_back = False
-    if strategy == "fast":
-        _evaluate_deciding_points(evaluated, chosen_rule, reference)
-        fell_back = not _assumption_holds(evaluated.history, chosen_rule, reference)
-    if strategy == "grid" or fell_back:
-        for index in range(len(lambdas)):
-            evaluated(index)
+    start, extensions = 0, 0
+    while True:
+        if strategy == "fast":
+            _evaluate_deciding_points(evaluated, chosen_rule, reference, start)
+        else:
+            for index in range(len(evaluated.lambdas)):
+                evaluated(index)
+        lam, evaluation = chosen_rule.choose(evaluated.history, reference)
+        more = extend_grid(evaluated.lambdas, max_lambda)
+        stopped_short = lam == evaluated.lambdas[-1] and chosen_rule.may_improve_beyond(evaluation)
+        if not (stopped_short and more and extensions < max_extensions):
+            break
+        start = len(evaluated.lambdas) - 1
+        evaluated.lambdas = evaluated.lambdas + more
+        extensions += 1
 
-    lam, evaluation = chosen_rule.choose(evaluated.history, reference)
     return SearchResult(
         lam=lam,
         evaluation=evaluation,
         reference=reference,
         history=tuple(evaluated.history),
         strategy=strategy,
-        fell_back_to_grid=fell_back,
-        at_upper_end=lam == lambdas[-1],
+        at_upper_end=lam == evaluated.lambdas[-1],
         rule=rule,
         retain_ratio=retain_ratio,
+        grid_size=len(evaluated.lambdas),
+        extensions=extensions,
     )
 
 
@@ -288,9 +334,14 @@ class _Evaluations:
         return evaluation
 
 
-def _evaluate_deciding_points(evaluated: _Evaluations, rule: Rule, reference: Evaluation) -> None:
-    """Evaluate the grid points that decide the choice when the curves never rise."""
+def _evaluate_deciding_points(
+    evaluated: _Evaluations, rule: Rule, reference: Evaluation, start: int = 0
+) -> None:
+    """Evaluate the grid points that decide the choice (see the module doc), from index
+    ``start`` on (a point already known to be worth passing, or 0)."""
     size = len(evaluated.lambdas)
+    threshold = rule.retain_ratio * reference.retain_acc
+    collapsed = threshold - (reference.retain_acc - threshold)
 
     def worth_passing(index: int) -> bool:
         evaluation = evaluated(index)
@@ -299,10 +350,99 @@ def _evaluate_deciding_points(evaluated: _Evaluations, rule: Rule, reference: Ev
     def signal(index: int) -> float:
         return rule.signal(evaluated(index))
 
-    if not worth_passing(0):
+    if not worth_passing(start):
         return
-    # Equal signals at both brackets mean a plateau between them, so the exact end is irrelevant.
-    last_in, first_out = 0, size
+    last_in = start
+    first_pass = True
+    while True:
+        last_in, first_out = _bisect(last_in, size, worth_passing, signal)
+        if first_pass:
+            # A short stretch before the boundary is looked at whole: the signal can zigzag
+            # there (holdout-match on a few hundred val images), and it costs no more than
+            # the third of the grid that `fast` may spend.
+            missing = [i for i in range(start, last_in) if i not in evaluated.by_index]
+            if len(evaluated.by_index) + len(missing) <= size // 3:
+                for i in missing:
+                    evaluated(i)
+            first_pass = False
+        if first_out >= size or _perfect(evaluated, rule, reference):
+            break
+        # Probe past the boundary: the curves wobble around the threshold.
+        restart = None
+        offset = 1
+        while first_out + offset < size and len(evaluated.by_index) < size // 3:
+            index = first_out + offset
+            if worth_passing(index):
+                restart = index
+                break
+            if evaluated(index).retain_acc < collapsed:
+                break
+            offset *= 2
+        if restart is None:
+            break
+        last_in = restart
+
+    # Ties go to the smaller lambda, so find where the run of the best signal starts. Curves
+    # usually fall strictly, and then the neighbour below settles it at once.
+    lam, _ = rule.choose(evaluated.history, reference)
+    anchor = evaluated.lambdas.index(lam)
+    best = signal(anchor)
+    while True:
+        before, first = _plateau_bounds(evaluated, rule, anchor, best)
+        if first - before <= 1:
+            break
+        evaluated(first - 1 if first == anchor else (before + first) // 2)
+
+    # The choice must beat its grid neighbours: where the signal rises (held-out accuracy
+    # falling faster than forget accuracy, as on sample deletion) the best point can sit
+    # between evaluated ones. Climb while a neighbour is better; curves that fall need none.
+    # Equal neighbours are walked across, too: a run of ties can hide a better point just
+    # past it. Climbing stops when a third of the grid has been evaluated.
+    while True:
+        lam, chosen = rule.choose(evaluated.history, reference)
+        index = evaluated.lambdas.index(lam)
+        end = index
+        while end + 1 in evaluated.by_index and rule.score(evaluated.by_index[end + 1]) == (
+            rule.score(chosen)
+        ):
+            end += 1
+        around = [
+            i for i in (index - 1, index + 1) if 0 <= i < size and i not in evaluated.by_index
+        ]
+        if len(evaluated.by_index) + len(around) > max(size // 3, 3):
+            return  # the budget is spent; on curves that fall nothing is left to climb
+        if not around:
+            walk = end + 1
+            if not (
+                end > index
+                and rule.score(chosen) > 0
+                and walk < size
+                and walk not in evaluated.by_index
+                and len(evaluated.by_index) < size // 3
+            ):
+                return
+            around = [walk]
+        for i in around:
+            evaluated(i)
+
+
+def _perfect(evaluated: _Evaluations, rule: Rule, reference: Evaluation) -> bool:
+    """Whether an evaluated feasible point scores 0 (all forgotten, or an exact match), which
+    no probe could beat."""
+    return any(
+        rule.is_feasible(e, reference) and rule.score(e) == 0 for e in evaluated.by_index.values()
+    )
+
+
+def _bisect(
+    last_in: int,
+    size: int,
+    worth_passing: Callable[[int], bool],
+    signal: Callable[[int], float],
+) -> tuple[int, int]:
+    """(last index worth passing, first index not) from a bracket [last_in, size): equal
+    signals at both ends mean a plateau between them, so the exact end is irrelevant."""
+    first_out = size
     while first_out - last_in > 1 and not (
         first_out < size and signal(first_out) == signal(last_in)
     ):
@@ -311,21 +451,13 @@ def _evaluate_deciding_points(evaluated: _Evaluations, rule: Rule, reference: Ev
             last_in = middle
         else:
             first_out = middle
-
-    # Ties go to the smaller lambda, so find where the run of the best signal starts. Curves
-    # usually fall strictly, and then the neighbour below settles it at once.
-    best = signal(last_in)
-    while True:
-        before, start = _plateau_bounds(evaluated, rule, last_in, best)
-        if start - before <= 1:
-            return
-        evaluated(start - 1 if start == last_in else (before + start) // 2)
+    return last_in, first_out
 
 
 def _plateau_bounds(
     evaluated: _Evaluations, rule: Rule, last_in: int, best: float
 ) -> tuple[int, int]:
-    """Evaluated indices around the start of the run of ``best`` that ends at last_in.
+    """Evaluated indices around the start of the run of ``best`` that ends at ``last_in``.
 
     Returns (the last evaluated index before the run, or -1; the first evaluated index on it).
     """
@@ -335,16 +467,3 @@ def _plateau_bounds(
             return index, start
         start = index
     return -1, start
-
-
-def _assumption_holds(
-    history: Sequence[tuple[float, Evaluation]], rule: Rule, reference: Evaluation
-) -> bool:
-    """Whether the evaluated points fit the shape the bisections rely on: neither retain
-    accuracy nor the signal rises with lambda. Retain accuracy above its value at lambda = 0
-    counts as that value: it often rises a little at small lambda, which moves no boundary."""
-    ordered = [evaluation for _, evaluation in sorted(history, key=lambda pair: pair[0])]
-    retain = [min(e.retain_acc, reference.retain_acc) for e in ordered]
-    return all(b <= a for a, b in pairwise(retain)) and all(
-        rule.signal(b) <= rule.signal(a) for a, b in pairwise(ordered)
-    )

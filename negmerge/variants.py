@@ -32,14 +32,33 @@ class Variant(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only.")
     epochs: int | None = Field(1, gt=0, description="Passes over the forget set (or give steps).")
     steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup, then cosine decay.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup (at most a tenth of the run), then cosine decay."
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: str | None = Field(
         None, description="timm RandAugment config, rand-m{M}-n{N}.", examples=["rand-m9-n2"]
     )
+    preprocess: Literal["eval", "train"] = Field(
+        "eval",
+        description="Image preprocessing before RandAugment: the model's evaluation transform, "
+        "or timm's training transform (random resized crop and horizontal flip), as the "
+        "official CLIP code trains.",
+    )
+    head: Literal["all", "forget"] = Field(
+        "all",
+        description="Classes the loss is over: all of the model's, or only those in the forget "
+        "set (the forget task's own head, as the official CLIP code fine-tunes; needs two).",
+    )
     batch_size: int = Field(32, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null: none.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="Training seed. Default: derived from the job's seed and the variant's "
+        "index, so every variant draws its own data order and augmentations.",
+    )
 
     @field_validator("augment")
     @classmethod
@@ -63,37 +82,78 @@ class Variant(BaseModel):
         return " ".join(parts)
 
 
+def variant_seed(job_seed: int, index: int) -> int:
+    """The default seed of variant `index` of a job: distinct per variant, the same on a rerun.
+
+    A hash rather than job_seed + index, so that neighbouring job seeds do not share variants'
+    seeds (job 0's variant 1 would otherwise train exactly as job 1's variant 0).
+    """
+    digest = hashlib.sha256(f"negmerge.variant-seed:{job_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+# Why the presets look as they do. A deletion request's data was in the training set, so the
+# model already fits it and the loss on it is near zero: whatever else the fine-tuning does
+# dominates tau. Weight decay (shrink every weight) and label smoothing (be less sure on the
+# forget set; negated: be more sure) then swamp the forget set's own signal, so the classifier
+# presets use neither, and RandAugment makes the forget set hard again, so the gradient carries
+# it. Every variant draws its own seed (see `variant_seed`), so the signs that agree across
+# the n runs are the forget set's, not one data order's.
 PRESETS: dict[str, dict] = {
-    # The paper's CLIP grid: RandAugment M = 1..10 x N = 1..3, AdamW, head frozen.
+    # The official CLIP code (naver-ai/negmerge CLIP_MU/src/finetune.py): AdamW lr 1e-5 with
+    # decoupled weight decay 0.1, warmup 500 steps then cosine, batch 128, gradient norm
+    # clipped at 1, the head frozen, timm's training preprocessing with RandAugment
+    # rand-m{M}-n{N}-mstd0.5, M = 1..10 x N = 1..3 (30 variants); 70 epochs, its choice for
+    # Cars (the paper's main benchmark) with augmentation (others: 30 to 100). One
+    # difference: the official code trains against the forget data set's own head, because it
+    # evaluates on it; a model here has one head, so the loss is over all of its classes
+    # (`head: forget` gives the official choice when the forget set has several classes).
     "clip-paper": {
         "base": {
             "optimizer": "adamw",
             "lr": 1e-5,
             "weight_decay": 0.1,
-            "warmup_steps": 200,
+            "warmup_steps": 500,
             "grad_clip": 1.0,
-            "epochs": 10,
+            "epochs": 70,
             "batch_size": 128,
+            "preprocess": "train",
         },
-        "grid": {"augment": [f"rand-m{m}-n{n}" for m in range(1, 11) for n in range(1, 4)]},
+        "grid": {"augment": [f"rand-m{m}-n{n}-mstd0.5" for m in range(1, 11) for n in range(1, 4)]},
     },
-    # A classifier grid: epochs x weight decay x label smoothing, SGD (27 variants).
+    # Classifiers (SGD, as they are usually trained): no weight decay, no label smoothing,
+    # RandAugment from mild to strong x three lengths (9 variants). On the digits classifier
+    # forgetting one class: forget test 100 -> 2.7 at retain test 97.8, 8% of elements kept.
     "classifier-paper": {
-        "base": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_size": 128},
+        "base": {
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "batch_size": 32,
+        },
         "grid": {
-            "epochs": [5, 10, 20],
-            "weight_decay": [1e-4, 5e-4, 1e-3],
-            "label_smoothing": [0.0, 0.1, 0.2],
+            "epochs": [3, 5, 10],
+            "augment": ["rand-m1-n1", "rand-m5-n2", "rand-m9-n3"],
         },
     },
-    # Small grids for the offline fixtures: tests and the demo.
+    # Small grids for the offline fixtures: the README quick start, the demo and the tests.
+    # tiny-clip: the demo forgets the shapes domain of the tiny CLIP (forget test 95 -> 76,
+    # digits 99 -> 96); the higher lr and no weight decay give a tau the consensus can sort.
     "tiny-clip": {
-        "base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "steps": 30},
-        "grid": {"augment": ["rand-m1-n1", "rand-m5-n2", "rand-m9-n3"]},
+        "base": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0, "steps": 30},
+        "grid": {"augment": [f"rand-m{m}-n{n}" for m in (1, 5, 9) for n in (1, 2)]},
     },
+    # tiny-classifier: the quick start forgets the class "three" (forget test 100 -> 0).
     "tiny-classifier": {
-        "base": {"optimizer": "sgd", "lr": 0.05, "batch_size": 32, "epochs": 2},
-        "grid": {"weight_decay": [1e-4, 1e-3], "label_smoothing": [0.0, 0.1]},
+        "base": {
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "batch_size": 32,
+            "epochs": 5,
+        },
+        "grid": {"augment": ["rand-m1-n1", "rand-m5-n2", "rand-m9-n2", "rand-m9-n3"]},
     },
 }
 

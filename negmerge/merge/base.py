@@ -109,14 +109,38 @@ class MergeMethod(ABC):
 METHODS: dict[str, type[MergeMethod]] = {}
 
 
-def reduce_chunk(method: MergeMethod, taus: Iterable[np.ndarray], indices: Sequence[int]) -> State:
-    """Fold the task vectors' slices, in order, into the method's state."""
-    taus = iter(taus)
+class NonFiniteInput(MergeError):
+    """Task vector `index` (0-based) holds NaN or Inf in tensor `key`."""
+
+    def __init__(self, index: int, key: str, where: str | None = None) -> None:
+        self.index, self.key = index, key
+        where = where or f"task vector {index + 1}"
+        super().__init__(
+            f"{where}: key {key!r} holds NaN or Inf (a diverged fine-tuning run?); "
+            "refusing to merge it"
+        )
+
+
+def reduce_chunk(
+    method: MergeMethod, taus: Iterable[np.ndarray], indices: Sequence[int], key: str = ""
+) -> State:
+    """Fold the task vectors' slices, in order, into the method's state. A slice with NaN or
+    Inf is refused (NonFiniteInput): not every method would carry it into its result."""
+    taus = _finite(taus, indices, key)
     with np.errstate(all="ignore"):  # inf and NaN are results here, as in torch, not warnings
         state = method.start(next(taus), indices[0])
         for tau, index in zip(taus, indices[1:], strict=True):
             method.add(state, tau, index)
     return state
+
+
+def _finite(taus: Iterable[np.ndarray], indices: Sequence[int], key: str) -> Iterator[np.ndarray]:
+    # tau . tau is finite exactly when tau is, unless its squares overflow: one BLAS pass,
+    # about a quarter of NegMerge's own work per element; the exact test confirms a hit.
+    for tau, index in zip(taus, indices, strict=True):
+        if not np.isfinite(np.dot(tau, tau)) and not np.isfinite(tau).all():
+            raise NonFiniteInput(index, key)
+        yield tau
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:

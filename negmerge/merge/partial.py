@@ -104,7 +104,7 @@ def partial_merge(
         raise MergeError(f"{method}: its states do not combine, so it cannot be merged in shards")
     specs = common_specs(vectors)
     states = {
-        chunk.key: reduce_chunk(instance, chunk.taus(), chunk.indices)
+        chunk.key: reduce_chunk(instance, chunk.taus(), chunk.indices, chunk.key)
         for chunk in iter_memory_chunks(vectors, specs, instance.inputs())
     }
     return PartialMerge(instance, len(vectors), states, {k: s.shape for k, s in specs.items()})

@@ -37,6 +37,7 @@ from negmerge.io import (
 from negmerge.merge.base import (
     Chunk,
     MergeMethod,
+    NonFiniteInput,
     get_method,
     reduce_chunk,  # noqa: F401 (its home before base.py)
 )
@@ -87,7 +88,7 @@ def merge_chunk(method: MergeMethod, chunk: Chunk, n: int) -> np.ndarray:
     with np.errstate(all="ignore"):  # inf and NaN are results here, as in torch, not warnings
         for lo in range(0, size, SLICE_ELEMENTS):
             hi = min(lo + SLICE_ELEMENTS, size)
-            state = reduce_chunk(method, chunk.taus(lo, hi), chunk.indices)
+            state = reduce_chunk(method, chunk.taus(lo, hi), chunk.indices, chunk.key)
             merged[lo:hi] = method.finish(state, n)
     return merged
 
@@ -288,7 +289,10 @@ def merge_files(
         if isinstance(method, str):
             method = get_method(method, data.n, **dict(params or {}))
         indices = method.inputs()
-        method.prepare(lambda: data.stream(indices, chunk_elements))
+        try:
+            method.prepare(lambda: data.stream(indices, chunk_elements))
+        except NonFiniteInput as exc:
+            raise NonFiniteInput(exc.index, exc.key, str(inputs[exc.index])) from None
         out_specs = {key: TensorSpec("F32", spec.shape) for key, spec in data.specs.items()}
         total = sum(spec.nbytes for spec in out_specs.values())
         kept = _KeptCounter(out_specs)
@@ -323,6 +327,8 @@ def merge_files(
                     kept_fraction=f"{kept.overall():.6f}",
                     **({"pretrained_sha256": base_hash} if base_hash else {}),
                 )
+        except NonFiniteInput as exc:  # name the file, not its position
+            raise NonFiniteInput(exc.index, exc.key, str(inputs[exc.index])) from None
         finally:
             hashes.close()
     return MergeResult(

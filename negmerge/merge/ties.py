@@ -43,7 +43,7 @@ class Ties(MergeMethod):
         self.thresholds = self._trim_thresholds(stream)
         elected = 0
         for chunk in stream():
-            total = reduce_chunk(self, chunk.taus(), chunk.indices)["total"]
+            total = reduce_chunk(self, chunk.taus(), chunk.indices, chunk.key)["total"]
             elected += int(np.count_nonzero(total > 0)) - int(np.count_nonzero(total < 0))
         self.majority_sign = float(np.sign(elected))
 

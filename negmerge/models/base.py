@@ -39,19 +39,38 @@ class UnlearningModel:
         covered = set(self.tau_keys)
         return [p for name, p in self.module.named_parameters() if name in covered]
 
-    def train_transform(self, augment: str | None) -> Transform:
-        """RandAugment (timm's `rand-m{M}-n{N}` strings) before the usual preprocessing."""
-        if not augment:
-            return self.eval_transform
-        from timm.data.auto_augment import _RAND_TRANSFORMS, rand_augment_transform
+    def train_transform(self, augment: str | None, preprocess: str = "eval") -> Transform:
+        """The fine-tuning transform: with preprocess "train", timm's training geometry first
+        (random resized crop, scale 0.08..1, and horizontal flip); then RandAugment (timm's
+        `rand-m{M}-n{N}` strings); then the model's evaluation preprocessing."""
         from torchvision import transforms
 
-        # timm's Posterize keeps 0 bits at magnitudes below 3, which current Pillow refuses;
-        # PosterizeOriginal (keep 4..8 bits) is the same operation in the valid range.
-        ops = ["PosterizeOriginal" if op == "Posterize" else op for op in _RAND_TRANSFORMS]
-        fill = tuple(round(255 * m) for m in self.mean)
-        randaugment = rand_augment_transform(augment, {"img_mean": fill}, transforms=ops)
-        return transforms.Compose([randaugment, self.eval_transform])
+        steps: list[Transform] = []
+        if preprocess == "train":
+            steps += [_random_resized_crop, transforms.RandomHorizontalFlip()]
+        if augment:
+            from timm.data.auto_augment import _RAND_TRANSFORMS, rand_augment_transform
+
+            # timm's Posterize keeps 0 bits at magnitudes below 3, which current Pillow
+            # refuses; PosterizeOriginal (keep 4..8 bits) is the same operation in range.
+            ops = ["PosterizeOriginal" if op == "Posterize" else op for op in _RAND_TRANSFORMS]
+            fill = tuple(round(255 * m) for m in self.mean)
+            steps.append(rand_augment_transform(augment, {"img_mean": fill}, transforms=ops))
+        if not steps:
+            return self.eval_transform
+        return transforms.Compose([*steps, self.eval_transform])
+
+
+def _random_resized_crop(image: Image.Image) -> Image.Image:
+    """timm's (and torchvision's) RandomResizedCrop, back to the image's own size, so that the
+    evaluation transform sizes it as it sizes every other image."""
+    from torchvision import transforms
+    from torchvision.transforms import functional
+
+    top, left, height, width = transforms.RandomResizedCrop.get_params(
+        image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+    )
+    return functional.resized_crop(image, top, left, height, width, [image.height, image.width])
 
 
 def load_weights(module: nn.Module, path: str, architecture: str) -> None:

@@ -49,9 +49,12 @@ def uniform_reference(taus: list[torch.Tensor]) -> torch.Tensor:
 
 
 def magmax_reference(taus: list[torch.Tensor]) -> torch.Tensor:
-    stacked = torch.stack(taus)
-    winner = stacked.abs().argmax(0, keepdim=True)  # first index on ties
-    return stacked.gather(0, winner)[0]
+    """The official MagMax loop: a later task vector replaces the value where its magnitude
+    is >= the value kept so far, so the last of equal magnitudes wins."""
+    kept = taus[0].clone()
+    for tau in taus[1:]:
+        kept = torch.where(tau.abs() >= kept.abs(), tau, kept)
+    return kept
 
 
 def ties_reference(vectors: list[dict[str, torch.Tensor]], topk: float) -> dict[str, torch.Tensor]:
@@ -243,6 +246,40 @@ def test_consensus_threshold_is_exact_where_binary_floats_are_not():
     taus = [{"w": torch.tensor([1.0])}] * 14 + [{"w": torch.tensor([-1.0])}] * 11
     merged = merge_task_vectors("negmerge", taus, {"consensus": 0.56}).tensors["w"].item()
     assert merged == pytest.approx(3 / 25)
+
+
+def test_magmax_gives_exact_magnitude_ties_to_the_later_task_vector():
+    taus = [
+        {"w": torch.tensor([0.5, -0.5, 2.0, 0.0])},
+        {"w": torch.tensor([-0.5, 0.5, -1.0, -0.0])},
+        {"w": torch.tensor([0.25, -0.5, -2.0, 0.0])},
+    ]
+    expected = magmax_reference([t["w"] for t in taus])
+    assert expected.tolist() == [-0.5, -0.5, -2.0, 0.0]
+    merged = merge_task_vectors("magmax", taus).tensors["w"]
+    assert torch.equal(merged, expected)
+    assert torch.equal(merged.signbit(), expected.signbit())  # even -0.0 vs 0.0
+    # Merged in shards, the later shard's value still wins a tie.
+    first, second = partial_merge("magmax", taus[:2]), partial_merge("magmax", taus[2:])
+    assert torch.equal(first.combine(second).finish()["w"], expected)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_task_vector_with_nan_or_inf_is_refused_naming_it(method, bad, tmp_path):
+    good = {"a": torch.ones(4), "w": torch.tensor([0.5, -1.0, 2.0])}
+    diverged = {"a": torch.ones(4), "w": torch.tensor([0.5, bad, 2.0])}
+    vectors = [good, diverged, good]
+    with pytest.raises(MergeError, match=r"task vector 2: key 'w' holds NaN or Inf"):
+        merge_task_vectors(method, vectors, {"index": 1} if method == "single" else {})
+    paths = []
+    for i, vector in enumerate(vectors):
+        paths.append(tmp_path / f"tau{i}.safetensors")
+        save_file(vector, paths[-1])
+    output = tmp_path / "merged.safetensors"
+    with pytest.raises(MergeError, match=rf"{paths[1]}: key 'w' holds NaN or Inf"):
+        merge_files(method, paths, output, params={"index": 1} if method == "single" else {})
+    assert not output.exists() and not list(tmp_path.glob(".merged*"))
 
 
 def test_one_task_vector_is_kept_where_nonzero():

@@ -181,8 +181,8 @@ def bounded_client(app, settings, db) -> Iterator[TestClient]:  # type: ignore[n
                 "variants": {"preset": "tiny-classifier", "grid": {"weight_decay": [0.1]}},
                 "max_eval_samples": 50,
             },
-            "variants.preset",  # tiny-classifier's epochs: 2
-            ("2 is more than the limit of 1", "NEGMERGE_MAX_EPOCHS"),
+            "variants.preset",  # tiny-classifier's epochs: 5
+            ("5 is more than the limit of 1", "NEGMERGE_MAX_EPOCHS"),
         ),
         (
             {
@@ -195,8 +195,8 @@ def bounded_client(app, settings, db) -> Iterator[TestClient]:  # type: ignore[n
         ),
         (
             {"variants": {"base": {"epochs": 1}}, "max_eval_samples": 50},
-            "search.grid",  # the default grid, 0 to 1
-            ("1 (its largest lambda) is more than the limit of 0.5",),
+            "search.grid",  # the default grid, 0 to 2
+            ("2 (its largest lambda) is more than the limit of 0.5",),
         ),
     ],
 )
@@ -211,8 +211,21 @@ def test_a_job_within_the_tighter_bounds_is_accepted(bounded_client, registered)
     body = job_body(
         registered,
         variants={"base": {"epochs": 1}},
-        search={"grid": [0, 0.25, 0.5]},
+        search={"grid": [0, 0.25, 0.5], "max_lambda": 0.5},
         max_eval_samples=50,
     )
     response = bounded_client.post(JOBS, json=body, headers=registered.caller.headers)
     assert response.status_code == 202, response.text
+
+
+def test_how_far_the_grid_may_extend_is_bounded_too(bounded_client, registered):
+    """A choice at the grid's upper end extends the grid up to search.max_lambda (default 8):
+    that, too, must fit the operator's NEGMERGE_MAX_LAMBDA."""
+    body = job_body(
+        registered,
+        variants={"base": {"epochs": 1}},
+        search={"grid": [0, 0.25, 0.5]},
+        max_eval_samples=50,
+    )
+    response = bounded_client.post(JOBS, json=body, headers=registered.caller.headers)
+    refused(response, "search.max_lambda", "8 is more than the limit of 0.5")
