@@ -80,9 +80,7 @@ def check_job_size(
             "max_eval_samples", spec.max_eval_samples, settings.max_eval_samples, "max_eval_samples"
         )
     if spec.search.max_lambda > settings.max_lambda:  # how far extensions may go
-        raise _over(
-            "search.max_lambda", spec.search.max_lambda, settings.max_lambda, "max_lambda"
-        )
+        raise _over("search.max_lambda", spec.search.max_lambda, settings.max_lambda, "max_lambda")
     return JobSize(len(variants), total_steps, len(lambdas))
 
 
