@@ -19,7 +19,9 @@ is warm for all (a warm-up read runs first).
 
 A second table compares the merged vector stored sparse (negmerge.sparse: a bitmask and the
 kept values per tensor, the default) with the same vector stored dense: file size, the merge's
-time writing each, and `negmerge apply`'s time and peak RSS reading each.
+time writing each, `negmerge apply`'s time and peak RSS reading each, the time to read every
+slice (apply's reads, without its arithmetic), and the memory the lambda search holds (the
+vector loaded with `load_task_vector` and every tensor densified once: RSS above imports).
 
 Run:  python bench/merge.py [--n 10 30] [--storage-only]
 """
@@ -173,7 +175,7 @@ def measure(kind: str, folder: Path, n: int) -> None:
     if keep_output:  # the storage table's vectors, kept for its apply runs
         output = stored_vector(folder, kind.removeprefix("merge-"))
         output.unlink(missing_ok=True)
-    if kind.startswith("apply-"):
+    if kind.startswith(("apply-", "hold-")):
         import torch  # noqa: F401 (apply needs it; loaded before timing, as in a worker)
 
         import negmerge.task_vector  # noqa: F401
@@ -201,6 +203,19 @@ def measure(kind: str, folder: Path, n: int) -> None:
 
         vector = stored_vector(folder, kind.removeprefix("apply-"))
         apply_task_vector_file(pre, vector, 0.5, output)
+    elif kind.startswith("read-"):  # every 1M-element slice, as apply reads them, no torch
+        from negmerge.io import open_checkpoint
+
+        with open_checkpoint(stored_vector(folder, kind.removeprefix("read-"))) as ckpt:
+            for key, spec in ckpt.specs.items():
+                for start in range(0, spec.numel, 1 << 20):
+                    ckpt.read_array(key, start, min(start + (1 << 20), spec.numel))
+    elif kind.startswith("hold-"):  # the lambda search: load the vector, densify each tensor
+        from negmerge.task_vector import load_task_vector
+
+        vector = load_task_vector(stored_vector(folder, kind.removeprefix("hold-")))
+        for key in vector:
+            vector[key]
     elif kind == "cli":  # `negmerge merge`, its imports inside the timed run
         from negmerge.cli import main as cli
 
@@ -331,8 +346,9 @@ def storage_table(args: argparse.Namespace, scale: float) -> None:
     from rich.table import Table
 
     table = Table(title=f"The merged vector stored sparse vs dense, ViT-B/32 size x{scale:g}")
-    columns = ["n", "kept", "stored", "size", "size vs dense", "merge time", "vs dense"]
-    for column in [*columns, "apply time", "vs dense", "apply peak RSS", "vs dense"]:
+    columns = ["n", "kept", "stored", "size", "vs dense", "merge", "vs dense", "apply"]
+    columns += ["vs dense", "apply RSS", "vs dense", "read slices", "vs dense"]
+    for column in [*columns, "held (search)", "vs dense"]:
         table.add_column(column, justify="right")
     for n in args.n:
         folder = args.folder / f"x{scale:g}"
@@ -343,13 +359,19 @@ def storage_table(args: argparse.Namespace, scale: float) -> None:
         for layout in ("dense", "sparse"):  # each merge once: its output is the apply's input
             results[f"merge-{layout}"] = run(f"merge-{layout}", folder, n)
         for _ in range(args.repeat):
-            for kind in ("apply-dense", "apply-sparse"):
+            for kind in [
+                f"{step}-{layout}"
+                for step in ("apply", "read", "hold")
+                for layout in ("dense", "sparse")
+            ]:
                 r = run(kind, folder, n)
                 if kind not in results or r["seconds"] < results[kind]["seconds"]:
                     results[kind] = r
         dense = {k.split("-")[0]: v for k, v in results.items() if k.endswith("-dense")}
         for layout in ("dense", "sparse"):
             merge, apply = results[f"merge-{layout}"], results[f"apply-{layout}"]
+            read, hold = results[f"read-{layout}"], results[f"hold-{layout}"]
+            held = hold["peak_rss_mb"] - hold["before_mb"]
             table.add_row(
                 str(n),
                 f"{merge['kept_fraction']:.2%}",
@@ -362,6 +384,10 @@ def storage_table(args: argparse.Namespace, scale: float) -> None:
                 f"{apply['seconds'] / dense['apply']['seconds']:.2f}x",
                 f"{apply['peak_rss_mb']:.0f} MiB",
                 f"{apply['peak_rss_mb'] / dense['apply']['peak_rss_mb']:.2f}x",
+                f"{read['seconds']:.2f} s",
+                f"{read['seconds'] / dense['read']['seconds']:.2f}x",
+                f"{held:.0f} MiB",
+                f"{held / (dense['hold']['peak_rss_mb'] - dense['hold']['before_mb']):.2f}x",
                 end_section=layout == "sparse",
             )
         for layout in ("dense", "sparse"):
