@@ -329,3 +329,30 @@ def test_reading_a_sparse_file_holds_one_slice_or_one_tensor_at_a_time(tmp_path)
         tracemalloc.stop()
     assert held < 8 * tensor_bytes / 4
     assert held_peak < held + 2 * tensor_bytes  # all eight dense would be 8 tensors
+
+
+def test_sparse_task_vector_files_merge_like_their_dense_copies(merged_pair, tmp_path):
+    """Task-vector inputs (no --pretrained) may be sparse: the engine reads them as dense."""
+    folder, _, _ = merged_pair
+    taus = {}
+    for k in range(3):
+        ft = load_state_dict(folder / f"ft{k}.safetensors")
+        pre = load_state_dict(folder / "pre.safetensors")
+        tau = {
+            key: (ft[key].float() - v.float()) for key, v in pre.items() if v.is_floating_point()
+        }
+        tau = {key: t.masked_fill(t.abs() < 0.05, 0.0) for key, t in tau.items()}
+        save_file(tau, tmp_path / f"tau{k}.safetensors")
+        convert(tmp_path / f"tau{k}.safetensors", tmp_path / f"tau{k}.sparse.safetensors")
+        taus[k] = tau
+    for kind in ("", ".sparse"):
+        merge_files(
+            "ties",
+            [tmp_path / f"tau{k}{kind}.safetensors" for k in range(3)],
+            tmp_path / f"merged{kind}.safetensors",
+            chunk_elements=64,
+        )
+    assert_bit_exact(
+        load_state_dict(tmp_path / "merged.sparse.safetensors"),
+        load_state_dict(tmp_path / "merged.safetensors"),
+    )
