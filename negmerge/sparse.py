@@ -62,6 +62,7 @@ def mask_nbytes(numel: int) -> int:
 
 
 def is_sparse(metadata: Mapping[str, str]) -> bool:
+    """Whether a safetensors file's metadata marks it as a sparse file."""
     return metadata.get("layout") == SPARSE_LAYOUT
 
 
@@ -121,6 +122,8 @@ class SparseWriter:
         self._fd = self._file.fileno()
 
     def _header(self, kept: Mapping[str, int], fixed_offset: int | None = None) -> bytes:
+        """The header JSON for `kept` values per tensor (every offset `fixed_offset` if given:
+        to size the header's room before the offsets are known)."""
         entries: dict[str, object] = {"__metadata__": self.metadata}
         values_at = self._masks_end
         for key, spec in self._specs.items():
@@ -354,8 +357,3 @@ def convert(
                     stop = min(start + _COPY_ELEMENTS, spec.numel)
                     writer.write(key, ckpt.read_array(key, start, stop))
         return writer.metadata
-
-
-def dense_nbytes(specs: Mapping[str, TensorSpec]) -> int:
-    """Bytes of the tensors' data in a dense file (its header aside)."""
-    return sum(spec.nbytes for spec in specs.values())
