@@ -15,7 +15,15 @@ parameters each, open_clip's key layout) it measures, each in a fresh process:
 
 "ours" runs as the CLI does, without torch (it needs none); "in a worker" imports torch first,
 as a worker process has it loaded anyway. Prints time and peak RSS with ratios. The page cache
-is warm for all (a warm-up read runs first). Run:  python bench/merge.py [--n 10 30]
+is warm for all (a warm-up read runs first).
+
+A second table compares the merged vector stored sparse (negmerge.sparse: a bitmask and the
+kept values per tensor, the default) with the same vector stored dense: file size, the merge's
+time writing each, `negmerge apply`'s time and peak RSS reading each, the time to read every
+slice (apply's reads, without its arithmetic), and the memory the lambda search holds (the
+vector loaded with `load_task_vector` and every tensor densified once: RSS above imports).
+
+Run:  python bench/merge.py [--n 10 30] [--storage-only]
 """
 
 from __future__ import annotations
@@ -120,7 +128,13 @@ def read_floor(paths: list[Path], hashing: bool = False) -> None:
                     digest.update(view[:got])
 
 
-def ours(pre: Path, paths: list[Path], output: Path, hashes: dict[str, str] | None) -> dict:
+def ours(
+    pre: Path,
+    paths: list[Path],
+    output: Path,
+    hashes: dict[str, str] | None,
+    layout: str = "auto",
+) -> dict:
     from negmerge.merge.streaming import merge_files
 
     known = {}
@@ -129,8 +143,12 @@ def ours(pre: Path, paths: list[Path], output: Path, hashes: dict[str, str] | No
             "input_sha256": [hashes[p.name] for p in paths],
             "pretrained_sha256": hashes[pre.name],
         }
-    result = merge_files("negmerge", paths, output, pretrained=pre, **known)
-    return {"kept_fraction": result.kept_fraction}
+    result = merge_files("negmerge", paths, output, pretrained=pre, layout=layout, **known)
+    return {"kept_fraction": result.kept_fraction, "bytes": result.output_bytes}
+
+
+def stored_vector(folder: Path, layout: str) -> Path:
+    return folder / f"merged-{layout}.safetensors"
 
 
 def load_all(pre: Path, paths: list[Path], output: Path) -> dict:
@@ -153,6 +171,14 @@ def measure(kind: str, folder: Path, n: int) -> None:
     pre = folder / "pretrained.safetensors"
     paths = [folder / f"finetuned-{k:02d}.safetensors" for k in range(n)]
     output = folder / f"out-{kind}.safetensors"
+    keep_output = kind.startswith("merge-")
+    if keep_output:  # the storage table's vectors, kept for its apply runs
+        output = stored_vector(folder, kind.removeprefix("merge-"))
+        output.unlink(missing_ok=True)
+    if kind.startswith(("apply-", "hold-")):
+        import torch  # noqa: F401 (apply needs it; loaded before timing, as in a worker)
+
+        import negmerge.task_vector  # noqa: F401
     if kind in ("ours-worker", "load-all"):  # loaded before timing, as a worker has them
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
@@ -170,13 +196,34 @@ def measure(kind: str, folder: Path, n: int) -> None:
         extra = ours(pre, paths, output, hashes)
     elif kind == "load-all":
         extra = load_all(pre, paths, output)
+    elif kind.startswith("merge-"):  # the storage table: the same merge, stored each way
+        extra = ours(pre, paths, output, hashes, layout=kind.removeprefix("merge-"))
+    elif kind.startswith("apply-"):
+        from negmerge.task_vector import apply_task_vector_file
+
+        vector = stored_vector(folder, kind.removeprefix("apply-"))
+        apply_task_vector_file(pre, vector, 0.5, output)
+    elif kind.startswith("read-"):  # every 1M-element slice, as apply reads them, no torch
+        from negmerge.io import open_checkpoint
+
+        with open_checkpoint(stored_vector(folder, kind.removeprefix("read-"))) as ckpt:
+            for key, spec in ckpt.specs.items():
+                for start in range(0, spec.numel, 1 << 20):
+                    ckpt.read_array(key, start, min(start + (1 << 20), spec.numel))
+    elif kind.startswith("hold-"):  # the lambda search: load the vector, densify each tensor
+        from negmerge.task_vector import load_task_vector
+
+        vector = load_task_vector(stored_vector(folder, kind.removeprefix("hold-")))
+        for key in vector:
+            vector[key]
     elif kind == "cli":  # `negmerge merge`, its imports inside the timed run
         from negmerge.cli import main as cli
 
         args = ["merge", "--pretrained", str(pre), "-o", str(output), *map(str, paths)]
         cli(args, standalone_mode=False)
     seconds = time.perf_counter() - began
-    output.unlink(missing_ok=True)
+    if not keep_output:
+        output.unlink(missing_ok=True)
     peak_mb = _memory_mb("VmHWM")
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "before_mb": before_mb, **extra}))
 
@@ -209,6 +256,9 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=ROOT / "var" / "bench-merge")
     parser.add_argument("--skip-load-all", action="store_true", help="when memory is short")
     parser.add_argument("--repeat", type=int, default=2, help="runs per contender (best kept)")
+    parser.add_argument(
+        "--storage-only", action="store_true", help="only the sparse-vs-dense storage table"
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -219,6 +269,9 @@ def main() -> None:
     from rich.table import Table
 
     scale = args.params / 88e6
+    if args.storage_only:
+        storage_table(args, scale)
+        return
     title = (
         f"Streaming merge of n checkpoints, ViT-B/32 image-tower size x{scale:g}, warm page cache"
     )
@@ -282,6 +335,66 @@ def main() -> None:
     Console(width=160).print(table)
     print(
         f"One checkpoint: {checkpoint_mb:.0f} MiB. Best of {args.repeat} runs each. "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end."
+    )
+    storage_table(args, scale)
+
+
+def storage_table(args: argparse.Namespace, scale: float) -> None:
+    """The merged vector stored sparse against dense: size, merge time, apply time and RSS."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"The merged vector stored sparse vs dense, ViT-B/32 size x{scale:g}")
+    columns = ["n", "kept", "stored", "size", "vs dense", "merge", "vs dense", "apply"]
+    columns += ["vs dense", "apply RSS", "vs dense", "read slices", "vs dense"]
+    for column in [*columns, "held (search)", "vs dense"]:
+        table.add_column(column, justify="right")
+    for n in args.n:
+        folder = args.folder / f"x{scale:g}"
+        generate(folder, max(args.n), scale)
+        known_hashes(folder)
+        run("floor", folder, n)  # warm the page cache
+        results: dict[str, dict] = {}
+        for layout in ("dense", "sparse"):  # each merge once: its output is the apply's input
+            results[f"merge-{layout}"] = run(f"merge-{layout}", folder, n)
+        for _ in range(args.repeat):
+            for kind in [
+                f"{step}-{layout}"
+                for step in ("apply", "read", "hold")
+                for layout in ("dense", "sparse")
+            ]:
+                r = run(kind, folder, n)
+                if kind not in results or r["seconds"] < results[kind]["seconds"]:
+                    results[kind] = r
+        dense = {k.split("-")[0]: v for k, v in results.items() if k.endswith("-dense")}
+        for layout in ("dense", "sparse"):
+            merge, apply = results[f"merge-{layout}"], results[f"apply-{layout}"]
+            read, hold = results[f"read-{layout}"], results[f"hold-{layout}"]
+            held = hold["peak_rss_mb"] - hold["before_mb"]
+            table.add_row(
+                str(n),
+                f"{merge['kept_fraction']:.2%}",
+                layout,
+                f"{merge['bytes'] / 2**20:.1f} MiB",
+                f"{merge['bytes'] / dense['merge']['bytes']:.3f}x",
+                f"{merge['seconds']:.2f} s",
+                f"{merge['seconds'] / dense['merge']['seconds']:.2f}x",
+                f"{apply['seconds']:.2f} s",
+                f"{apply['seconds'] / dense['apply']['seconds']:.2f}x",
+                f"{apply['peak_rss_mb']:.0f} MiB",
+                f"{apply['peak_rss_mb'] / dense['apply']['peak_rss_mb']:.2f}x",
+                f"{read['seconds']:.2f} s",
+                f"{read['seconds'] / dense['read']['seconds']:.2f}x",
+                f"{held:.0f} MiB",
+                f"{held / (dense['hold']['peak_rss_mb'] - dense['hold']['before_mb']):.2f}x",
+                end_section=layout == "sparse",
+            )
+        for layout in ("dense", "sparse"):
+            stored_vector(folder, layout).unlink(missing_ok=True)
+    Console(width=160).print(table)
+    print(
+        f"Merges with the inputs' hashes known, once each; applies best of {args.repeat}. "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end."
     )
 

@@ -73,6 +73,12 @@ def main() -> None:
 @click.option("--topk", type=float, help="ties: percent of each task vector kept by magnitude.")
 @click.option("--index", type=int, help="single: which task vector to use (0-based).")
 @click.option("--output", "-o", type=FILE, required=True, help="Merged task vector (safetensors).")
+@click.option(
+    "--sparse/--dense",
+    default=None,
+    help="Store the merged vector sparse (a bitmask and the kept values per tensor) or dense. "
+    "Default: sparse unless the dense file would be smaller.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def merge(
     checkpoints: tuple[Path, ...],
@@ -82,6 +88,7 @@ def merge(
     topk: float | None,
     index: int | None,
     output: Path,
+    sparse: bool | None,
     as_json: bool,
 ) -> None:
     """Merge the task vectors of fine-tuned CHECKPOINTS into one task vector.
@@ -104,6 +111,7 @@ def merge(
             pretrained=pretrained,
             params=params,
             on_progress=on_progress,
+            layout={None: "auto", True: "sparse", False: "dense"}[sparse],
         )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -113,6 +121,15 @@ def merge(
     click.echo(f"kept          {result.kept_fraction:.2%} of elements")
     click.echo(f"time          {result.seconds:.2f} s")
     click.echo(f"output        {result.output}")
+    share = result.output_bytes / max(result.dense_bytes, 1)
+    click.echo(
+        f"size          {_mib(result.output_bytes)} {result.layout} "
+        f"({share:.1%} of {_mib(result.dense_bytes)} dense)"
+    )
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.2f} MiB"
 
 
 @main.command()

@@ -485,7 +485,8 @@ def _fp8_table(dtype: str) -> np.ndarray:
 
 
 def open_checkpoint(path: str | os.PathLike, hashing: bool = True) -> Checkpoint:
-    """Open a safetensors or PyTorch state-dict file, telling the two apart by content.
+    """Open a safetensors or PyTorch state-dict file, telling the two apart by content; a
+    sparse file (negmerge.sparse) opens as the dense checkpoint it stands for.
 
     With `hashing`, a safetensors file computes its sha256 from the reads made anyway.
     """
@@ -493,10 +494,21 @@ def open_checkpoint(path: str | os.PathLike, hashing: bool = True) -> Checkpoint
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip format, or a legacy pickle
+        head = f.read(9)
+    # torch.save's zip format, or a legacy pickle (protocol 2+: 0x80); a safetensors file whose
+    # header length's low byte is 0x80 starts the same, but its header (byte 8) opens a JSON {.
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):
         return StateDictFile(path)
-    return SafetensorsFile(path, hashing)
+    stored = SafetensorsFile(path, hashing)
+    from negmerge import sparse  # it builds on this module
+
+    if sparse.is_sparse(stored.metadata):
+        try:
+            return sparse.SparseFile(stored)
+        except BaseException:
+            stored.close()
+            raise
+    return stored
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -575,7 +587,7 @@ class SafetensorsWriter:
         `data`: a torch tensor in the declared dtype, or a numpy array in its storage dtype.
         """
         spec = self._specs.get(key)
-        raw = _raw_bytes(data, spec)
+        raw = raw_bytes(data, spec)
         if raw is None:
             raise ValueError(f"{key}: not declared with dtype {data.dtype}")
         if not len(raw):
@@ -639,7 +651,7 @@ class SafetensorsWriter:
             self.abort()
 
 
-def _raw_bytes(data: Any, spec: TensorSpec | None) -> memoryview | None:
+def raw_bytes(data: Any, spec: TensorSpec | None) -> memoryview | None:
     """`data`'s bytes if it holds `spec`'s dtype (None if not)."""
     if isinstance(data, np.ndarray):
         if spec is None or data.dtype != spec.storage:

@@ -25,7 +25,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from negmerge.data import Manifest, Sample
 from negmerge.errors import DataError, DivergedError, NegMergeError
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
-from negmerge.io import file_sha256, load_state_dict, open_checkpoint, save_file
+from negmerge.io import file_sha256, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
@@ -51,7 +51,8 @@ from negmerge.search import (
     default_grid,
     search_lambda,
 )
-from negmerge.task_vector import apply_task_vector, apply_task_vector_file
+from negmerge.sparse import is_sparse
+from negmerge.task_vector import apply_task_vector, apply_task_vector_file, load_task_vector
 from negmerge.variants import Variant, VariantGrid, variant_seed
 from negmerge.verdict import Target, TargetKind, judge, resolve_target, target_kind
 
@@ -291,7 +292,7 @@ class JobContext:
             return None
         return evaluate_accuracy(self.model, data, self.device, self.spec.eval_batch_size)
 
-    def set_scale(self, vector: dict[str, torch.Tensor], lam: float) -> None:
+    def set_scale(self, vector: Mapping[str, torch.Tensor], lam: float) -> None:
         """Put theta_pre - lam * tau into the model, in place."""
         apply_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
 
@@ -454,12 +455,16 @@ def merge_variants(ctx: JobContext) -> dict:
         )
     with open_checkpoint(wd.merged) as ckpt:
         meta = ckpt.metadata
+        dense_bytes = sum(spec.nbytes for spec in ckpt.specs.values())
     return {
         "method": meta["method"],
         "params": json.loads(meta["params"]),
         "n": int(meta["n"]),
         "kept_fraction": float(meta["kept_fraction"]),
         "merged_sha256": file_sha256(wd.merged),
+        "merged_layout": "sparse" if is_sparse(meta) else "dense",
+        "merged_bytes": wd.merged.stat().st_size,
+        "merged_dense_bytes": dense_bytes,
         "variants": records,
     }
 
@@ -472,7 +477,7 @@ def search(
     if wd.search.exists():
         return json.loads(wd.search.read_text())
     began = time.perf_counter()
-    vector = load_state_dict(wd.merged)
+    vector = load_task_vector(wd.merged)
     holdout = ctx.spec.search.rule == "holdout-match"
 
     # Held-out data is usually the retain val split itself: measure it once.
@@ -516,7 +521,7 @@ def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timi
     began = time.perf_counter()
     if lam != 0 and not wd.model.exists():
         apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
-    vector = load_state_dict(wd.merged)
+    vector = load_task_vector(wd.merged)
     ctx.set_scale(vector, lam)
     try:
         after = ctx.metrics()

@@ -18,6 +18,7 @@ from negmerge.io import (  # noqa: F401 (check_same_layout, float_keys: this mod
     SafetensorsWriter,
     check_same_layout,
     float_keys,
+    load_state_dict,
     open_checkpoint,
     refuse_overwriting,
     torch_dtype,
@@ -42,6 +43,17 @@ def task_vector(
             raise CheckpointError(f"key {key!r}: shape {list(ft.shape)} vs {list(pre.shape)}")
         tau[key] = ft.detach().float() - pre.detach().float()
     return tau
+
+
+def load_task_vector(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """A task-vector file as a mapping of torch tensors. A sparse file (negmerge.sparse) stays
+    sparse in memory and each tensor is densified only when looked up, so `apply_task_vector`,
+    which takes them one at a time, holds one dense tensor at most; a dense file is loaded."""
+    from negmerge.sparse import SparseFile, SparseTensors
+
+    with open_checkpoint(path) as ckpt:
+        sparse = isinstance(ckpt, SparseFile)
+    return SparseTensors(path) if sparse else load_state_dict(path)
 
 
 def apply_task_vector(

@@ -250,6 +250,8 @@ def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
             "seeds": report["seeds"],
             "base_model_sha256": report["base_model"]["sha256"],
             "merged_sha256": report["merge"]["merged_sha256"],
+            "merged_bytes": report["merge"].get("merged_bytes"),
+            "merged_dense_bytes": report["merge"].get("merged_dense_bytes"),
             "task_vector_sha256": [v["tau_sha256"] for v in report["variants"]],
             "timings": report["timings"],
         }

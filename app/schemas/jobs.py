@@ -155,6 +155,12 @@ class JobResult(BaseModel):
     model_version: int | None = Field(None, description="The new version of the model.")
     lambda_: float | None = Field(None, alias="lambda")
     kept_fraction: float | None = None
+    merged_bytes: int | None = Field(
+        None, description="Size of the stored merged task vector (sparse unless dense is smaller)."
+    )
+    merged_dense_bytes: int | None = Field(
+        None, description="What the merged task vector's tensors would take stored dense."
+    )
     metrics_before: dict[str, float | None] | None = None
     metrics_after: dict[str, float | None] | None = None
     verdict: Verdict | None = Field(

@@ -41,6 +41,7 @@ from negmerge.merge.base import (
     get_method,
     reduce_chunk,  # noqa: F401 (its home before base.py)
 )
+from negmerge.sparse import SparseWriter, convert
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,9 @@ class MergeResult:
     pretrained_sha256: str | None = None
     output: str | None = None
     seconds: float = 0.0
+    layout: str | None = None  # of the output file: "sparse" or "dense"
+    output_bytes: int = 0  # the output file's size
+    dense_bytes: int = 0  # the merged tensors' bytes dense (a dense file's data)
     tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, object]:
@@ -269,17 +273,25 @@ def merge_files(
     on_progress: Callable[[int, int], None] | None = None,
     input_sha256: Sequence[str] | None = None,
     pretrained_sha256: str | None = None,
+    layout: str = "auto",
 ) -> MergeResult:
     """Merge the task vectors of `inputs` into a task-vector file at `output`, streaming.
 
     With `pretrained`, inputs are fine-tuned checkpoints and tau_k = theta_k - theta_pre;
-    without, they are task-vector files. The output is fp32 safetensors whose metadata records
-    the method, its parameters, n, the inputs' sha256 and the kept fraction.
+    without, they are task-vector files. The output is fp32 safetensors (sparse or dense, see
+    `layout`) whose metadata records the method, its parameters, n, the inputs' sha256 and the
+    kept fraction.
     `on_progress(done_bytes, total_bytes)` is called as the final pass goes.
 
     Hashing the inputs costs more CPU than merging them; callers that know the hashes already
     (content-addressed artifacts) pass `input_sha256` (and `pretrained_sha256`) instead.
+
+    `layout`: "sparse" writes a negmerge.sparse file (a bitmask and the kept values per
+    tensor), "dense" a plain one; "auto" writes sparse and rewrites it dense in the rare case
+    that is smaller (a method that keeps nearly every element).
     """
+    if layout not in ("auto", "sparse", "dense"):
+        raise MergeError(f"layout: {layout!r} is not one of auto, sparse, dense")
     began = time.perf_counter()
     refuse_overwriting(output, [*inputs, *([pretrained] if pretrained is not None else [])])
     known = input_sha256 is not None and (pretrained is None or pretrained_sha256 is not None)
@@ -307,9 +319,8 @@ def merge_files(
         )
         hashes = _Hashes(to_hash, merge_threads())
         try:
-            with SafetensorsWriter(
-                output, out_specs, metadata, reserve=256 + 96 * data.n
-            ) as writer:
+            writer_type = SafetensorsWriter if layout == "dense" else SparseWriter
+            with writer_type(output, out_specs, metadata, reserve=256 + 96 * data.n) as writer:
                 done = 0
                 for key, merged, kept_here in data.merged(method, indices, chunk_elements):
                     kept.add(key, kept_here)
@@ -331,6 +342,10 @@ def merge_files(
             raise NonFiniteInput(exc.index, exc.key, str(inputs[exc.index])) from None
         finally:
             hashes.close()
+    written = "dense" if layout == "dense" else "sparse"
+    if layout == "auto" and os.path.getsize(output) > total:
+        replace_with_dense(output)
+        written = "dense"
     return MergeResult(
         method=method.name,
         params=method.params.model_dump(),
@@ -341,7 +356,19 @@ def merge_files(
         pretrained_sha256=base_hash,
         output=str(Path(output)),
         seconds=time.perf_counter() - began,
+        layout=written,
+        output_bytes=os.path.getsize(output),
+        dense_bytes=total,
     )
+
+
+def replace_with_dense(path: str | os.PathLike) -> None:
+    """Rewrite a sparse file dense in place (atomically: the sparse file stays until the
+    dense one is complete)."""
+    path = Path(path)
+    dense = path.with_name(f".{path.name}.dense")
+    convert(path, dense, sparse=False)
+    os.replace(dense, path)
 
 
 def merge_task_vectors(

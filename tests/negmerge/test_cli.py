@@ -145,3 +145,47 @@ def test_merge_runs_without_importing_torch_or_the_service(checkpoints, tmp_path
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert (tmp_path / "tv.safetensors").exists()
+
+
+def test_merge_stores_sparse_unless_asked_for_dense_and_apply_reads_both(checkpoints, tmp_path):
+    pre_path, ft_paths, _, _ = checkpoints
+    sizes = {}
+    for flag in ("", "--dense", "--sparse"):
+        name = flag.strip("-") or "default"
+        args = ["merge", "--pretrained", pre_path, "-o", tmp_path / f"{name}.safetensors"]
+        out = run(*args, *([flag] if flag else []), *ft_paths)
+        assert out.exit_code == 0, out.output
+        size = (tmp_path / f"{name}.safetensors").stat().st_size
+        layout = "dense" if flag == "--dense" else "sparse"
+        assert f"size          {size / (1 << 20):.2f} MiB {layout} (" in out.output
+        sizes[name] = size
+        out = run(
+            "apply",
+            "--pretrained",
+            pre_path,
+            "--vector",
+            tmp_path / f"{name}.safetensors",
+            "--scale",
+            "0.5",
+            "-o",
+            tmp_path / f"model-{name}.safetensors",
+        )
+        assert out.exit_code == 0, out.output
+    assert sizes["default"] == sizes["sparse"] < sizes["dense"]
+    models = [load_state_dict(tmp_path / f"model-{n}.safetensors") for n in sizes]
+    for key, tensor in models[0].items():
+        assert all(torch.equal(m[key], tensor) for m in models[1:]), key
+
+    out = run(
+        "merge",
+        "--pretrained",
+        pre_path,
+        "-o",
+        tmp_path / "j.safetensors",
+        "--json",
+        ft_paths[0],
+        ft_paths[1],
+    )
+    result = json.loads(out.output)
+    assert result["output_bytes"] == (tmp_path / "j.safetensors").stat().st_size
+    assert result["layout"] in ("sparse", "dense") and result["dense_bytes"] > 0

@@ -50,6 +50,11 @@ def test_clip_forgets_a_domain_and_keeps_the_other(clip, tmp_path):
     check_unlearned(report)
     assert 0 < report["merge"]["kept_fraction"] < 1
     assert report["merge"]["n"] == 6
+    # The merged vector is stored sparse, and the search and the model were made from it.
+    merge = report["merge"]
+    assert merge["merged_layout"] == "sparse"
+    assert merge["merged_bytes"] == (tmp_path / "merged.safetensors").stat().st_size
+    assert merge["merged_bytes"] < merge["merged_dense_bytes"]
     # The task vector covers the image tower only: the text tower is carried over unchanged.
     base, model = (
         load_state_dict(tmp_path / "base.safetensors"),

@@ -69,6 +69,8 @@ def test_a_job_runs_end_to_end_and_its_model_downloads_with_the_reported_hash(
     assert unlearned["version"] == 2 and report["lambda"] == job["result"]["lambda"]
     assert report["lambda_curve"] and report["metrics"]["before"] and report["metrics"]["after"]
     assert report["seeds"]["variants"] and report["code_version"]
+    # the stored merged vector's size, and what it would take dense, reach the job's result
+    assert job["result"]["merged_bytes"] > 0 and job["result"]["merged_dense_bytes"] > 0
 
     weights = client.get(f"/v1/models/{tenant.model_id}/versions/2/weights", headers=tenant.headers)
     assert weights.status_code == 200
