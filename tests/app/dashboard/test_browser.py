@@ -239,3 +239,21 @@ def test_a_missed_target_is_never_the_green_of_a_met_one(
     for png in (shot, job_shot):
         shutil.copyfile(png, SCREENSHOTS / png.name)
     assert page.problems == []
+
+
+def test_the_api_docs_render_with_no_internet(page, base_url: str) -> None:  # type: ignore[no-untyped-def]
+    # Everything but this origin is refused, as on a machine without internet.
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith((base_url, "data:"))
+            else route.abort()
+        ),
+    )
+    page.goto("/docs")
+    page.locator(".swagger-ui .info .title").wait_for()
+    assert "NegMerge Service" in page.locator(".swagger-ui .info .title").inner_text()
+    assert page.locator(".swagger-ui .opblock").count() > 10  # the operations are listed
+    assert all(url.startswith((base_url, "data:")) for url in page.requested), page.requested
+    assert page.problems == []
