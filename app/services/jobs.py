@@ -369,6 +369,10 @@ def change_state(
     JobRepository(session, job.tenant_id).add_event(
         JobEvent(job_id=job.id, kind="state", state=state, stage=job.stage, details=details, at=now)
     )
+    if state.is_terminal:
+        # A finished job is in no stage; its end's event keeps the stage it ended in (where
+        # a FAILED job broke).
+        job.stage = None
     audit.record(
         session,
         tenant_id=job.tenant_id,

@@ -16,6 +16,7 @@ from app.db.models import AuditEntry, UnlearningJob
 from app.schemas.jobs import UnlearningJobCreate
 from app.services.jobs import submit_job
 from tests.app.conftest import job_body
+from tests.app.jobs_driver import drive_to_success
 
 
 def queued_messages(redis_client, settings) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -371,3 +372,16 @@ def test_invalid_json_names_the_body(client, registered):
     )
     assert response.status_code == 422
     assert response.json()["error"]["fields"][0]["field"] == "body"
+
+
+def test_a_finished_job_has_no_current_stage(app, client, registered):
+    headers = registered.caller.headers
+    job = client.post("/v1/unlearning-jobs", json=job_body(registered), headers=headers).json()
+    drive_to_success(app, job["id"])
+    done = client.get(f"/v1/unlearning-jobs/{job['id']}", headers=headers).json()
+    assert done["state"] == "SUCCEEDED" and done["stage"] is None
+    listed = client.get("/v1/unlearning-jobs", headers=headers).json()["items"]
+    assert [j["stage"] for j in listed if j["id"] == job["id"]] == [None]
+    # The timeline still says which stage the job ended in.
+    report = client.get(f"/v1/unlearning-jobs/{job['id']}/report", headers=headers).json()
+    assert report["timeline"][-1]["stage"] == "storing"
