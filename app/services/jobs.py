@@ -231,14 +231,16 @@ def _load(dataset: Dataset, model: Model, field: str) -> Manifest:
 
 
 def _without_paths(message: str, *datasets: Dataset | None) -> str:
-    """The library names a manifest by its path; answers name the data set by its id (an
-    uploaded one lives under the server's artifact root, which is not the caller's business)."""
+    """The library names a manifest by its path; answers name the data set by its name and id
+    (an uploaded one lives under the server's artifact root, which is not the caller's
+    business)."""
     for dataset in datasets:
         if dataset is not None:
             manifest = re.escape(dataset.manifest_uri.rstrip("/"))
             names = "|".join(re.escape(name) for name in MANIFEST_NAMES)
             pattern = rf"{manifest}(/({names}))?"
-            message = re.sub(pattern, f"data set {dataset.id}", message)
+            named = f"data set {dataset.name!r} ({dataset.id})"
+            message = re.sub(pattern, lambda _match, named=named: named, message)
     return message
 
 

@@ -108,6 +108,24 @@ def test_bad_requests_name_the_field_and_store_nothing(
     assert queued_messages(redis_client, settings) == []
 
 
+def test_every_unknown_class_is_named_with_the_closest_labels_and_the_data_sets_name(
+    client, registered
+):
+    forget = {"dataset_id": registered.dataset_id, "classes": ["squre", "circle", "hexagon"]}
+    response = client.post(
+        "/v1/unlearning-jobs",
+        json=job_body(registered, forget=forget),
+        headers=registered.caller.headers,
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["fields"][0]["field"] == "forget.classes"
+    message = error["message"]
+    assert "'hexagon', 'squre' (did you mean 'square'?) are not labels" in message
+    assert f"data set 'shapes' ({registered.dataset_id})" in message
+    assert "its labels are 'circle', 'square', 'triangle'" in message
+
+
 def test_unknown_label_in_the_dataset_is_refused_at_submission(
     client, caller, weights_file, data_root
 ):
