@@ -151,7 +151,8 @@ def submit_job(
 def _same_request(existing: UnlearningJob, digest: str) -> UnlearningJob:
     if existing.request_sha256 != digest:
         raise IdempotencyMismatch(
-            "Idempotency-Key: already used for a different request; use a new key"
+            f"Idempotency-Key: already used by job {existing.id}, submitted with a different "
+            f"request body; use a new key, or GET /v1/unlearning-jobs/{existing.id} to see it"
         )
     return existing
 

@@ -167,6 +167,7 @@ def test_idempotency_key_same_body_same_job_other_body_422(
     assert other.status_code == 422
     assert other.json()["error"]["code"] == "idempotency_key_reused"
     assert "Idempotency-Key" in other.json()["error"]["message"]
+    assert f"already used by job {first.json()['id']}" in other.json()["error"]["message"]
     assert len(queued_messages(redis_client, settings)) == 1
 
 
