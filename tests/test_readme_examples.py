@@ -85,3 +85,44 @@ def test_the_unlearn_example_runs_as_written(checkout: Path) -> None:
     report = json.loads((checkout / "runs/request-42/work/report.json").read_text())
     assert report["job"]["forget"]["classes"] == ["three"]
     assert "met" in report["verdict"]
+
+
+def test_the_quick_start_runs_as_written(tmp_path: Path) -> None:
+    """The curl quick start, end to end, in a fresh folder; only its port is changed to a free
+    one (other programs on this machine may hold 8000)."""
+    (script,) = blocks("Quick start with curl", "bash")
+    port = str(free_port())
+    script = script.replace("--port 8000", f"--port {port}").replace(
+        "127.0.0.1:8000", f"127.0.0.1:{port}"
+    )
+    assert port in script and "8000" not in script
+    env = {k: v for k, v in environment().items() if not k.startswith("NEGMERGE_")}
+    # If a step fails, the service it started in the background must not outlive the test.
+    guarded = 'trap \'[ -n "${SERVE:-}" ] && kill "$SERVE" 2>/dev/null; true\' EXIT\n' + script
+    process = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", guarded],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=540)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    log = (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+    assert process.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}\n--- serve.log ---\n{log}"
+    assert '"state":"SUCCEEDED"' in out.replace(" ", "")
+    assert "MET - " in out or "NOT MET - " in out  # step 7's verdict line
+    assert (tmp_path / "unlearned.safetensors").stat().st_size > 1000  # step 8's download
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
