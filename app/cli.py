@@ -11,6 +11,7 @@ import uuid
 
 import click
 
+from app.db.repositories import ApiKeyRepository
 from app.db.session import Database
 from app.services import audit
 from app.services.tenants import AdminError, create_key, create_tenant, find_tenant, revoke_key
@@ -69,21 +70,64 @@ def keys() -> None:
     required=True,
     help="Comma-separated: jobs:write, jobs:read, models:write, models:read, audit:read, admin.",
 )
-@click.option("--name", default="default", show_default=True, help="A label for the key.")
+@click.option(
+    "--name",
+    help="Who or what uses the key (shown in `keys list`, the dashboard and the audit trail); "
+    "default: its scopes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the key and its id as JSON.")
-def keys_create(tenant: str, scopes: str, name: str, as_json: bool) -> None:
+def keys_create(tenant: str, scopes: str, name: str | None, as_json: bool) -> None:
     """Create an API key; it is printed once and only its hash is kept."""
     wanted = [scope.strip() for scope in scopes.split(",") if scope.strip()]
+    name = name or ",".join(sorted(set(wanted)))
     try:
         with _database().unit_of_work() as session:
             row, key = create_key(session, find_tenant(session, tenant), wanted, name, _actor())
     except AdminError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"id": str(row.id), "key": key, "scopes": row.scopes}))
+        click.echo(
+            json.dumps({"id": str(row.id), "key": key, "name": row.name, "scopes": row.scopes})
+        )
     else:
         click.echo(key)
-        click.echo(f"id {row.id}, scopes {', '.join(row.scopes)} (store the key now)", err=True)
+        click.echo(
+            f"id {row.id}, name {row.name!r}, scopes {', '.join(row.scopes)} (store the key now)",
+            err=True,
+        )
+
+
+@keys.command("list")
+@click.option("--tenant", required=True, help="Tenant name or id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the keys as JSON.")
+def keys_list(tenant: str, as_json: bool) -> None:
+    """List a tenant's API keys, oldest first: id, prefix, name, scopes, created, revoked."""
+    try:
+        with _database().unit_of_work() as session:
+            rows = [
+                {
+                    "id": str(key.id),
+                    "prefix": key.prefix,
+                    "name": key.name,
+                    "scopes": key.scopes,
+                    "created_at": key.created_at.isoformat(timespec="seconds"),
+                    "revoked_at": key.revoked_at.isoformat(timespec="seconds")
+                    if key.revoked_at
+                    else None,
+                }
+                for key in ApiKeyRepository(session).for_tenant(find_tenant(session, tenant).id)
+            ]
+    except AdminError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        revoked = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+        click.echo(
+            f"{row['id']}  {row['prefix']}...  {row['name']}  {','.join(row['scopes'])}  "
+            f"created {row['created_at']}  {revoked}"
+        )
 
 
 @keys.command("revoke")

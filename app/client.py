@@ -126,9 +126,12 @@ class ServiceClient:
         on_progress: Callable[[int, int | None], None] | None = None,
     ) -> Path:
         """Stream a version's weights to `destination` (a file, or a folder to put
-        <model>-v<version>.safetensors in) and check their sha256 against the one the API
-        reports; on a mismatch nothing is left behind. Returns the file written."""
+        <model>-v<version>.safetensors in: one that exists, or a path ending in a separator,
+        made if need be) and check their sha256 against the one the API reports; on a
+        mismatch nothing is left behind. Returns the file written."""
         target = Path(destination)
+        if os.fspath(destination).endswith(("/", os.sep)):  # "./weights/": a folder
+            target.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             target = target / f"{model_id}-v{version}.safetensors"
         partial = target.with_name(f".{target.name}.part")

@@ -6,6 +6,7 @@ import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
 from app.api import ROUTERS
@@ -28,6 +29,9 @@ Authenticate with an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>
 Errors are JSON: `{"error": {"code", "message", "fields": [{"field", "problem"}]}}`.
 """
 
+# Where the docs pages' assets (Swagger UI, ReDoc) are served from.
+DOCS_STATIC_URL = "/docs-static"
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for `settings` (default: from the environment), with its database and queue."""
@@ -46,11 +50,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await database.aclose()
         database.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts and styles from the installed fastapi-offline
+    # package, not a CDN, so they work on a machine without internet; no validator badge
+    # (Swagger UI would fetch it from validator.swagger.io).
+    app = FastAPIOffline(
         title="NegMerge Service",
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_STATIC_URL,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.db = database

@@ -268,15 +268,16 @@ class Settings(BaseSettings):
             shared, placeholder, rest = root.partition(TENANT)
             if placeholder and (not shared.endswith("/") or rest[:1] not in ("", "/")):
                 raise ValueError(
-                    f"data_roots: {root!r}: {TENANT} must be a whole path segment, "
+                    f"NEGMERGE_DATA_ROOTS: {root!r}: {TENANT} must be a whole path segment, "
                     f"as in /srv/data/{TENANT}"
                 )
             if TENANT in rest:
-                raise ValueError(f"data_roots: {root!r}: {TENANT} may appear once")
+                raise ValueError(f"NEGMERGE_DATA_ROOTS: {root!r}: {TENANT} may appear once")
             for name, path in own.items():
                 if _overlap(shared, path):
                     raise ValueError(
-                        f"data_roots: {root!r} overlaps {name} {path!r}: tenants could register "
+                        f"NEGMERGE_DATA_ROOTS: {root!r} overlaps NEGMERGE_{name.upper()} "
+                        f"{path!r}: tenants could register "
                         "the server's own files (other tenants' models and uploads) by path; "
                         "keep the data roots and the server's files apart (e.g. data roots "
                         "under /srv/data, the artifact root /srv/var/artifacts)"

@@ -38,7 +38,10 @@ def local_path(uri: str) -> Path:
 
 
 # One answer for a path outside the caller's data roots and for a missing one.
-NOT_READABLE = "is not under your data roots on this server (see data_roots), or does not exist"
+NOT_READABLE = (
+    "is not under your data roots on this server (the operator's NEGMERGE_DATA_ROOTS), "
+    "or does not exist"
+)
 
 
 def tenant_roots(roots: list[str], tenant_id: uuid.UUID) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -107,6 +108,66 @@ def api_key(home: Path, env: dict[str, str]) -> str:
     return key
 
 
+def stop_service(home: Path, timeout: float = 60.0) -> None:
+    """SIGTERM to `negmerge serve` alone (it stops its worker after the running step; a signal
+    to the worker's pool processes too would kill them mid-way, and Celery logs that as an
+    error), then wait until none of its processes is left."""
+    pid = running_pid(home)
+    if pid is None:
+        out.print("no demo service is running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    with out.status(f"stopping the demo service (pid {pid}): the running step finishes first"):
+        deadline = time.monotonic() + timeout
+        while _group_alive(pid):
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"the demo service (pid {pid}) is still stopping after {timeout:.0f} s; "
+                    f"see {home / 'service.log'}, or kill it: kill -9 -- -{pid}"
+                )
+            time.sleep(0.2)
+    (home / "service.pid").unlink(missing_ok=True)
+    out.print(f"stopped the demo service (pid {pid})")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group `pgid` (the service and its worker) still runs; on
+    Linux, zombies (ended, not yet reaped) do not count."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def with_fixture_notes(ensure):  # type: ignore[no-untyped-def]
+    """`ensure()`, saying so while a fixture is being built (not when it is cached)."""
+    from negmerge.fixtures import log as fixtures_log
+
+    class Note(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            out.print(record.getMessage() + "...")
+
+    note = Note(logging.INFO)
+    fixtures_log.addHandler(note)
+    fixtures_log.setLevel(logging.INFO)
+    try:
+        return ensure()
+    finally:
+        fixtures_log.removeHandler(note)
+
+
 def find_or_create(existing, name: str, create):  # type: ignore[no-untyped-def]
     """The resource named `name` if an earlier demo run registered it, else a new one."""
     for item in existing:
@@ -124,19 +185,13 @@ def main() -> None:
     home = args.home.resolve()
 
     if args.stop:
-        pid = running_pid(home)
-        if pid is None:
-            out.print("no demo service is running")
-            return
-        os.killpg(pid, signal.SIGTERM)  # serve stops its worker after the running step
-        out.print(f"stopped the demo service (pid {pid})")
+        stop_service(home)
         return
 
     from negmerge.fixtures import default_cache_dir, ensure_tiny_clip
     from negmerge.fixtures.jobs import DEMO_VARIANTS
 
-    out.print("building the offline fixtures (about a minute, once)...")
-    clip = ensure_tiny_clip()
+    clip = with_fixture_notes(ensure_tiny_clip)
     home.mkdir(parents=True, exist_ok=True)
     env = service_env(home, [default_cache_dir()])  # never `home`: it holds the artifacts
     url = start_service(home, args.port, env)
@@ -190,13 +245,21 @@ def main() -> None:
         )
 
     base = service.base_url
+    # soft_wrap: a long line is left to the terminal to wrap, never broken into two lines
+    # (a command cut in two cannot be pasted).
     out.print(
         f"\n[bold]Dashboard[/bold]: {base}/dashboard (sign in with the key in {home / 'api-key'})"
         f"\n[bold]API docs[/bold]:  {base}/docs"
-        f"\n[bold]CLI[/bold]:       NEGMERGE_API_KEY=$(cat {home / 'api-key'}) "
-        f".venv/bin/negmerge jobs list"
-        f"\nThe service keeps running; stop it with [bold]make demo-stop[/bold]."
+        f"\n[bold]CLI[/bold]:",
+        soft_wrap=True,
     )
+    out.print(
+        f"  NEGMERGE_API_URL={base} NEGMERGE_API_KEY=$(cat {home / 'api-key'}) "
+        f"{Path(sys.executable).with_name('negmerge')} jobs list",
+        soft_wrap=True,
+        highlight=False,
+    )
+    out.print("The service keeps running; stop it with [bold]make demo-stop[/bold].")
     if job["state"] != "SUCCEEDED":
         raise SystemExit(f"the job ended {job['state']}")
 

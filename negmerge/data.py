@@ -8,6 +8,7 @@ is accepted too. Rows without a split are training data. Paths may not leave the
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -24,6 +25,23 @@ from negmerge.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
+
+
+LABELS_SHOWN = 20  # an error lists at most this many of a data set's labels
+
+
+def unknown_labels(unknown: Sequence[str], labels: Sequence[str], source: str) -> str:
+    """Every class of `unknown` that is not among `labels`, each with the closest labels when
+    some are close ('thre': did you mean 'three'?), and the labels there are."""
+    named = []
+    for label in unknown:
+        close = difflib.get_close_matches(label, labels, n=3)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        named.append(f"{label!r}{hint}")
+    verb = "is not a label" if len(unknown) == 1 else "are not labels"
+    shown = ", ".join(repr(label) for label in labels[:LABELS_SHOWN])
+    more = f", ... ({len(labels)} in all)" if len(labels) > LABELS_SHOWN else ""
+    return f"{', '.join(named)} {verb} in {source}; its labels are {shown}{more}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,7 @@ class Manifest:
             wanted_classes = set(classes)
             unknown = sorted(wanted_classes - set(self.labels))
             if unknown:
-                raise DataError(f"classes: {unknown[0]!r} is not a label in {self.source}")
+                raise DataError(f"classes: {unknown_labels(unknown, self.labels, self.source)}")
             samples = [s for s in samples if s.label in wanted_classes]
         if splits is not None:
             allowed = set(splits)

@@ -220,14 +220,30 @@ class Workdir:
         return self.root / "variants" / f"{index:03d}-{variant.key()}.safetensors"
 
     def claim(self, spec: JobSpec) -> None:
-        """Create the work directory for `spec`, or check that it already belongs to it."""
+        """Create the work directory for `spec`, or check that it already belongs to it. One
+        that holds another job but none of its outputs (an attempt that failed before its
+        first stage, e.g. on a typo in the job file) is taken over."""
         self.root.mkdir(parents=True, exist_ok=True)
-        text = spec.model_dump_json(indent=2)
+        wanted = json.loads(spec.model_dump_json())
         if self.job.exists():
-            if json.loads(self.job.read_text()) != json.loads(text):
-                raise NegMergeError(f"{self.root}: holds another job; use a fresh --workdir")
-            return
-        write_json_atomic(self.job, json.loads(text))
+            held = json.loads(self.job.read_text())
+            if held == wanted:
+                return  # the same job: resume it
+            outputs = [p for p in self.root.rglob("*") if p.is_file() and p != self.job]
+            if outputs:
+                raise NegMergeError(self._held_by_another(held, wanted))
+        write_json_atomic(self.job, wanted)
+
+    def _held_by_another(self, held: dict, wanted: dict) -> str:
+        changed = sorted(
+            key for key in held.keys() | wanted.keys() if held.get(key) != wanted.get(key)
+        )
+        return (
+            f"{self.root} holds the outputs of another job (its job differs in: "
+            f"{', '.join(changed)}). To resume that job, run the job it was started with, "
+            f"which is kept there: negmerge unlearn {self.job} --workdir {self.root}. "
+            f"To run this one from the start, give another --workdir, or delete {self.root}"
+        )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The README is the newcomer's manual: it must keep naming the two commands and every
-setting the service reads."""
+setting the service reads, by the names users type."""
 
+import re
 from pathlib import Path
 
 from app.settings import Settings
@@ -21,3 +22,18 @@ def test_every_setting_is_in_the_configuration_table() -> None:
         if f"`NEGMERGE_{name.upper()}`" not in table
     ]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+# Settings whose field name is also a field of a job request (the README means that one).
+ALSO_REQUEST_FIELDS = {"max_eval_samples"}
+
+
+def test_settings_are_named_as_users_type_them() -> None:
+    """`NEGMERGE_DATA_ROOTS`, never the field name `data_roots` nobody can set."""
+    bare = [
+        name
+        for name in Settings.model_fields
+        if name not in ALSO_REQUEST_FIELDS
+        and re.search(rf"(?<![A-Za-z_]){name}(?![A-Za-z_])", README)
+    ]
+    assert not bare, f"README names settings by their field names: {bare}"

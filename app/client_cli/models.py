@@ -3,7 +3,6 @@ weights (checked against the sha256 the service reports)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import IO, Any
 
 import click
@@ -93,13 +92,15 @@ def versions(service: ServiceClient, model_id: str, as_json: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    default=Path("."),
+    # A str, not a Path: Path drops the trailing "/" that says "./weights/" is a folder.
+    type=click.Path(),
+    default=".",
     show_default=True,
-    help="A file, or a folder for <model>-v<version>.safetensors.",
+    help="A file, or a folder for <model>-v<version>.safetensors (an existing one, or a path "
+    "ending in /).",
 )
 @with_service
-def download(service: ServiceClient, model_id: str, version: int | None, output: Path) -> None:
+def download(service: ServiceClient, model_id: str, version: int | None, output: str) -> None:
     """Download a version's weights and check their sha256; prints the file's path."""
     number = version or service.get_model(model_id)["latest_version"]
     err = console(stderr=True)

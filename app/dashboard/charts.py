@@ -8,8 +8,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-WIDTH, HEIGHT = 720, 340
-LEFT, RIGHT, TOP, BOTTOM = 64, 24, 44, 52  # margins around the plot area
+WIDTH, HEIGHT = 720, 370
+# Margins around the plot area. Every label sits in them, never over the curves: above the
+# plot, the legend (y 14), the retain threshold's label (y 34) and the chosen lambda's (just
+# above the plot, at its line).
+LEFT, RIGHT, TOP, BOTTOM = 64, 24, 66, 52
+LEGEND_ROWS = (14, 34)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class CurveChart:
     description: str
     width: int = WIDTH
     height: int = HEIGHT
+    legend_rows: tuple[int, int] = LEGEND_ROWS
     left: int = LEFT
     right: int = WIDTH - RIGHT
     top: int = TOP

@@ -110,6 +110,10 @@ SEARCH_LABELS = {
 }
 
 
+# Metrics that unlearning should lower (the rest it should keep or raise).
+LOWER_IS_BETTER = {"forget_acc", "forget_test_acc", "search_forget_acc"}
+
+
 @dataclass(frozen=True)
 class MetricRow:
     key: str
@@ -124,6 +128,15 @@ class MetricRow:
         if self.before is None or self.after is None:
             return None
         return self.after - self.before
+
+    @property
+    def change(self) -> str:
+        """Whether the change is what unlearning wants ("good": forget accuracy down, retain
+        and test accuracy or MIA efficacy up), "bad", or "" (none)."""
+        if not self.delta:
+            return ""
+        wanted_down = self.key in LOWER_IS_BETTER
+        return "good" if (self.delta < 0) == wanted_down else "bad"
 
 
 def _finite(value: Any) -> float | None:

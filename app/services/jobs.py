@@ -151,7 +151,8 @@ def submit_job(
 def _same_request(existing: UnlearningJob, digest: str) -> UnlearningJob:
     if existing.request_sha256 != digest:
         raise IdempotencyMismatch(
-            "Idempotency-Key: already used for a different request; use a new key"
+            f"Idempotency-Key: already used by job {existing.id}, submitted with a different "
+            f"request body; use a new key, or GET /v1/unlearning-jobs/{existing.id} to see it"
         )
     return existing
 
@@ -231,14 +232,16 @@ def _load(dataset: Dataset, model: Model, field: str) -> Manifest:
 
 
 def _without_paths(message: str, *datasets: Dataset | None) -> str:
-    """The library names a manifest by its path; answers name the data set by its id (an
-    uploaded one lives under the server's artifact root, which is not the caller's business)."""
+    """The library names a manifest by its path; answers name the data set by its name and id
+    (an uploaded one lives under the server's artifact root, which is not the caller's
+    business)."""
     for dataset in datasets:
         if dataset is not None:
             manifest = re.escape(dataset.manifest_uri.rstrip("/"))
             names = "|".join(re.escape(name) for name in MANIFEST_NAMES)
             pattern = rf"{manifest}(/({names}))?"
-            message = re.sub(pattern, f"data set {dataset.id}", message)
+            named = f"data set {dataset.name!r} ({dataset.id})"
+            message = re.sub(pattern, lambda _match, named=named: named, message)
     return message
 
 
@@ -369,6 +372,10 @@ def change_state(
     JobRepository(session, job.tenant_id).add_event(
         JobEvent(job_id=job.id, kind="state", state=state, stage=job.stage, details=details, at=now)
     )
+    if state.is_terminal:
+        # A finished job is in no stage; its end's event keeps the stage it ended in (where
+        # a FAILED job broke).
+        job.stage = None
     audit.record(
         session,
         tenant_id=job.tenant_id,

@@ -45,6 +45,34 @@ def test_create_tenant_and_key_then_call_the_api(admin, client):
     assert client.get("/v1/unlearning-jobs", headers=headers).status_code == 401
 
 
+def test_keys_have_names_and_are_listed(admin):
+    admin("tenants", "create", "initech")
+    ci = json.loads(
+        admin(
+            "keys", "create", "--tenant", "initech", "--scopes", "jobs:write", "--name", "ci",
+            "--json",
+        ).output
+    )  # fmt: skip
+    auditor = json.loads(
+        admin("keys", "create", "--tenant", "initech", "--scopes", "audit:read", "--json").output
+    )
+    assert (ci["name"], auditor["name"]) == ("ci", "audit:read")  # unnamed: its scopes
+    admin("keys", "revoke", auditor["id"])
+
+    lines = admin("keys", "list", "--tenant", "initech").output.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(ci["id"]) and "  ci  jobs:write  " in lines[0]
+    assert lines[0].endswith("active") and ci["key"][:12] in lines[0]
+    assert lines[1].startswith(auditor["id"]) and "revoked" in lines[1]
+    assert ci["key"] not in admin("keys", "list", "--tenant", "initech").output
+    listed = json.loads(admin("keys", "list", "--tenant", "initech", "--json").output)
+    assert [(k["name"], k["revoked_at"] is None) for k in listed] == [
+        ("ci", True),
+        ("audit:read", False),
+    ]
+    admin("keys", "list", "--tenant", "nobody", code=1)
+
+
 TAMPERING = {
     "edited": (
         'UPDATE audit_log SET details = \'{"name": "someone else"}\' '

@@ -118,6 +118,15 @@ def test_models_register_list_versions_download(negmerge, weights_file, tmp_path
     assert "sha256 verified" in downloaded.stderr
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
+    # A folder that does not exist yet, written as the README does: "./weights/".
+    into = negmerge("models", "download", model_id, "-o", f"{tmp_path}/weights/")
+    path = tmp_path / "weights" / f"{model_id}-v1.safetensors"
+    assert into.stdout.strip() == str(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    # A file name is a file.
+    named = negmerge("models", "download", model_id, "-o", str(tmp_path / "base.safetensors"))
+    assert named.stdout.strip() == str(tmp_path / "base.safetensors")
+
 
 def test_models_register_from_a_yaml_body_with_a_flag_on_top(negmerge, weights_file, tmp_path):
     body_file = tmp_path / "model.yaml"

@@ -20,38 +20,38 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("data_roots", "artifact_root", "what"),
     [
-        (["/srv/var"], "/srv/var/artifacts", "artifact_root"),  # the shipped mistake
-        (["/srv/var/artifacts/models"], "/srv/var/artifacts", "artifact_root"),
-        (["/srv/data", "/srv/var/artifacts"], "/srv/var/artifacts/", "artifact_root"),
-        (["/srv/data/{tenant}"], "/srv/data/shared/artifacts", "artifact_root"),
-        (["s3://bucket/negmerge"], "s3://bucket/negmerge/artifacts", "artifact_root"),
-        (["file:///srv/var"], "/srv/var/artifacts", "artifact_root"),
+        (["/srv/var"], "/srv/var/artifacts", "NEGMERGE_ARTIFACT_ROOT"),  # the shipped mistake
+        (["/srv/var/artifacts/models"], "/srv/var/artifacts", "NEGMERGE_ARTIFACT_ROOT"),
+        (["/srv/data", "/srv/var/artifacts"], "/srv/var/artifacts/", "NEGMERGE_ARTIFACT_ROOT"),
+        (["/srv/data/{tenant}"], "/srv/data/shared/artifacts", "NEGMERGE_ARTIFACT_ROOT"),
+        (["s3://bucket/negmerge"], "s3://bucket/negmerge/artifacts", "NEGMERGE_ARTIFACT_ROOT"),
+        (["file:///srv/var"], "/srv/var/artifacts", "NEGMERGE_ARTIFACT_ROOT"),
     ],
 )
 def test_a_data_root_overlapping_the_artifact_root_is_refused(data_roots, artifact_root, what):
     with pytest.raises(ValidationError) as info:
         Settings(data_roots=data_roots, artifact_root=artifact_root)
     message = str(info.value)
-    assert f"overlaps {what}" in message and "data_roots: " in message
+    assert f"overlaps {what}" in message and "NEGMERGE_DATA_ROOTS: " in message
     assert "postgres" not in message and "sqlite" not in message  # no database URL shown
 
 
 def test_a_link_into_the_artifact_root_is_an_overlap(tmp_path):
     (tmp_path / "var" / "artifacts").mkdir(parents=True)
     (tmp_path / "data").symlink_to(tmp_path / "var" / "artifacts")
-    with pytest.raises(ValidationError, match="overlaps artifact_root"):
+    with pytest.raises(ValidationError, match="overlaps NEGMERGE_ARTIFACT_ROOT"):
         Settings(data_roots=[str(tmp_path / "data")], artifact_root=str(tmp_path / "var"))
 
 
 def test_the_sqlite_file_and_the_broker_folder_are_the_servers_too(tmp_path):
-    with pytest.raises(ValidationError, match="overlaps database_url"):
+    with pytest.raises(ValidationError, match="overlaps NEGMERGE_DATABASE_URL"):
         Settings(
             data_roots=[str(tmp_path)],
             artifact_root="/srv/var/artifacts",
             broker_folder="/srv/var/broker",
             database_url=f"sqlite:///{tmp_path / 'negmerge.db'}",
         )
-    with pytest.raises(ValidationError, match="overlaps broker_folder"):
+    with pytest.raises(ValidationError, match="overlaps NEGMERGE_BROKER_FOLDER"):
         Settings(
             data_roots=[str(tmp_path)],
             artifact_root="/srv/var/artifacts",

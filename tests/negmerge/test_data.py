@@ -66,6 +66,11 @@ def test_select_by_ids_classes_and_splits(dataset):
     [
         (lambda m: m.select(ids=["a", "zz"]), "ids: 1 not in .* e.g. 'zz'"),
         (lambda m: m.select(classes=["horse"]), "classes: 'horse' is not a label"),
+        (
+            lambda m: m.select(classes=["dgo", "cat", "horse"]),
+            "classes: 'dgo' \\(did you mean 'dog'\\?\\), 'horse' are not labels in .*; "
+            "its labels are 'cat', 'dog'$",
+        ),
         (lambda m: m.check_labels(["cat"]), "sample 'b' has label 'dog', which is not one of"),
     ],
 )

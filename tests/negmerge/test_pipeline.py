@@ -183,8 +183,28 @@ def test_a_workdir_belongs_to_one_job(classifier, tmp_path):
     other = JobSpec.model_validate(
         classifier_job(classifier, seed=3, variants={"base": {"steps": 1}})
     )
-    with pytest.raises(NegMergeError, match="holds another job"):
+    with pytest.raises(NegMergeError, match="holds the outputs of another job") as refused:
         run_unlearning(other, tmp_path)
+    message = str(refused.value)
+    assert (
+        "differs in: seed" in message and f"give another --workdir, or delete {tmp_path}" in message
+    )
+    # The command it gives to resume names the job the folder holds.
+    assert f"negmerge unlearn {tmp_path / 'job.json'} --workdir {tmp_path}" in message
+    assert JobSpec.from_file(tmp_path / "job.json") == run_spec
+
+
+def test_a_fixed_job_takes_over_the_workdir_of_an_attempt_that_made_nothing(classifier, tmp_path):
+    typo = classifier_job(classifier, variants={"base": {"steps": 1}})
+    typo["forget"]["classes"] = ["thre"]
+    with pytest.raises(DataError, match="did you mean 'three'"):
+        run_unlearning(JobSpec.model_validate(typo), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # the attempt made nothing
+
+    fixed = JobSpec.model_validate(classifier_job(classifier, variants={"base": {"steps": 1}}))
+    report = run_unlearning(fixed, tmp_path)
+    assert report["job"] == json.loads(fixed.model_dump_json())
+    assert JobSpec.model_validate_json((tmp_path / "job.json").read_text()) == fixed
 
 
 @pytest.mark.parametrize(
@@ -193,7 +213,7 @@ def test_a_workdir_belongs_to_one_job(classifier, tmp_path):
         (
             lambda j: j["forget"].update(classes=["eleven"]),
             DataError,
-            "classes: 'eleven' is not a label",
+            "classes: 'eleven' \\(did you mean 'seven'\\?\\) is not a label",
         ),
         (lambda j: j["forget"].update(classes=None, ids=["nope-1"]), DataError, "ids: 1 not in"),
         (

@@ -16,6 +16,7 @@ from app.db.models import AuditEntry, UnlearningJob
 from app.schemas.jobs import UnlearningJobCreate
 from app.services.jobs import submit_job
 from tests.app.conftest import job_body
+from tests.app.jobs_driver import drive_to_success
 
 
 def queued_messages(redis_client, settings) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -107,6 +108,24 @@ def test_bad_requests_name_the_field_and_store_nothing(
     assert queued_messages(redis_client, settings) == []
 
 
+def test_every_unknown_class_is_named_with_the_closest_labels_and_the_data_sets_name(
+    client, registered
+):
+    forget = {"dataset_id": registered.dataset_id, "classes": ["squre", "circle", "hexagon"]}
+    response = client.post(
+        "/v1/unlearning-jobs",
+        json=job_body(registered, forget=forget),
+        headers=registered.caller.headers,
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["fields"][0]["field"] == "forget.classes"
+    message = error["message"]
+    assert "'hexagon', 'squre' (did you mean 'square'?) are not labels" in message
+    assert f"data set 'shapes' ({registered.dataset_id})" in message
+    assert "its labels are 'circle', 'square', 'triangle'" in message
+
+
 def test_unknown_label_in_the_dataset_is_refused_at_submission(
     client, caller, weights_file, data_root
 ):
@@ -148,6 +167,7 @@ def test_idempotency_key_same_body_same_job_other_body_422(
     assert other.status_code == 422
     assert other.json()["error"]["code"] == "idempotency_key_reused"
     assert "Idempotency-Key" in other.json()["error"]["message"]
+    assert f"already used by job {first.json()['id']}" in other.json()["error"]["message"]
     assert len(queued_messages(redis_client, settings)) == 1
 
 
@@ -371,3 +391,16 @@ def test_invalid_json_names_the_body(client, registered):
     )
     assert response.status_code == 422
     assert response.json()["error"]["fields"][0]["field"] == "body"
+
+
+def test_a_finished_job_has_no_current_stage(app, client, registered):
+    headers = registered.caller.headers
+    job = client.post("/v1/unlearning-jobs", json=job_body(registered), headers=headers).json()
+    drive_to_success(app, job["id"])
+    done = client.get(f"/v1/unlearning-jobs/{job['id']}", headers=headers).json()
+    assert done["state"] == "SUCCEEDED" and done["stage"] is None
+    listed = client.get("/v1/unlearning-jobs", headers=headers).json()["items"]
+    assert [j["stage"] for j in listed if j["id"] == job["id"]] == [None]
+    # The timeline still says which stage the job ended in.
+    report = client.get(f"/v1/unlearning-jobs/{job['id']}/report", headers=headers).json()
+    assert report["timeline"][-1]["stage"] == "storing"

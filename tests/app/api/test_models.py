@@ -80,6 +80,7 @@ def test_weights_outside_the_data_roots_or_missing_are_422(client, caller, tmp_p
         )
         assert response.status_code == 422, uri
         assert response.json()["error"]["fields"][0]["field"] == "weights_uri"
+        assert "NEGMERGE_DATA_ROOTS" in response.json()["error"]["message"]  # what to set
 
 
 def test_weights_that_do_not_fit_the_architecture_are_422_and_nothing_is_stored(

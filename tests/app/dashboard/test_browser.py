@@ -239,3 +239,91 @@ def test_a_missed_target_is_never_the_green_of_a_met_one(
     for png in (shot, job_shot):
         shutil.copyfile(png, SCREENSHOTS / png.name)
     assert page.problems == []
+
+
+def test_the_api_docs_render_with_no_internet(page, base_url: str) -> None:  # type: ignore[no-untyped-def]
+    # Everything but this origin is refused, as on a machine without internet.
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith((base_url, "data:"))
+            else route.abort()
+        ),
+    )
+    page.goto("/docs")
+    page.locator(".swagger-ui .info .title").wait_for()
+    assert "NegMerge Service" in page.locator(".swagger-ui .info .title").inner_text()
+    assert page.locator(".swagger-ui .opblock").count() > 10  # the operations are listed
+    assert all(url.startswith((base_url, "data:")) for url in page.requested), page.requested
+    assert page.problems == []
+
+
+def _overlaps(box: dict, other: dict) -> bool:
+    return not (
+        box["x"] + box["width"] <= other["x"]
+        or other["x"] + other["width"] <= box["x"]
+        or box["y"] + box["height"] <= other["y"]
+        or other["y"] + other["height"] <= box["y"]
+    )
+
+
+def test_the_charts_labels_stay_off_the_curves_and_changes_are_coloured_by_meaning(
+    page, client: TestClient, registered, caller, finished_job
+):  # type: ignore[no-untyped-def]
+    job_id, _ = finished_job(target=MET_TARGET)
+    sign_in(page, caller.key, f"/dashboard/jobs/{job_id}")
+    chart = page.locator("svg.curve-chart")
+    # The plot area: the grid lines span it.
+    grid = chart.locator("g.grid").bounding_box()
+    assert grid is not None and grid["width"] > 300
+    labels = chart.locator("g.chosen text, g.legend text")
+    assert labels.count() >= 3
+    for index in range(labels.count()):
+        label = labels.nth(index)
+        box = label.bounding_box()
+        assert box is not None and not _overlaps(box, grid), label.text_content()
+    assert "Retain threshold" in chart.locator("g.legend").text_content()
+
+    # Forget accuracy falling is what was asked: green; retain accuracy falling: red.
+    green, red = "rgb(23, 128, 61)", "rgb(180, 35, 24)"
+    for key, colour in (("forget_acc", green), ("search_forget_acc", green),
+                        ("retain_acc", red), ("test_acc", red), ("mia", green)):  # fmt: skip
+        cell = page.locator(f'tr[data-metric="{key}"] td.delta')
+        assert cell.evaluate("node => getComputedStyle(node).color") == colour, key
+    assert page.problems == []
+
+
+def test_a_phone_sees_the_whole_page_and_scrolls_the_table(
+    browser, base_url, client: TestClient, registered, caller, finished_job, tmp_path: Path
+):  # type: ignore[no-untyped-def]
+    job_id, _ = finished_job(subject_reference="DSR-2025-0042-a-long-subject-reference")
+    context = browser.new_context(base_url=base_url, viewport={"width": 390, "height": 844})
+    context.set_default_timeout(15_000)
+    phone = context.new_page()
+    try:
+        sign_in(phone, caller.key)
+        for goal in ("/dashboard/jobs", f"/dashboard/jobs/{job_id}"):
+            phone.goto(goal)
+            page_width = phone.evaluate("document.documentElement.scrollWidth")
+            assert page_width <= 390, f"{goal} is {page_width}px wide on a 390px screen"
+            phone.screenshot(path=str(tmp_path / f"phone-{goal.count('/')}.png"), full_page=True)
+        phone.goto("/dashboard/jobs")
+        # The job list fits: nothing of it is cut off or hidden sideways, the job's link and
+        # its subject reference included.
+        wrap = phone.locator("div.table-wrap").first
+        inner, outer = wrap.evaluate("node => [node.scrollWidth, node.clientWidth]")
+        assert inner <= outer <= 390, (inner, outer)
+        row = phone.locator(f'tr[data-job-id="{job_id}"]')
+        for cell in ("a", "td.subject", "td[data-field=stage]", ".badge"):
+            box = row.locator(cell).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, cell
+        label = row.locator("td.subject").evaluate(
+            "node => getComputedStyle(node, '::before').content"
+        )
+        assert label == '"Subject"'  # each value says what it is
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for png in tmp_path.glob("phone-*.png"):
+            shutil.copyfile(png, SCREENSHOTS / png.name)
+    finally:
+        context.close()

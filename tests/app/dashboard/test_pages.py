@@ -247,6 +247,11 @@ def test_a_finished_jobs_page_shows_its_evidence(client, registered, caller, fin
     base = client.get(f"/v1/models/{registered.model_id}/versions/1", headers=caller.headers)
     sign_in(client, caller.key)
     page = client.get(f"{JOBS}/{job_id}").text
+    # Finished: no current stage, on the page and in the list.
+    assert '<dd data-field="stage">—</dd>' in page
+    listed = client.get(JOBS).text
+    row = listed[listed.index(f'<tr data-job-id="{job_id}"') :].split("</tr>", 1)[0]
+    assert 'data-field="stage">—</td>' in row
 
     # The curve: an accessible SVG with one point per evaluation and series, the threshold
     # at ratio x retain accuracy at lambda = 0, and the chosen lambda marked.
