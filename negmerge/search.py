@@ -214,13 +214,31 @@ def default_grid() -> list[float]:
 
 def extend_grid(lambdas: Sequence[float], max_lambda: float = MAX_LAMBDA) -> list[float]:
     """The points that extend ``lambdas`` to twice its range at twice its last spacing, capped
-    at ``max_lambda`` (none when the grid already reaches it)."""
+    at ``max_lambda`` (none when the grid already reaches it). One extension adds at most half
+    as many points as the grid has (spaced wider if need be), so a grid whose last two points
+    are close cannot grow without bound."""
     if len(lambdas) < 2:
         return []
     stop, step = lambdas[-1], 2 * (lambdas[-1] - lambdas[-2])
     new_stop = min(2 * stop, max_lambda)
     count = math.floor((new_stop - stop) / step + 1e-9)
+    most = max(1, len(lambdas) // 2)
+    if count > most:
+        count, step = most, (new_stop - stop) / most
     return [round(stop + k * step, 10) for k in range(1, count + 1)]
+
+
+def extended_grid(
+    lambdas: Sequence[float], max_extensions: int = MAX_EXTENSIONS, max_lambda: float = MAX_LAMBDA
+) -> list[float]:
+    """Every lambda a search may evaluate: ``lambdas`` with all the extensions it may make."""
+    grid = list(lambdas)
+    for _ in range(max_extensions):
+        more = extend_grid(grid, max_lambda)
+        if not more:
+            break
+        grid += more
+    return grid
 
 
 def search_lambda(

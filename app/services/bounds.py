@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from app.errors import InvalidRequest
 from app.settings import Settings
 from negmerge.pipeline import JobSpec
+from negmerge.search import extended_grid
 from negmerge.variants import PRESETS, Variant, VariantGrid
 
 _AUGMENT_LAYERS = re.compile(r"-n([0-9]+)")
@@ -68,9 +69,18 @@ def check_job_size(
         )
 
     lambdas = spec.search.lambdas()
-    if len(lambdas) > settings.max_lambda_grid_points:
-        limit = settings.max_lambda_grid_points
+    limit = settings.max_lambda_grid_points
+    if len(lambdas) > limit:
         raise _over("search.grid", len(lambdas), limit, "max_lambda_grid_points", "points")
+    extended = extended_grid(lambdas, spec.search.max_extensions, spec.search.max_lambda)
+    if len(extended) > limit:  # a choice at the upper end extends the grid
+        raise _over(
+            "search.max_extensions",
+            len(extended),
+            limit,
+            "max_lambda_grid_points",
+            "points with the grid's extensions",
+        )
     if lambdas[-1] > settings.max_lambda:
         raise _over(
             "search.grid", lambdas[-1], settings.max_lambda, "max_lambda", "(its largest lambda)"

@@ -10,6 +10,7 @@ from negmerge.search import (
     SearchResult,
     default_grid,
     extend_grid,
+    extended_grid,
     lambda_grid,
     search_lambda,
 )
@@ -447,3 +448,12 @@ def test_ties_before_a_better_point_are_walked_across():
     assert result.lam == brute_force_lambda(evaluations, grid, holdout=True) == 0.15
     assert len(curve.calls) <= len(grid) / 3
     assert_each_lambda_evaluated_once(curve)
+
+
+def test_an_extension_adds_at_most_half_the_grid():
+    """Twice the last spacing of a grid whose last points are close would add millions of
+    lambdas (each one an evaluation); an extension adds at most half the grid's points."""
+    assert extend_grid([0.0, 1.0, 1.0000001]) == [2.0000002]
+    grid = lambda_grid(0.0, 1.0, 11)
+    assert len(extend_grid(grid)) == 5  # 0.2 apart to 2.0 would be 5 points anyway
+    assert extended_grid(grid, max_extensions=2)[-6:] == [2.0, 2.4, 2.8, 3.2, 3.6, 4.0]

@@ -229,3 +229,13 @@ def test_how_far_the_grid_may_extend_is_bounded_too(bounded_client, registered):
     )
     response = bounded_client.post(JOBS, json=body, headers=registered.caller.headers)
     refused(response, "search.max_lambda", "8 is more than the limit of 0.5")
+
+
+def test_the_grid_with_its_extensions_is_bounded(client, registered, db):
+    """700 lambdas fit the limit of 1000, but a choice at the upper end extends the grid twice
+    (search.max_extensions) to 1398: refused at submission, not found out by a worker."""
+    grid = [round(i / 699, 10) for i in range(700)]
+    body = job_body(registered, search={"grid": grid})
+    response = client.post(JOBS, json=body, headers=registered.caller.headers)
+    refused(response, "search.max_extensions", "1398 points with the grid's extensions")
+    assert jobs_in(db) == 0
