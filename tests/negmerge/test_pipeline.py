@@ -264,12 +264,13 @@ def test_a_pickled_checkpoint_is_refused(classifier, tmp_path):
 
 
 def test_cli_runs_a_job_file_with_relative_paths(classifier, tmp_path):
-    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 2}})
+    # The preset as the quick start runs it (two steps no longer move this model: its
+    # recipe has no weight decay to shrink weights with), a loose retain bound, and a target
+    # any lambda > 0 meets: the exit code follows the verdict, not the recipe.
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier"})
     shutil.copy(classifier.weights_path, tmp_path / "weights.safetensors")
     job["model"]["weights"] = "weights.safetensors"  # relative to the job file
-    # A grid reaching far enough that forget accuracy surely falls, and a target any lambda
-    # > 0 meets: the exit code follows the verdict, not the recipe.
-    job["search"] = {"grid": [0.0, 1.0, 2.0], "retain_ratio": 0.01}
+    job["search"] = {"retain_ratio": 0.01}
     job["target"] = {"forget_acc_max": 100.0}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = CliRunner().invoke(

@@ -35,10 +35,8 @@ from tests.conftest import REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-TWO_VARIANTS = {
-    "base": {"optimizer": "sgd", "lr": 0.05, "batch_size": 32, "epochs": 2},
-    "grid": {"weight_decay": [1e-4, 1e-3]},
-}
+# Two of the quick start's variants: a recipe that forgets (lambda > 0, a new version).
+TWO_VARIANTS = {"preset": "tiny-classifier", "grid": {"augment": ["rand-m9-n2", "rand-m9-n3"]}}
 
 
 @pytest.fixture(scope="session")
