@@ -587,9 +587,7 @@ class SafetensorsWriter:
         `data`: a torch tensor in the declared dtype, or a numpy array in its storage dtype.
         """
         spec = self._specs.get(key)
-        raw = raw_bytes(data, spec)
-        if raw is None:
-            raise ValueError(f"{key}: not declared with dtype {data.dtype}")
+        raw = declared_bytes(key, data, spec)
         if not len(raw):
             return
         if self._left == 0:
@@ -651,16 +649,17 @@ class SafetensorsWriter:
             self.abort()
 
 
-def raw_bytes(data: Any, spec: TensorSpec | None) -> memoryview | None:
-    """`data`'s bytes if it holds `spec`'s dtype (None if not)."""
+def declared_bytes(key: str, data: Any, spec: TensorSpec | None) -> memoryview:
+    """`data`'s bytes, for a writer of tensor `key` declared as `spec`; ValueError if `data`
+    does not hold the declared dtype (or `key` was not declared)."""
     if isinstance(data, np.ndarray):
-        if spec is None or data.dtype != spec.storage:
-            return None
+        matches = spec is not None and data.dtype == spec.storage
         array = data
     else:  # a torch tensor
-        if spec is None or dtype_name(data.dtype) != spec.dtype:
-            return None
-        array = tensor_to_numpy(data.detach().cpu().contiguous())
+        matches = spec is not None and dtype_name(data.dtype) == spec.dtype
+        array = tensor_to_numpy(data.detach().cpu().contiguous()) if matches else None
+    if not matches:
+        raise ValueError(f"{key}: not declared with dtype {data.dtype}")
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 

@@ -39,8 +39,8 @@ from negmerge.io import (
     SafetensorsFile,
     SafetensorsWriter,
     TensorSpec,
+    declared_bytes,
     open_checkpoint,
-    raw_bytes,
     refuse_overwriting,
     torch_dtype,
 )
@@ -157,9 +157,7 @@ class SparseWriter:
         `data`: a torch tensor in the declared dtype, or a numpy array in its storage dtype.
         """
         spec = self._specs.get(key)
-        raw = raw_bytes(data, spec)
-        if raw is None:
-            raise ValueError(f"{key}: not declared with dtype {data.dtype}")
+        raw = declared_bytes(key, data, spec)
         elements = np.frombuffer(raw, spec.storage)
         if not len(elements):
             return
