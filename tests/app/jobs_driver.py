@@ -60,6 +60,17 @@ def submit(client: TestClient, registered: Registered, **changes: object) -> str
     return response.json()["id"]
 
 
+def three_outcomes(app: FastAPI, client: TestClient, registered: Registered) -> tuple[str, ...]:
+    """Three SUCCEEDED jobs: one that met its target, one that missed it, and one left
+    unchanged (lambda 0, so never met): their ids, in that order."""
+    met, missed, unchanged = (submit(client, registered, target=t) for t in
+                              (MET_TARGET, MISSED_TARGET, MET_TARGET))  # fmt: skip
+    drive_to_success(app, met)
+    drive_to_success(app, missed)
+    drive_to_success(app, unchanged, grid=[0.0])
+    return met, missed, unchanged
+
+
 def drive_to_success(app: FastAPI, job_id: str, grid: list[float] | None = None) -> dict[str, Any]:
     """Take a QUEUED job through every step as the workers do; returns the result it ends with.
     `grid`: the lambda search's (default 0..1; [0.0] makes the search choose lambda 0)."""

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from tests.app.conftest import REPO
 from tests.app.dashboard.conftest import submit
-from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success
+from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success, three_outcomes
 from tests.conftest import unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -199,11 +199,7 @@ def background(locator) -> str:  # type: ignore[no-untyped-def]
 def test_a_missed_target_is_never_the_green_of_a_met_one(
     page, app, client: TestClient, registered, caller, tmp_path: Path
 ):  # type: ignore[no-untyped-def]
-    met, missed, unchanged = (submit(client, registered, target=t) for t in
-                              (MET_TARGET, MISSED_TARGET, MET_TARGET))  # fmt: skip
-    drive_to_success(app, met)
-    drive_to_success(app, missed)
-    drive_to_success(app, unchanged, grid=[0.0])
+    met, missed, unchanged = three_outcomes(app, client, registered)
     live = submit(client, registered, target=MISSED_TARGET)
     sign_in(page, caller.key)
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from app.dashboard.session import COOKIE
 from tests.app.conftest import Registered
 from tests.app.dashboard.conftest import sign_in, submit
-from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success
+from tests.app.jobs_driver import MET_TARGET, drive_to_success, three_outcomes
 
 JOBS = "/dashboard/jobs"
 
@@ -303,11 +303,7 @@ def test_a_finished_jobs_page_shows_its_evidence(client, registered, caller, fin
 def test_a_missed_target_is_amber_with_its_reasons_and_a_met_one_green(
     app, client, registered, caller
 ):  # type: ignore[no-untyped-def]
-    met, missed, unchanged = (submit(client, registered, target=t) for t in
-                              (MET_TARGET, MISSED_TARGET, MET_TARGET))  # fmt: skip
-    drive_to_success(app, met)
-    drive_to_success(app, missed)
-    drive_to_success(app, unchanged, grid=[0.0])
+    met, missed, unchanged = three_outcomes(app, client, registered)
     sign_in(client, caller.key)
     listing = client.get(JOBS).text
 
