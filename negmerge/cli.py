@@ -203,7 +203,20 @@ def print_report_summary(report: dict) -> None:
         click.echo(f"              {report['model']['path']}")
     else:
         click.echo("new model     none: lambda 0 leaves the model unchanged")
+    print_rounds(report.get("rounds") or [])
     print_verdict(report["verdict"])
+
+
+def print_rounds(rounds: list[dict]) -> None:
+    """One line a round, when escalation ran more than one (the result is the last one's)."""
+    if len(rounds) < 2:
+        return
+    for summary in rounds:
+        outcome = "met" if summary["verdict"]["met"] else "not met"
+        click.echo(
+            f"round {summary['round']:<7} {len(summary['variants_merged'])} variants merged, "
+            f"kept {summary['kept_fraction']:.2%}, lambda {summary['lambda']:g}: {outcome}"
+        )
 
 
 def print_verdict(verdict: dict) -> None:

@@ -25,7 +25,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from negmerge.data import Manifest, Sample
 from negmerge.errors import DataError, DivergedError, NegMergeError
+from negmerge.escalation import Escalation, RoundSummary, RoundVerdict
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, open_checkpoint, save_file
 from negmerge.merge.streaming import merge_files
@@ -123,10 +124,14 @@ class JobSpec(BaseModel):
     target: Target | None = Field(
         None, description="What counts as forgotten (default: by kind, negmerge.verdict)."
     )
+    escalation: Escalation = Field(
+        default_factory=Escalation,
+        description="Further rounds when the target is not met (negmerge.escalation).",
+    )
     seed: int = Field(
         0,
         description="Each variant's seed is derived from it and the variant's index; a seed "
-        "the variants give is added to it instead.",
+        "the variants give is added to it instead (in later rounds: to the derived one).",
     )
     max_eval_samples: int | None = Field(2000, gt=0, description="Cap per evaluation split.")
     eval_batch_size: int = Field(256, gt=0)
@@ -172,13 +177,38 @@ class JobSpec(BaseModel):
         return JobSpec.model_validate(data)
 
     def variant_list(self) -> list[Variant]:
-        """The job's variants with their training seeds resolved (see `variant_seed`)."""
-        variants = self.variants.expand()
-        seeds = [
-            variant_seed(self.seed, i) if v.seed is None else v.seed + self.seed
-            for i, v in enumerate(variants)
-        ]
-        return [v.model_copy(update={"seed": s}) for v, s in zip(variants, seeds, strict=True)]
+        """Round 0's variants with their training seeds resolved (see `variant_seed`)."""
+        return [v for _, v in self.round_variants(0)]
+
+    @property
+    def variants_per_round(self) -> int:
+        return len(self.variants.expand())
+
+    def round_variants(self, round_: int) -> list[tuple[int, Variant]]:
+        """Round `round_`'s new variants, numbered across rounds, seeds resolved."""
+        first = self.variants.expand()
+        n = len(first)
+        found = []
+        for k, v in enumerate(self.escalation.round_variants(first, round_)):
+            index = round_ * n + k
+            if v.seed is None:
+                seed = variant_seed(self.seed, index)
+            elif round_ == 0:
+                seed = v.seed + self.seed
+            else:  # the variant's own seed again would train the same run again
+                seed = (variant_seed(self.seed, index) + v.seed) & 0x7FFFFFFF
+            found.append((index, v.model_copy(update={"seed": seed})))
+        return found
+
+    def variant_at(self, index: int) -> Variant:
+        """Variant `index`, numbered across rounds."""
+        return dict(self.round_variants(index // self.variants_per_round))[index]
+
+    def merged_variants(self, round_: int) -> list[tuple[int, Variant]]:
+        """The variants round `round_` merges."""
+        indices = self.escalation.merged_indices(self.variants_per_round, round_)
+        rounds = range(indices[0] // self.variants_per_round, round_ + 1)
+        return [(i, v) for r in rounds for i, v in self.round_variants(r) if i in indices]
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -201,20 +231,30 @@ class Progress:
 
 @dataclass
 class Workdir:
-    """Where a job keeps its stages' outputs."""
+    """Where a job keeps its stages' outputs. The base model, the original's metrics and the
+    variants are the job's; the merged vector, the search, the model and the report are a
+    round's (round 0 at the top, later ones under rounds/<r>/)."""
 
     root: Path
+    round: int = 0
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
 
+    def at_round(self, round_: int) -> Workdir:
+        return Workdir(self.root, round_)
+
+    @property
+    def _own(self) -> Path:
+        return self.root if self.round == 0 else self.root / "rounds" / str(self.round)
+
     job = property(lambda self: self.root / "job.json")
     base = property(lambda self: self.root / "base.safetensors")
     original = property(lambda self: self.root / "original.json")
-    merged = property(lambda self: self.root / "merged.safetensors")
-    search = property(lambda self: self.root / "search.json")
-    model = property(lambda self: self.root / "model.safetensors")
-    report = property(lambda self: self.root / "report.json")
+    merged = property(lambda self: self._own / "merged.safetensors")
+    search = property(lambda self: self._own / "search.json")
+    model = property(lambda self: self._own / "model.safetensors")
+    report = property(lambda self: self._own / "report.json")
 
     def variant(self, index: int, variant: Variant) -> Path:
         return self.root / "variants" / f"{index:03d}-{variant.key()}.safetensors"
@@ -412,7 +452,7 @@ def finetune_variant(
     """Fine-tune variant `index` and write its task vector; a finished variant is not redone."""
     from negmerge.finetune import finetune_task_vector
 
-    variant = ctx.spec.variant_list()[index]
+    variant = ctx.spec.variant_at(index)
     path = ctx.workdir.variant(index, variant)
     if path.exists():
         return _variant_record(path)
@@ -457,10 +497,10 @@ def _variant_record(path: Path) -> dict:
     }
 
 
-def merge_variants(ctx: JobContext) -> dict:
-    """Merge the n task vectors (streaming) into merged.safetensors."""
-    wd = ctx.workdir
-    records = [_variant_record(wd.variant(i, v)) for i, v in enumerate(ctx.spec.variant_list())]
+def merge_variants(ctx: JobContext, round_: int = 0) -> dict:
+    """Merge round `round_`'s task vectors (streaming) into its merged.safetensors."""
+    wd = ctx.workdir.at_round(round_)
+    records = [_variant_record(wd.variant(i, v)) for i, v in ctx.spec.merged_variants(round_)]
     if not wd.merged.exists():
         merge_files(
             ctx.spec.merge.method,
@@ -473,6 +513,7 @@ def merge_variants(ctx: JobContext) -> dict:
         meta = ckpt.metadata
         dense_bytes = sum(spec.nbytes for spec in ckpt.specs.values())
     return {
+        "round": round_,
         "method": meta["method"],
         "params": json.loads(meta["params"]),
         "n": int(meta["n"]),
@@ -486,10 +527,12 @@ def merge_variants(ctx: JobContext) -> dict:
 
 
 def search(
-    ctx: JobContext, on_evaluation: Callable[[float, Evaluation], None] | None = None
+    ctx: JobContext,
+    on_evaluation: Callable[[float, Evaluation], None] | None = None,
+    round_: int = 0,
 ) -> dict:
-    """Choose lambda on the validation splits."""
-    wd = ctx.workdir
+    """Choose lambda for round `round_`'s merged vector on the validation splits."""
+    wd = ctx.workdir.at_round(round_)
     if wd.search.exists():
         return json.loads(wd.search.read_text())
     began = time.perf_counter()
@@ -522,15 +565,25 @@ def search(
         )
     finally:
         ctx.set_scale(vector, 0.0)
-    found = {**result.to_dict(), "seconds": time.perf_counter() - began}
+    found = {**result.to_dict(), "round": round_, "seconds": time.perf_counter() - began}
     write_json_atomic(wd.search, found)
     return found
 
 
-def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timings: dict) -> dict:
-    """Measure the unlearned model, judge it against the job's target, write it (unless lambda
-    is 0: the model would be the original, unchanged) and write the evidence report."""
-    wd = ctx.workdir
+def finalize(
+    ctx: JobContext,
+    original: dict,
+    merged: dict,
+    searched: dict,
+    timings: dict,
+    earlier_rounds: Sequence[dict] = (),
+) -> dict:
+    """Measure round `merged["round"]`'s unlearned model, judge it against the job's target,
+    write it (unless lambda is 0: the model would be the original, unchanged) and write the
+    evidence report, which says whether another round follows (negmerge.escalation).
+    `earlier_rounds`: the earlier rounds' summaries (the last report's "rounds")."""
+    round_ = merged.get("round", 0)
+    wd = ctx.workdir.at_round(round_)
     if wd.report.exists():
         return json.loads(wd.report.read_text())
     lam = searched["lambda"]
@@ -547,12 +600,38 @@ def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timi
     verdict = judge(
         target, ctx.spec.target_kind, original["metrics"], after, lam, default_target=default
     )
-    timings = {**timings, "evaluate_and_store": time.perf_counter() - began}
+    model = {"path": str(wd.model), "sha256": file_sha256(wd.model)} if lam != 0 else None
+    n = ctx.spec.variants_per_round
+    this_round = RoundSummary(
+        round=round_,
+        variants_merged=[v["index"] for v in merged["variants"]],
+        finetune_seconds=sum(
+            v.get("seconds") or 0.0 for v in merged["variants"] if v["index"] // n == round_
+        ),
+        kept_fraction=merged["kept_fraction"],
+        lambda_=lam,
+        verdict=RoundVerdict(met=verdict.met, reason=verdict.reason),
+        model_sha256=model["sha256"] if model else None,
+    )
+    rounds = [*earlier_rounds, this_round.to_dict()]
+    timings = {
+        **timings,
+        "finetune": sum(r["finetune_seconds"] for r in rounds),  # the variants' own time
+        "evaluate_and_store": time.perf_counter() - began,
+    }
+    stop = (
+        "target met"
+        if verdict.met
+        else ctx.spec.escalation.next_round(round_, n, [r["finetune_seconds"] for r in rounds])
+    )
     report = {
         "format": "negmerge.report/1",
         "code_version": code_version(),
         "job": json.loads(ctx.spec.model_dump_json()),
-        "seeds": {"job": ctx.spec.seed, "variants": [v.seed for v in ctx.spec.variant_list()]},
+        "seeds": {
+            "job": ctx.spec.seed,
+            "variants": [v.seed for r in range(round_ + 1) for _, v in ctx.spec.round_variants(r)],
+        },
         "base_model": {
             "sha256": original["base_sha256"],
             "weights_sha256": original["weights_sha256"],
@@ -568,8 +647,14 @@ def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timi
         "lambda": lam,
         "metrics": {"before": original["metrics"], "after": after},
         "verdict": verdict.to_dict(),
+        "round": round_,
+        "rounds": rounds,
+        "escalation": {
+            "next_round": None if stop else round_ + 1,
+            "stopped_because": stop,
+        },
         # No model at lambda 0: it would be the original's bytes under a new name.
-        "model": {"path": str(wd.model), "sha256": file_sha256(wd.model)} if lam != 0 else None,
+        "model": model,
         "timings": timings,
     }
     write_json_atomic(wd.report, report)
@@ -579,7 +664,8 @@ def finalize(ctx: JobContext, original: dict, merged: dict, searched: dict, timi
 def run_unlearning(
     spec: JobSpec, workdir: str | os.PathLike, progress: Progress | None = None
 ) -> dict:
-    """Run (or resume) the whole job in this process and return the report."""
+    """Run (or resume) the whole job in this process and return the report (its last
+    round's)."""
     progress = progress or Progress()
     timings: dict[str, float] = {}
     Workdir(Path(workdir)).claim(spec)
@@ -588,27 +674,34 @@ def run_unlearning(
         progress.stage(name)
         began = time.perf_counter()
         result = call()
-        timings[name] = time.perf_counter() - began
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - began
         return result
 
     ctx = timed("load", lambda: JobContext.load(spec, workdir))
     original = timed("prepare", lambda: prepare(ctx))
-    variants = spec.variant_list()
+    round_, earlier = 0, []
+    while True:
+        variants = spec.round_variants(round_)
+        total = variants[-1][0] + 1
 
-    def finetune_all() -> None:
-        for index in range(len(variants)):
-            finetune_variant(
-                ctx,
-                index,
-                lambda s, t, loss, i=index: progress.variant_step(i, len(variants), s, t, loss),
-            )
-            progress.variant_done(index, len(variants))
+        def finetune_all(variants: list = variants, total: int = total) -> None:
+            for index, _ in variants:
+                finetune_variant(
+                    ctx,
+                    index,
+                    lambda s, t, loss, i=index: progress.variant_step(i, total, s, t, loss),
+                )
+                progress.variant_done(index, total)
 
-    timed("finetune", finetune_all)
-    merged = timed("merge", lambda: merge_variants(ctx))
-    searched = timed("search", lambda: search(ctx, progress.lambda_evaluated))
-    progress.stage("evaluate")
-    return finalize(ctx, original, merged, searched, timings)
+        timed("finetune", finetune_all)
+        merged = timed("merge", lambda r=round_: merge_variants(ctx, r))
+        searched = timed("search", lambda r=round_: search(ctx, progress.lambda_evaluated, r))
+        progress.stage("evaluate")
+        report = finalize(ctx, original, merged, searched, timings, earlier)
+        if report["escalation"]["next_round"] is None:
+            return report
+        round_, earlier = report["escalation"]["next_round"], report["rounds"]
+        progress.stage(f"round {round_}")
 
 
 def _forget_set(ctx: JobContext) -> list[Sample]:

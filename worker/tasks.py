@@ -9,6 +9,10 @@ commits.
 
     prepare -> finetune:0..n-1 (gpu queue) -> merge (sent by the last variant) -> search
             -> finalize (verdict; new model version unless lambda is 0; job.result) -> SUCCEEDED
+
+A request that allows escalation (negmerge.escalation) may get further rounds: a finalize
+whose target was not met sends round r's variants, finetune:r*n..(r+1)*n-1, and the round
+goes on as merge@r -> search@r -> finalize@r.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from app.db.session import Database
 from app.queue import RUN_STEP_TASK, JobQueue
 from app.services import steps
 from app.services.models import add_version
+from app.services.results import job_result
 from app.settings import Settings, get_settings
 from app.storage import is_local, local_path
 from negmerge.errors import DataError, NegMergeError
@@ -165,29 +170,39 @@ def load_context(rt: Runtime, claim: steps.Claim) -> JobContext:
 
 def run_stage(rt: Runtime, claim: steps.Claim) -> str:
     index = steps.variant_index(claim.step)
+    kind, round_ = steps.step_round(claim.step)
     if claim.step == steps.PREPARE:
         output = prepare(load_context(rt, claim))
     elif index is not None:
         progress = ProgressWriter(rt, claim.job_id)
         output = finetune_variant(load_context(rt, claim), index, progress.on_step)
-    elif claim.step == steps.MERGE:
+    elif kind == steps.MERGE:
         began = time.perf_counter()
-        output = {**merge_variants(load_context(rt, claim)), "seconds": 0.0}
+        output = {**merge_variants(load_context(rt, claim), round_), "seconds": 0.0}
         output["seconds"] = time.perf_counter() - began
-    elif claim.step == steps.SEARCH:
+    elif kind == steps.SEARCH:
         progress = ProgressWriter(rt, claim.job_id)
-        output = search(load_context(rt, claim), progress.on_evaluation)
-    elif claim.step == steps.FINALIZE:
-        return run_finalize(rt, claim)
+        output = search(load_context(rt, claim), progress.on_evaluation, round_)
+    elif kind == steps.FINALIZE:
+        return run_finalize(rt, claim, round_)
     else:  # claim_step only hands out known steps
         raise ValueError(f"unknown step {claim.step!r}")
 
     with rt.db.unit_of_work() as session:
         following = steps.complete_step(session, claim, output, rt.queue)
-    if claim.step == steps.MERGE and not claim.request.get("keep_task_vectors", False):
+    if kind == steps.MERGE and not _keeps_task_vectors(claim):
         delete_task_vectors(output)
     log.info("step %s of job %s: done; next %s", claim.step, claim.job_id, following)
     return "done"
+
+
+def _keeps_task_vectors(claim: steps.Claim) -> bool:
+    """Whether the task vectors outlive their merge: asked for, or a later round with the
+    `more` strategy merges them again."""
+    escalation = claim.spec.get("escalation") or {}
+    return bool(claim.request.get("keep_task_vectors", False)) or (
+        escalation.get("rounds", 0) > 0 and escalation.get("strategy", "more") == "more"
+    )
 
 
 def delete_task_vectors(merged: dict[str, Any]) -> None:
@@ -196,19 +211,35 @@ def delete_task_vectors(merged: dict[str, Any]) -> None:
         Path(record["path"]).unlink(missing_ok=True)
 
 
-def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
+def run_finalize(rt: Runtime, claim: steps.Claim, round_: int) -> str:
     ctx = load_context(rt, claim)
     original = claim.outputs[steps.PREPARE]
-    merged = claim.outputs[steps.MERGE]
-    searched = claim.outputs[steps.SEARCH]
+    merged = claim.outputs[steps.round_step(steps.MERGE, round_)]
+    searched = claim.outputs[steps.round_step(steps.SEARCH, round_)]
+    earlier = []  # the rounds before: in the last finalize's output
+    if round_:
+        earlier = claim.outputs[steps.round_step(steps.FINALIZE, round_ - 1)]["rounds"]
     timings = {
         "prepare": original.get("seconds"),
-        "finetune": sum(v.get("seconds") or 0.0 for v in merged["variants"]),
         "merge": merged.get("seconds"),
         "search": searched.get("seconds"),
     }
-    report = finalize(ctx, original, merged, searched, timings)
+    report = finalize(ctx, original, merged, searched, timings, earlier)
     verdict = report["verdict"]
+    summary = {
+        "report_path": str(ctx.workdir.at_round(round_).report),
+        "model_sha256": report["model"]["sha256"] if report["model"] else None,
+        "rounds": report["rounds"],
+    }
+    next_round = report["escalation"]["next_round"]
+    if next_round is not None:
+        variants = [i for i, _ in ctx.spec.round_variants(next_round)]
+        with rt.db.unit_of_work() as session:
+            steps.start_round(
+                session, claim, summary, next_round, variants, verdict["reason"], rt.queue
+            )
+        log.info("job %s: target not met in round %d; round %d", claim.job_id, round_, next_round)
+        return "escalated"
     with rt.db.unit_of_work() as session:
         job = steps.held_job(session, claim)
         if job is None:
@@ -235,31 +266,10 @@ def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
                 "version_id": str(version.id),
                 "weights_sha256": sha256,
             }
-        result = {
-            "model": model,
-            "model_version": model["version"] if model else None,
-            "verdict": verdict,
-            "lambda": report["lambda"],
-            "lambda_curve": searched.get("evaluations", []),
-            "kept_fraction": report["merge"]["kept_fraction"],
-            "metrics": report["metrics"],
-            "metrics_before": report["metrics"]["before"],
-            "metrics_after": report["metrics"]["after"],
-            "split_sizes": report["split_sizes"],
-            "code_version": report["code_version"],
-            "seeds": report["seeds"],
-            "base_model_sha256": report["base_model"]["sha256"],
-            "merged_sha256": report["merge"]["merged_sha256"],
-            "merged_bytes": report["merge"].get("merged_bytes"),
-            "merged_dense_bytes": report["merge"].get("merged_dense_bytes"),
-            "task_vector_sha256": [v["tau_sha256"] for v in report["variants"]],
-            "timings": report["timings"],
-        }
-        summary = {
-            "report_path": str(ctx.workdir.report),
-            "model_sha256": model["weights_sha256"] if model else None,
-        }
+        result = job_result(report, model)
         steps.finish_job(session, claim, summary, result)
+    if not claim.request.get("keep_task_vectors", False):
+        delete_task_vectors(merged)
     log.info(
         "job %s: SUCCEEDED, target %s, model version %s",
         claim.job_id,

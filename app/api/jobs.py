@@ -263,6 +263,7 @@ def get_report(job_id: uuid.UUID, principal: Reader, session: DbSession) -> Unle
         metrics=result.get("metrics"),
         code_version=result.get("code_version"),
         seeds=result.get("seeds"),
+        rounds=result.get("rounds"),
         target=target,
         default_target=default_target,
         verdict=_verdict(result),

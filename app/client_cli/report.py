@@ -81,6 +81,16 @@ def print_report(report: JSON, job: JSON) -> None:
         out.print(table)
     elif not report["final"]:
         out.print("no metrics yet: the workers have not evaluated the new model")
+    rounds = report.get("rounds") or []
+    if len(rounds) > 1:  # escalation ran: the result is the last round's
+        table = Table(title="rounds (the result is the last one's)")
+        for column in ("round", "variants merged", "kept", "lambda", "verdict"):
+            table.add_column(column, justify="left" if column == "verdict" else "right")
+        for r in rounds:
+            outcome = "met" if r["verdict"]["met"] else "not met"
+            merged, kept = str(len(r["variants_merged"])), f"{r['kept_fraction']:.2%}"
+            table.add_row(str(r["round"]), merged, kept, number(r["lambda"], "g"), outcome)
+        out.print(table)
     kept = result.get("kept_fraction")
     print_fields(
         [

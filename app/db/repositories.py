@@ -338,10 +338,11 @@ class StepRepository:
         self.session.flush()
         return step
 
-    def count_steps(self, job_id: uuid.UUID, prefix: str, state: StepState) -> int:
-        stmt = select(func.count()).where(
-            JobStep.job_id == job_id, JobStep.name.startswith(prefix), JobStep.state == state
-        )
+    def count_steps(self, job_id: uuid.UUID, prefix: str, state: StepState | None = None) -> int:
+        """Steps of the job whose name starts with `prefix` (in `state`, if given)."""
+        stmt = select(func.count()).where(JobStep.job_id == job_id, JobStep.name.startswith(prefix))
+        if state is not None:
+            stmt = stmt.where(JobStep.state == state)
         return int(self.session.scalar(stmt) or 0)
 
     def renew_lease(self, job_id: uuid.UUID, name: str, owner: str, until: datetime) -> bool:

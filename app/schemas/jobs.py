@@ -19,6 +19,7 @@ from pydantic import (
 
 from app.db.models import JobStage, JobState
 from app.schemas.common import Strict
+from negmerge.escalation import Escalation, RoundSummary
 from negmerge.pipeline import MergeSpec, SearchSpec
 from negmerge.variants import PRESETS, VariantGrid
 from negmerge.verdict import DEFAULT_TARGETS, Target, Verdict
@@ -88,6 +89,12 @@ class UnlearningJobCreate(Strict):
     merge: MergeSpec = Field(default_factory=MergeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     target: Target | None = Field(None, description=TARGET_DESCRIPTION)
+    escalation: Escalation = Field(
+        default_factory=Escalation,
+        description="Further rounds of fine-tuning when the target is not met, within the "
+        "budget given here: `more` variants (all merged) or `longer` ones a round. The job "
+        "stops at the first round that meets the target; every round is in the result.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     max_eval_samples: int | None = Field(2000, gt=0, le=1_000_000)
     keep_task_vectors: bool = Field(
@@ -257,6 +264,11 @@ class UnlearningReport(BaseModel):
     verdict: Verdict | None = None
     code_version: str | None = None
     seeds: dict[str, Any] | None = None
+    rounds: list[RoundSummary] | None = Field(
+        None,
+        description="Every round the job ran (more than one when escalation was allowed and "
+        "the target was not met); the job's result is the last one's.",
+    )
     error: JobError | None = None
     timeline: list[TimelineEvent]
     request: dict[str, Any] = Field(description="The request as accepted.")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.errors import InvalidRequest
 from app.settings import Settings
 from negmerge.pipeline import JobSpec
 from negmerge.search import extended_grid
-from negmerge.variants import PRESETS, Variant, VariantGrid
+from negmerge.variants import PRESETS, VariantGrid
 
 _AUGMENT_LAYERS = re.compile(r"-n([0-9]+)")
 
@@ -31,13 +30,23 @@ class JobSize:
     lambdas: int
 
 
-def check_job_size(
-    spec: JobSpec, variants: Sequence[Variant], train_samples: int, settings: Settings
-) -> JobSize:
+def check_job_size(spec: JobSpec, train_samples: int, settings: Settings) -> JobSize:
     """The job's size, if every part of it is within the settings' bounds; else the 422 of
-    the first part that is not. `train_samples`: the forget set's samples fine-tuned on."""
+    the first part that is not. `train_samples`: the forget set's samples fine-tuned on.
+    Escalation rounds count in full, as if every one of them ran."""
+    rounds = [[v for _, v in spec.round_variants(r)] for r in range(spec.escalation.rounds + 1)]
+    variants = [v for round_ in rounds for v in round_]
+    escalated = spec.escalation.rounds > 0
+    if len(rounds[0]) > settings.max_variants:
+        raise _over("variants", len(rounds[0]), settings.max_variants, "max_variants", "variants")
     if len(variants) > settings.max_variants:
-        raise _over("variants", len(variants), settings.max_variants, "max_variants", "variants")
+        raise _over(
+            "escalation.rounds",
+            len(variants),
+            settings.max_variants,
+            "max_variants",
+            "variants in all rounds",
+        )
     per_variant = (
         ("epochs", settings.max_epochs, "max_epochs"),
         ("steps", settings.max_steps, "max_steps"),
@@ -45,27 +54,33 @@ def check_job_size(
         ("batch_size", settings.max_batch_size, "max_batch_size"),
     )
     total_steps = 0
-    for variant in variants:
-        for name, limit, setting in per_variant:
-            value = getattr(variant, name)
-            if value is not None and value > limit:
-                raise _over(_source(spec.variants, name), value, limit, setting)
-        layers = _augment_layers(variant.augment)
-        if layers > settings.max_augment_layers:
-            where = _source(spec.variants, "augment")
-            raise _over(
-                where, layers, settings.max_augment_layers, "max_augment_layers", "operations"
+    for round_, round_variants in enumerate(rounds):
+        for variant in round_variants:
+            for name, limit, setting in per_variant:
+                value = getattr(variant, name)
+                if value is not None and value > limit:
+                    if round_:  # only escalation makes it this long
+                        what = f"{name} in round {round_}"
+                        raise _over("escalation.rounds", value, limit, setting, what)
+                    raise _over(_source(spec.variants, name), value, limit, setting)
+            layers = _augment_layers(variant.augment)
+            if layers > settings.max_augment_layers:
+                where = _source(spec.variants, "augment")
+                raise _over(
+                    where, layers, settings.max_augment_layers, "max_augment_layers", "operations"
+                )
+            # As fine-tuning counts them: steps, or epochs x batches (the last one partial).
+            total_steps += variant.steps or variant.epochs * math.ceil(
+                train_samples / variant.batch_size
             )
-        # As fine-tuning counts them: steps, or epochs x batches (the last one partial).
-        total_steps += variant.steps or variant.epochs * math.ceil(
-            train_samples / variant.batch_size
-        )
     if total_steps > settings.max_total_steps:
+        where = "escalation.rounds" if escalated else "variants"
         raise InvalidRequest(
-            "variants",
-            f"{len(variants)} variants of {total_steps} optimizer steps in all on "
-            f"{train_samples} forget samples, more than the limit of {settings.max_total_steps} "
-            "(NEGMERGE_MAX_TOTAL_STEPS); use fewer variants, epochs or steps",
+            where,
+            f"{len(variants)} variants{' in all rounds' * escalated} of {total_steps} optimizer "
+            f"steps in all on {train_samples} forget samples, more than the limit of "
+            f"{settings.max_total_steps} (NEGMERGE_MAX_TOTAL_STEPS); use fewer variants, "
+            f"epochs or steps{' or rounds' * escalated}",
         )
 
     lambdas = spec.search.lambdas()
@@ -91,7 +106,7 @@ def check_job_size(
         )
     if spec.search.max_lambda > settings.max_lambda:  # how far extensions may go
         raise _over("search.max_lambda", spec.search.max_lambda, settings.max_lambda, "max_lambda")
-    return JobSize(len(variants), total_steps, len(lambdas))
+    return JobSize(len(variants), total_steps, len(lambdas) * len(rounds))
 
 
 def _over(field: str, value: object, limit: object, setting: str, what: str = "") -> InvalidRequest:

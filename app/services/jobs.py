@@ -198,9 +198,10 @@ def _resolve(
         splits = make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
     except DataError as exc:
         raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
-    check_job_size(spec, variants, len(splits["forget"]), settings)
-    try:
-        get_method(spec.merge.method, n, **spec.merge.params)
+    check_job_size(spec, len(splits["forget"]), settings)
+    try:  # with escalation `more`, the last round merges every round's variants
+        largest = len(spec.escalation.merged_indices(n, spec.escalation.rounds))
+        get_method(spec.merge.method, largest, **spec.merge.params)
     except MergeError as exc:
         field = "merge.method" if "unknown" in str(exc) else "merge.params"
         raise InvalidRequest(field, str(exc)) from None
@@ -297,6 +298,7 @@ def _job_spec(
             merge=body.merge,
             search=body.search,
             target=body.target,
+            escalation=body.escalation,
             seed=body.seed,
             max_eval_samples=body.max_eval_samples,
         )

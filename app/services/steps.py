@@ -11,6 +11,8 @@ never. Whether a step runs is decided here, in the database, under the job's row
   their messages are sent after it commits. prepare fans out one finetune:k per variant; the
   variant whose completion makes the count of DONE variants reach n creates merge (once:
   completions are serialised by the job's row lock, and merge's row is created only if absent).
+- rounds (negmerge.escalation): a finalize whose target was not met may start the next round
+  (start_round): more finetune:k rows, then merge@r, search@r and finalize@r.
 - the watchdog: an expired lease (its worker died) puts the step back to PENDING and sends it
   again; after `step_max_attempts` starts the job is FAILED. Waiting steps whose message may
   have been lost are sent again.
@@ -42,12 +44,26 @@ PREPARE, MERGE, SEARCH, FINALIZE = "prepare", "merge", "search", "finalize"
 WORKER = "worker"
 WATCHDOG = "watchdog"
 
-# Where a job is, in percent, when each step starts (fine-tuning spans 10..80).
+# Where a job is, in percent, when each step starts (fine-tuning spans 10..80; a further
+# round's variants bring it back into that span, since the work left has grown).
 PERCENT_AT = {PREPARE: 0.0, MERGE: 80.0, SEARCH: 85.0, FINALIZE: 95.0}
+ROUND_SEPARATOR = "@"
 
 
 def finetune_step(index: int) -> str:
+    """Variant `index`'s step (variants are numbered across rounds)."""
     return f"{GPU_STEP_PREFIX}{index}"
+
+
+def round_step(kind: str, round_: int) -> str:
+    """merge, search or finalize of round `round_`: "merge" for round 0, "merge@1" after."""
+    return kind if round_ == 0 else f"{kind}{ROUND_SEPARATOR}{round_}"
+
+
+def step_round(step: str) -> tuple[str, int]:
+    """(kind, round) of a merge, search or finalize step's name; round 0 for any other."""
+    kind, _, number = step.partition(ROUND_SEPARATOR)
+    return (kind, int(number)) if number.isdigit() and number[0] != "0" else (step, 0)
 
 
 def variant_index(step: str) -> int | None:
@@ -63,12 +79,15 @@ def variant_index(step: str) -> int | None:
 def stage_of(step: str) -> JobStage | None:
     if variant_index(step) is not None:
         return JobStage.FINETUNING
+    kind, round_ = step_round(step)
+    if round_ and kind == PREPARE:
+        return None
     return {
         PREPARE: JobStage.PREPARING,
         MERGE: JobStage.MERGING,
         SEARCH: JobStage.SEARCHING,
         FINALIZE: JobStage.EVALUATING,
-    }.get(step)
+    }.get(kind)
 
 
 def same_delivery_chain(held_by: str | None, owner: str) -> bool:
@@ -99,7 +118,8 @@ class Claim:
     spec: dict[str, Any]
     request: dict[str, Any]
     variants_total: int
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier steps' outputs
+    # Earlier steps' outputs by step name (not the variants': they are in merge's).
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def claim_step(
@@ -145,11 +165,11 @@ def claim_step(
     stage = stage_of(name)
     if stage is not None and job.stage is not stage:
         change_stage(session, job, stage, WORKER)
-        job.percent = max(job.percent, PERCENT_AT.get(name, job.percent))
+        job.percent = max(job.percent, PERCENT_AT.get(step_round(name)[0], job.percent))
     outputs = {
         s.name: s.output
         for s in repo.steps(job_id)
-        if s.name in (PREPARE, MERGE, SEARCH) and s.output is not None
+        if variant_index(s.name) is None and s.output is not None
     }
     return Claim(
         job_id=job.id,
@@ -220,6 +240,7 @@ def complete_step(
 
     following: list[str] = []
     index = variant_index(claim.step)
+    kind, round_ = step_round(claim.step)
     if claim.step == PREPARE:
         following = [finetune_step(k) for k in range(job.variants_total)]
         job.percent = 10.0
@@ -231,13 +252,15 @@ def complete_step(
             session, job, {"variants_done": done, "variants_total": job.variants_total}, now
         )
         # The fan-in: only the completion that makes the count reach n sees it, because
-        # completions hold the job's row lock; merge's row is created only if absent.
-        if done >= job.variants_total and repo.step(job.id, MERGE) is None:
-            following = [MERGE]
-    elif claim.step == MERGE:
-        following = [SEARCH]
-    elif claim.step == SEARCH:
-        following = [FINALIZE]
+        # completions hold the job's row lock; merge's row is created only if absent. The
+        # round is the one in progress: as many rounds as finalize steps have started.
+        current = round_step(MERGE, repo.count_steps(job.id, FINALIZE))
+        if done >= job.variants_total and repo.step(job.id, current) is None:
+            following = [current]
+    elif kind == MERGE:
+        following = [round_step(SEARCH, round_)]
+    elif kind == SEARCH:
+        following = [round_step(FINALIZE, round_)]
     job.updated_at = now
     for name in following:
         repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
@@ -266,6 +289,47 @@ def finish_job(
     # CANCELLING -> SUCCEEDED: the work finished before the cancel could stop it.
     change_state(session, job, JobState.SUCCEEDED, WORKER, result=result)
     return job
+
+
+def start_round(
+    session: Session,
+    claim: Claim,
+    output: dict[str, Any],
+    round_: int,
+    variants: list[int],
+    reason: str,
+    queue: JobQueue,
+) -> list[str]:
+    """Record round `round_ - 1`'s finalize as DONE (its target was not met) and start round
+    `round_`: its `variants` are created and sent after commit. [] if the lease was lost."""
+    repo = StepRepository(session)
+    job, step = _held(repo, claim)
+    if job is None or step is None:
+        return []
+    now = utcnow()
+    _end_step(step, StepState.DONE, now)
+    step.output = output
+    if job.state.is_terminal:
+        return []
+    if job.state is JobState.CANCELLING:
+        change_state(session, job, JobState.CANCELLED, WORKER)
+        return []
+    job.variants_total += len(variants)
+    job.percent = 10.0 + 70.0 * job.variants_done / job.variants_total
+    job.updated_at = now
+    change_stage(session, job, JobStage.FINETUNING, WORKER)
+    _progress_event(
+        session,
+        job,
+        {"round": round_, "variants_total": job.variants_total, "reason": reason},
+        now,
+    )
+    following = [finetune_step(k) for k in variants]
+    for name in following:
+        repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
+    job_id = job.id
+    after_commit(session, lambda: queue.send_steps(job_id, following))
+    return following
 
 
 def held_job(session: Session, claim: Claim) -> UnlearningJob | None:

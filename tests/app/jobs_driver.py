@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.services import steps
 from app.services.models import add_version
+from app.services.results import job_result
 from negmerge.pipeline import JobSpec
 from negmerge.search import Evaluation, search_lambda
 from negmerge.verdict import judge
@@ -71,9 +72,12 @@ def three_outcomes(app: FastAPI, client: TestClient, registered: Registered) -> 
     return met, missed, unchanged
 
 
-def drive_to_success(app: FastAPI, job_id: str, grid: list[float] | None = None) -> dict[str, Any]:
+def drive_to_success(
+    app: FastAPI, job_id: str, grid: list[float] | None = None, rounds: int = 1
+) -> dict[str, Any]:
     """Take a QUEUED job through every step as the workers do; returns the result it ends with.
-    `grid`: the lambda search's (default 0..1; [0.0] makes the search choose lambda 0)."""
+    `grid`: the lambda search's (default 0..1; [0.0] makes the search choose lambda 0).
+    `rounds`: the rounds its result lists (as escalation would; only the steps of one run)."""
     db, settings, queue = app.state.db, app.state.settings, app.state.queue
     job = uuid.UUID(job_id)
 
@@ -158,25 +162,30 @@ def drive_to_success(app: FastAPI, job_id: str, grid: list[float] | None = None)
                 "weights_sha256": unlearned_sha,
             }
         metrics = {"before": METRICS_BEFORE, "after": METRICS_AFTER}
-        # The keys of worker/tasks.py run_finalize's `result`.
-        result = {
-            "model": model,
-            "model_version": model["version"] if model else None,
+        # As the pipeline's finalize reports it (negmerge.pipeline), for the worker's builder.
+        summaries = [
+            {"round": r, "variants_merged": [rec["index"] for rec in records],
+             "finetune_seconds": 1.0, "kept_fraction": merged["kept_fraction"], "lambda": lam,
+             "verdict": {"met": verdict["met"] and r == rounds - 1, "reason": verdict["reason"]},
+             "model_sha256": unlearned_sha if lam else None}
+            for r in range(rounds)
+        ]  # fmt: skip
+        report = {
+            "merge": merged,
+            "search": searched,
             "verdict": verdict,
             "lambda": lam,
-            "lambda_curve": searched.get("evaluations", []),
-            "kept_fraction": merged["kept_fraction"],
             "metrics": metrics,
-            "metrics_before": metrics["before"],
-            "metrics_after": metrics["after"],
             "split_sizes": SPLIT_SIZES,
             "code_version": "negmerge 0.1.0 (test)",
             "seeds": {"job": 0, "variants": [0] * len(records)},
-            "base_model_sha256": base_sha,
-            "merged_sha256": merged["merged_sha256"],
-            "task_vector_sha256": [r["tau_sha256"] for r in records],
+            "base_model": {"sha256": base_sha},
+            "variants": records,
+            "round": rounds - 1,
+            "rounds": summaries,
             "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
         }
+        result = job_result(report, model)
         summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
         assert steps.finish_job(session, held, summary, result) is not None
     return result

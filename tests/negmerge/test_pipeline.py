@@ -327,3 +327,45 @@ def test_holdout_match_measures_the_held_out_split_once(classifier, tmp_path):
     evaluations = report["search"]["evaluations"]
     assert len(evaluations) == report["search"]["grid_size"] >= 41
     assert all(e["holdout_acc"] == e["retain_acc"] for e in evaluations)
+
+
+@pytest.mark.parametrize("strategy", ["more", "longer"])
+def test_a_missed_target_runs_the_rounds_allowed(classifier, tmp_path, strategy):
+    # No model forgets perfectly and keeps MIA at 100: every round misses, so all run.
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 2}})
+    job["target"] = {"forget_acc_max": 0.0, "mia_min": 100.0}
+    job["escalation"] = {"rounds": 1, "strategy": strategy}
+    report = run_unlearning(JobSpec.model_validate(job), tmp_path)
+    assert report["round"] == 1 and not report["verdict"]["met"]
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert report["escalation"] == {
+        "next_round": None,
+        "stopped_because": report["escalation"]["stopped_because"],
+    }
+    assert "allows 1 further round" in report["escalation"]["stopped_because"]
+    merged = report["rounds"][1]["variants_merged"]
+    assert merged == ([0, 1, 2, 3, 4, 5, 6, 7] if strategy == "more" else [4, 5, 6, 7])
+    steps = [
+        json.loads(v["hyperparameters"])
+        if isinstance(v["hyperparameters"], str)
+        else v["hyperparameters"]
+        for v in report["variants"]
+    ]
+    assert {s["steps"] for s in steps} == ({2} if strategy == "more" else {4})
+    assert len(set(report["seeds"]["variants"])) == 8
+    # Round 0's own outputs stay where they were; round 1's are under rounds/1.
+    round_0 = json.loads((tmp_path / "report.json").read_text())
+    assert round_0["escalation"]["next_round"] == 1 and round_0["rounds"] == report["rounds"][:1]
+    assert (tmp_path / "rounds" / "1" / "merged.safetensors").exists()
+
+
+def test_a_met_target_stops_at_its_round(classifier, tmp_path):
+    # Any lambda > 0 that lowers forget accuracy meets this; lambda 1 on 20 steps' tau does.
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 20}})
+    job["target"] = {"forget_acc_max": 100.0, "retain_ratio": 0.01}
+    job["search"] = {"grid": [0.0, 1.0], "max_extensions": 0, "retain_ratio": 0.01}
+    job["escalation"] = {"rounds": 2}
+    report = run_unlearning(JobSpec.model_validate(job), tmp_path)
+    assert report["verdict"]["met"] and report["round"] == 0
+    assert report["escalation"] == {"next_round": None, "stopped_because": "target met"}
+    assert not (tmp_path / "rounds").exists()

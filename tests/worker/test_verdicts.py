@@ -1,6 +1,7 @@
 """The verdict end to end: real worker processes run three jobs on the tiny classifier through
 the API, with targets whose outcome does not depend on the recipe: one any lambda > 0 meets,
-one only a perfect forget would meet, and a search that can only choose lambda 0."""
+one only a perfect forget would meet, and a search that can only choose lambda 0; and the
+one no perfect forget can meet, with one more round allowed, which must then run it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def finished(client, db, classifier, worker):  # type: ignore[no-untyped-def]
         "met": job_body(tenant, target=LOOSE),
         "missed": job_body(tenant, target=STRICT),
         "lambda 0": job_body(tenant, target=LOOSE, search={"grid": [0.0]}),
+        "escalated": job_body(tenant, target=STRICT, escalation={"rounds": 1}),
     }
     ids = {name: submit(client, tenant, body) for name, body in bodies.items()}
     jobs = {name: wait_for(client, tenant, job_id, timeout=400) for name, job_id in ids.items()}
@@ -79,4 +81,30 @@ def test_lambda_zero_creates_no_model_version(client, finished, settings):  # ty
     versions = client.get(f"/v1/models/{tenant.model_id}/versions", headers=tenant.headers)
     # Two versions from the other two jobs (both changed the model), none from this one.
     produced = [v.get("produced_by_job_id") for v in versions.json()["items"]]
-    assert job["id"] not in produced and len(produced) == 3
+    assert job["id"] not in produced and len(produced) == 4
+
+
+def test_a_missed_target_runs_the_round_the_request_allows(client, finished, settings):  # type: ignore[no-untyped-def]
+    tenant, jobs = finished
+    job = jobs["escalated"]
+    assert job["state"] == "SUCCEEDED" and job["verdict"]["met"] is False, job
+    n = 2  # job_body's variants
+    # Round 1 trained n more variants (new seeds) and merged all 2n (strategy "more").
+    assert job["progress"]["variants_total"] == 2 * n
+    assert job["progress"]["variants_done"] == 2 * n
+    result = job["result"]
+    assert result["round"] == 1
+    assert [r["round"] for r in result["rounds"]] == [0, 1]
+    assert result["rounds"][0]["variants_merged"] == [0, 1]
+    assert result["rounds"][1]["variants_merged"] == [0, 1, 2, 3]
+    assert all(r["verdict"]["met"] is False for r in result["rounds"])
+    assert len(set(result["seeds"]["variants"])) == 2 * n
+    assert len(result["task_vector_sha256"]) == 2 * n
+    report = report_of(client, tenant, job)
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    started = [e for e in report["timeline"] if (e.get("details") or {}).get("round") == 1]
+    assert started and started[0]["details"]["reason"].startswith("not met")
+    # Round 0's work is not redone: one row per step, round 1's under its own names.
+    work = Path(settings.artifact_root) / "jobs" / job["id"]
+    assert (work / "rounds" / "1" / "report.json").exists()
+    assert not list((work / "variants").glob("*.safetensors"))  # deleted once merged for good

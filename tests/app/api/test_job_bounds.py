@@ -246,3 +246,36 @@ def test_the_grid_with_its_extensions_is_bounded(client, registered, db):
     response = client.post(JOBS, json=body, headers=registered.caller.headers)
     refused(response, "search.max_extensions", "1398 points with the grid's extensions")
     assert jobs_in(db, registered) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        (  # 2 variants a round, 2 rounds: 4 > 3
+            {"variants": {"base": {"epochs": 1}, "grid": {"seed": [1, 2]}},
+             "escalation": {"rounds": 1}},
+            ("4 variants in all rounds is more than the limit of 3 ", "NEGMERGE_MAX_VARIANTS"),
+        ),
+        (  # `longer` doubles the epochs: round 1 trains 2 > 1
+            {"variants": {"base": {"epochs": 1}},
+             "escalation": {"rounds": 1, "strategy": "longer"}},
+            ("2 epochs in round 1 is more than the limit of 1", "NEGMERGE_MAX_EPOCHS"),
+        ),
+    ],
+)  # fmt: skip
+def test_escalation_rounds_count_in_full(bounded_client, registered, db, changes, words):
+    body = job_body(registered, search={"grid": [0, 0.5], "max_lambda": 0.5},
+                    max_eval_samples=50, **changes)  # fmt: skip
+    response = bounded_client.post(JOBS, json=body, headers=registered.caller.headers)
+    refused(response, "escalation.rounds", *words)
+
+
+def test_escalated_total_steps_are_bounded(client, registered, db):
+    # 4 variants of 100,000 steps: within bounds alone; with three more rounds 1.6M steps.
+    variants = {"base": {"steps": 100_000}, "grid": {"weight_decay": [0.0, 0.1, 0.2, 0.3]}}
+    body = job_body(registered, variants=variants, escalation={"rounds": 3})
+    response = client.post(JOBS, json=body, headers=registered.caller.headers)
+    refused(response, "escalation.rounds", "16 variants in all rounds of 1600000", "or rounds")
+    assert jobs_in(db, registered) == 0
+    body["escalation"] = {"rounds": 0}
+    assert client.post(JOBS, json=body, headers=registered.caller.headers).status_code == 202

@@ -489,3 +489,16 @@ def test_pages_load_nothing_from_elsewhere(client: TestClient, caller, registere
         assert "http://" not in asset.text and "https://" not in asset.text
     assert client.get("/dashboard/static/../../app/settings.py").status_code == 404
     assert "/dashboard" not in str(client.get("/openapi.json").json()["paths"])
+
+
+def test_an_escalated_job_lists_its_rounds(app, client, registered, caller):  # type: ignore[no-untyped-def]
+    job_id = submit(client, registered, target=MET_TARGET)
+    drive_to_success(app, job_id, rounds=2)
+    sign_in(client, caller.key)
+    page = client.get(f"{JOBS}/{job_id}").text
+    table = page[page.index('id="rounds-heading"') :].split("</table>", 1)[0]
+    assert 'data-round="0" class="missed"' in table and 'data-round="1" class="ok"' in table
+    assert "not met" in table and "43.21%" in table  # the driver's kept fraction
+    single = submit(client, registered, target=MET_TARGET)
+    drive_to_success(app, single)
+    assert 'id="rounds-heading"' not in client.get(f"{JOBS}/{single}").text
