@@ -118,12 +118,20 @@ class ArtifactStore:
 
     def put_tree(self, folder: str | os.PathLike, prefix: str) -> int:
         """Store every file under local `folder` as `prefix/<relative path>`; returns bytes."""
-        total = 0
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file():
-                self.put_file(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
-                total += path.stat().st_size
-        return total
+        files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+        keys = [f"{prefix}/{path.relative_to(folder).as_posix()}" for path in files]
+        if not self.remote:
+            for path, key in zip(files, keys, strict=True):
+                self.put_file(path, key)
+        elif files:  # s3fs sends a batch concurrently: thousands of small images in seconds
+            self.fs.put([str(p) for p in files], [self._path(k) for k in keys])
+            self.fs.pipe(
+                {
+                    self._path(key + SIDECAR): _file_sha256(path).encode()
+                    for path, key in zip(files, keys, strict=True)
+                }
+            )
+        return sum(path.stat().st_size for path in files)
 
     def _write_sidecar(self, key: str, sha256: str) -> None:
         path = self._path(key + SIDECAR)
