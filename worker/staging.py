@@ -88,7 +88,7 @@ class StagedStep:
             if total > max_bytes:
                 raise NegMergeError(
                     f"this step needs {total} bytes of scratch space for its inputs, more "
-                    f"than scratch_max_bytes ({max_bytes}); raise NEGMERGE_SCRATCH_MAX_BYTES"
+                    f"than NEGMERGE_SCRATCH_MAX_BYTES ({max_bytes}) allows"
                 )
             for relative, key in wanted.items():
                 self.store.get_file(key, self.folder / relative)
