@@ -189,6 +189,12 @@ def test_two_workers_sharing_only_the_databases_and_the_store_run_a_job(
         assert store.exists(f"{prefix}/{name}"), name
     # Task vectors are deleted from the store once merged (the job did not keep them).
     assert not store.fs.glob(store._path(f"{prefix}/variants/*.safetensors"))
+    # The store's keys are not in the environment of the processes that ran the steps.
+    for worker in workers.values():
+        environment = Path(f"/proc/{worker.process.pid}/environ").read_bytes()
+        assert s3_settings.artifact_s3_secret_access_key.get_secret_value().encode() not in (
+            environment
+        )
     # Each worker's scratch folder is empty once its steps ended.
     assert not [p for w in workers.values() for p in scratch_files(w)]
 
