@@ -98,6 +98,16 @@ class TooManyRequests(ApiError):
         self.headers = {"Retry-After": str(retry_after_seconds)}
 
 
+class ServiceUnavailable(ApiError):
+    """503 with Retry-After: a part the service depends on (the artifact store) failed."""
+
+    status_code, code = 503, "unavailable"
+
+    def __init__(self, message: str, retry_after_seconds: int = 5) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
 class InvalidRequest(ApiError):
     """422 naming the field at fault."""
 

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from app.api import ROUTERS
 from app.api.common import document_common_errors
+from app.artifacts import store_for
 from app.dashboard import ROUTERS as DASHBOARD_ROUTERS
 from app.db.repositories import count_jobs_by_state
 from app.db.session import Database
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     database = Database(settings.database_url, settings.db_pool_size, settings.db_read_pool_size)
     queue = JobQueue(settings)
+    store_for(settings)  # an s3:// store's endpoint and keys become this process's defaults
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]

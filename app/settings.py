@@ -86,6 +86,38 @@ class Settings(BaseSettings):
         default_factory=lambda: _var("artifacts"),
         description="Where uploaded data sets and job outputs are stored (a path or fsspec URI).",
     )
+    artifact_s3_endpoint_url: str | None = Field(
+        None,
+        description="An s3:// artifact root's endpoint (e.g. http://seaweedfs:8333 for an "
+        "S3-compatible store); unset: AWS's.",
+    )
+    artifact_s3_access_key_id: str | None = Field(
+        None, description="Access key of an s3:// artifact root (unset: the AWS_* environment)."
+    )
+    artifact_s3_secret_access_key: SecretStr | None = Field(
+        None, description="Secret key of an s3:// artifact root."
+    )
+    artifact_s3_region: str | None = Field(None, description="Region of an s3:// artifact root.")
+    weights_download_redirect: bool = Field(
+        False,
+        description="With an s3:// artifact root, a weights download answers 307 with a "
+        "presigned URL of the object instead of streaming it through the API.",
+    )
+    weights_redirect_expiry_seconds: int = Field(
+        900, gt=0, description="How long a presigned weights URL stays valid."
+    )
+    scratch_root: str = Field(
+        default_factory=lambda: _var("scratch"),
+        description="With an object store as artifact root: the local folder where a worker "
+        "stages one step's inputs and outputs (and the API unpacks uploads); emptied after "
+        "each step.",
+    )
+    scratch_max_bytes: int = Field(
+        64 * 1024 * MiB,
+        gt=0,
+        description="Most bytes one step may stage into the scratch folder; a step whose "
+        "inputs need more fails with a message naming this setting.",
+    )
     data_roots: list[str] = Field(
         default_factory=lambda: [_var("data")],
         description="Registered weights and manifests must lie under one of these paths/URIs, "
@@ -257,7 +289,10 @@ class Settings(BaseSettings):
         """A data root that contains the artifact root (or lies inside it) lets a tenant
         register another tenant's stored models and uploads by path (issue 11, finding 5).
         A field validator: its error shows the data roots, not the database URL."""
-        own = {"artifact_root": info.data.get("artifact_root", "")}
+        own = {
+            "artifact_root": info.data.get("artifact_root", ""),
+            "scratch_root": info.data.get("scratch_root", ""),
+        }
         if info.data.get("broker_url", "").startswith("filesystem:"):
             own["broker_folder"] = info.data.get("broker_folder", "")
         database_url = info.data.get("database_url", "")

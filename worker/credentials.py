@@ -1,4 +1,5 @@
-"""Keep the database and broker credentials out of the environment that steps run in.
+"""Keep the database, broker and object store credentials out of the environment that steps
+run in.
 
 A step reads tenants' files (images, checkpoints) through third-party decoders, and may start
 processes of its own (data loaders, compilers). None of that needs the database URL or the
@@ -19,7 +20,13 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-CREDENTIALS = ("NEGMERGE_DATABASE_URL", "NEGMERGE_BROKER_URL")
+CREDENTIALS = (
+    "NEGMERGE_DATABASE_URL",
+    "NEGMERGE_BROKER_URL",
+    # An s3:// artifact root's keys: the steps reach the store with the settings in memory.
+    "NEGMERGE_ARTIFACT_S3_ACCESS_KEY_ID",
+    "NEGMERGE_ARTIFACT_S3_SECRET_ACCESS_KEY",
+)
 
 
 def forget_credentials(names: Iterable[str] = CREDENTIALS) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from app.artifacts import ArtifactError, ArtifactStore, store_for
 from app.db.models import JobState
 from app.db.session import Database
 from app.queue import RUN_STEP_TASK, JobQueue
@@ -53,6 +54,7 @@ from negmerge.pipeline import (
     search,
 )
 from worker.celery_app import app
+from worker.staging import StagedStep, files_of, scratch_folder, stage_weights, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,11 @@ class Runtime:
     db: Database
     queue: JobQueue
     pid: int
+    store: ArtifactStore = None  # type: ignore[assignment]  # the settings' store by default
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            self.store = store_for(self.settings)
 
 
 _runtime: Runtime | None = None
@@ -84,7 +91,10 @@ def runtime() -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         settings = get_settings()
         _runtime = Runtime(
-            settings, Database(settings.database_url, pool_size=2), JobQueue(settings), os.getpid()
+            settings,
+            Database(settings.database_url, pool_size=2),
+            JobQueue(settings),
+            os.getpid(),
         )
     return _runtime
 
@@ -129,6 +139,13 @@ def execute_step(job_id: uuid.UUID, name: str, owner: str) -> str:
             return "cancelled"
         except DB_ERRORS:
             raise
+        except ArtifactError as exc:  # another start may find the object (or the store) well
+            log.warning("step %s of job %s: %s", name, job_id, exc)
+            with rt.db.unit_of_work() as session:
+                done = steps.step_retry(
+                    session, claim, "artifact_error", f"{name}: {exc}", rt.settings, rt.queue
+                )
+            return done or "skipped"
         except NegMergeError as exc:
             code = "data_error" if isinstance(exc, DataError) else "unlearning_error"
             _fail(rt, claim, code, f"{name}: {exc}")
@@ -149,49 +166,79 @@ def _fail(rt: Runtime, claim: steps.Claim, code: str, message: str) -> None:
 
 
 def workdir_for(settings: Settings, job_id: uuid.UUID) -> Path:
-    """The job's work directory: <artifact_root>/jobs/<job id> (a server-generated key)."""
-    if not is_local(settings.artifact_root):
-        raise NegMergeError(
-            "artifact_root: the workers' work directories need a local or shared file system "
-            f"path; {settings.artifact_root!r} is not one"
-        )
+    """The job's work directory on a local or shared artifact root:
+    <artifact_root>/jobs/<job id> (a server-generated key)."""
     return local_path(settings.artifact_root) / "jobs" / str(job_id)
 
 
-def load_context(rt: Runtime, claim: steps.Claim) -> JobContext:
+def job_spec(claim: steps.Claim) -> JobSpec:
     try:  # the library's rules again: a spec stored before a rule existed fails cleanly
-        spec = JobSpec.model_validate(claim.spec)
+        return JobSpec.model_validate(claim.spec)
     except ValidationError as exc:
         raise NegMergeError(describe_validation_error(exc)) from None
-    root = workdir_for(rt.settings, claim.job_id)
+
+
+def load_context(rt: Runtime, claim: steps.Claim, root: Path | None = None) -> JobContext:
+    """The step's JobContext in work directory `root` (default: the job's on a local
+    artifact root)."""
+    spec = job_spec(claim)
+    root = root or workdir_for(rt.settings, claim.job_id)
     Workdir(root).claim(spec)
-    return JobContext.load(spec, root)
+    weights = spec.model.weights
+    if not rt.store.remote or weights is None or is_local(weights):
+        return JobContext.load(spec, root)
+    # Weights in the object store (a version a job made) or another fsspec URI: torch loads
+    # a local copy, staged in the step's scratch folder.
+    local = root.parent / "inputs" / "weights.safetensors"
+    stage_weights(rt.store, weights, local)
+    staged = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"weights": str(local)})}
+    )
+    ctx = JobContext.load(staged, root)
+    if claim.step != steps.PREPARE:  # prepare hashes the local copy; the report names the URI
+        ctx.spec = spec
+    return ctx
 
 
 def run_stage(rt: Runtime, claim: steps.Claim) -> str:
+    if not rt.store.remote:
+        return run_stage_in(rt, claim, workdir_for(rt.settings, claim.job_id), None)
+    files = files_of(claim.step, job_spec(claim))
+    with scratch_folder(rt.settings.scratch_root, claim.job_id, claim.step) as folder:
+        staged = StagedStep(rt.store, folder / "work", claim.job_id, files)
+        staged.download(rt.settings.scratch_max_bytes)
+        return run_stage_in(rt, claim, staged.folder, staged)
+
+
+def run_stage_in(rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep | None) -> str:
+    """Run the step in work directory `root`; with an object store, `staged` uploads its
+    outputs before the step is recorded."""
     index = steps.variant_index(claim.step)
     kind, round_ = steps.step_round(claim.step)
     if claim.step == steps.PREPARE:
-        output = prepare(load_context(rt, claim))
+        output = prepare(load_context(rt, claim, root))
     elif index is not None:
         progress = ProgressWriter(rt, claim.job_id)
-        output = finetune_variant(load_context(rt, claim), index, progress.on_step)
+        output = finetune_variant(load_context(rt, claim, root), index, progress.on_step)
     elif kind == steps.MERGE:
         began = time.perf_counter()
-        output = {**merge_variants(load_context(rt, claim), round_), "seconds": 0.0}
+        output = {**merge_variants(load_context(rt, claim, root), round_), "seconds": 0.0}
         output["seconds"] = time.perf_counter() - began
     elif kind == steps.SEARCH:
         progress = ProgressWriter(rt, claim.job_id)
-        output = search(load_context(rt, claim), progress.on_evaluation, round_)
+        output = search(load_context(rt, claim, root), progress.on_evaluation, round_)
     elif kind == steps.FINALIZE:
-        return run_finalize(rt, claim, round_)
+        return run_finalize(rt, claim, root, staged, round_)
     else:  # claim_step only hands out known steps
         raise ValueError(f"unknown step {claim.step!r}")
 
+    if staged is not None:
+        staged.upload()
+        output = staged.to_store_uris(output)
     with rt.db.unit_of_work() as session:
         following = steps.complete_step(session, claim, output, rt.queue)
     if kind == steps.MERGE and not _keeps_task_vectors(claim):
-        delete_task_vectors(output)
+        delete_task_vectors(rt.store, output)
     log.info("step %s of job %s: done; next %s", claim.step, claim.job_id, following)
     return "done"
 
@@ -205,14 +252,20 @@ def _keeps_task_vectors(claim: steps.Claim) -> bool:
     )
 
 
-def delete_task_vectors(merged: dict[str, Any]) -> None:
+def delete_task_vectors(store: ArtifactStore, merged: dict[str, Any]) -> None:
     """The n task vectors are not needed once merged (their sha256 are in the report)."""
     for record in merged.get("variants", []):
-        Path(record["path"]).unlink(missing_ok=True)
+        key = store.key_of(record["path"]) if store.remote else None
+        if key is not None:
+            store.delete(key)
+        else:
+            Path(record["path"]).unlink(missing_ok=True)
 
 
-def run_finalize(rt: Runtime, claim: steps.Claim, round_: int) -> str:
-    ctx = load_context(rt, claim)
+def run_finalize(
+    rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep | None, round_: int
+) -> str:
+    ctx = load_context(rt, claim, root)
     original = claim.outputs[steps.PREPARE]
     merged = claim.outputs[steps.round_step(steps.MERGE, round_)]
     searched = claim.outputs[steps.round_step(steps.SEARCH, round_)]
@@ -226,8 +279,12 @@ def run_finalize(rt: Runtime, claim: steps.Claim, round_: int) -> str:
     }
     report = finalize(ctx, original, merged, searched, timings, earlier)
     verdict = report["verdict"]
+    report_path = str(ctx.workdir.at_round(round_).report)
+    if staged is not None:
+        staged.upload()
+        report_path = staged.to_store_uris(report_path)
     summary = {
-        "report_path": str(ctx.workdir.at_round(round_).report),
+        "report_path": report_path,
         "model_sha256": report["model"]["sha256"] if report["model"] else None,
         "rounds": report["rounds"],
     }
@@ -248,14 +305,15 @@ def run_finalize(rt: Runtime, claim: steps.Claim, round_: int) -> str:
         model = None
         if report["model"] is not None:
             sha256 = report["model"]["sha256"]
-            stored = store_model(rt.settings, job.model_id, Path(report["model"]["path"]), sha256)
+            source = Path(report["model"]["path"])
+            stored = store_model(rt, job.model_id, source, sha256)
             version = add_version(
                 session,
                 job.tenant_id,
                 job.model_id,
-                weights_uri=str(stored),
+                weights_uri=stored,
                 weights_sha256=sha256,
-                size_bytes=stored.stat().st_size,
+                size_bytes=source.stat().st_size,
                 parent_version_id=job.model_version_id,
                 produced_by_job_id=job.id,
                 actor=steps.WORKER,
@@ -269,7 +327,7 @@ def run_finalize(rt: Runtime, claim: steps.Claim, round_: int) -> str:
         result = job_result(report, model)
         steps.finish_job(session, claim, summary, result)
     if not claim.request.get("keep_task_vectors", False):
-        delete_task_vectors(merged)
+        delete_task_vectors(rt.store, merged)
     log.info(
         "job %s: SUCCEEDED, target %s, model version %s",
         claim.job_id,
@@ -279,9 +337,19 @@ def run_finalize(rt: Runtime, claim: steps.Claim, round_: int) -> str:
     return "done"
 
 
-def store_model(settings: Settings, model_id: uuid.UUID, source: Path, sha256: str) -> Path:
+def store_model(rt: Runtime, model_id: uuid.UUID, source: Path, sha256: str) -> str:
     """Copy the unlearned model to <artifact_root>/models/<model id>/<sha256>.safetensors:
-    content-addressed, so a second copy of the same bytes is the same file."""
+    content-addressed, so a second copy of the same bytes is the same object."""
+    if rt.store.remote:
+        key = f"models/{model_id}/{sha256}.safetensors"
+        with store_errors():
+            if not (rt.store.exists(key) and rt.store.recorded_sha256(key) == sha256):
+                rt.store.put_file(source, key)
+        return rt.store.uri(key)
+    return str(_store_model_file(rt.settings, model_id, source, sha256))
+
+
+def _store_model_file(settings: Settings, model_id: uuid.UUID, source: Path, sha256: str) -> Path:
     target = local_path(settings.artifact_root) / "models" / str(model_id)
     target.mkdir(parents=True, exist_ok=True)
     path = target / f"{sha256}.safetensors"

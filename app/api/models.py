@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Annotated
 
+import fsspec
 from fastapi import APIRouter, Depends, Path, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
+from app.artifacts import store_for
 from app.auth import Principal, require
 from app.db.models import Model, ModelVersion
 from app.db.repositories import InvalidPageToken, ModelRepository
@@ -156,12 +159,20 @@ def get_version(
             },
             "description": "The weights file; its sha256 is in the X-Checksum-Sha256 header.",
         },
+        307: {
+            "description": "A presigned URL of the weights in the object store, in Location "
+            "(when the operator sets NEGMERGE_WEIGHTS_DOWNLOAD_REDIRECT)."
+        },
         **errors(*AUTH_ERRORS, 404, 422),
     },
     summary="Download a version's weights",
 )
 def download_weights(
-    model_id: uuid.UUID, version: VersionNumber, principal: Downloader, session: DbSession
+    model_id: uuid.UUID,
+    version: VersionNumber,
+    principal: Downloader,
+    session: DbSession,
+    settings: SettingsDep,
 ) -> Response:
     found = ModelRepository(session, principal.tenant_id).version(model_id, version)
     if found is None:
@@ -175,12 +186,30 @@ def download_weights(
         return FileResponse(
             path, media_type="application/octet-stream", filename=filename, headers=headers
         )
-    import fsspec
-
-    def chunks():  # type: ignore[no-untyped-def]
-        with fsspec.open(found.weights_uri, "rb") as f:
-            while block := f.read(1024 * 1024):
-                yield block
-
     headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)
+    store = store_for(settings)
+    key = store.key_of(found.weights_uri) if store.remote else None
+    if key is None:  # weights registered from a tenant's own fsspec URI
+        return StreamingResponse(
+            _chunks(found.weights_uri), media_type="application/octet-stream", headers=headers
+        )
+    if not store.exists(key):
+        raise NotFound(f"model {model_id} version {version}: the weights object is gone")
+    if settings.weights_download_redirect:
+        url = store.presigned_url(key, settings.weights_redirect_expiry_seconds)
+        return RedirectResponse(url, status_code=307, headers=headers)
+    # Streamed block by block from the store, never whole in memory; the bytes are hashed on
+    # the way and a mismatch with the recorded sha256 aborts the response (Content-Length
+    # then tells the client it got less than all).
+    headers["Content-Length"] = str(store.size(key))
+    return StreamingResponse(
+        store.iter_verified(key, found.weights_sha256),
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+def _chunks(uri: str) -> Iterator[bytes]:
+    with fsspec.open(uri, "rb") as f:
+        while block := f.read(1024 * 1024):
+            yield block

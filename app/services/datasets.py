@@ -25,17 +25,18 @@ import fsspec
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from app.artifacts import ArtifactStore, store_for
 from app.auth import Principal
 from app.db.models import Dataset
 from app.db.repositories import DatasetRepository, ModelRepository
 from app.db.session import after_rollback
-from app.errors import InvalidRequest, TooManyRequests
+from app.errors import InvalidRequest, ServiceUnavailable, TooManyRequests
 from app.schemas.datasets import DatasetCreate
 from app.services import audit, quotas
 from app.services.archives import ArchiveError, ArchiveLimits, extract_archive
 from app.services.upload_slots import upload_slot
 from app.settings import Settings
-from app.storage import UriNotAllowed, check_allowed, is_local, local_path
+from app.storage import UriNotAllowed, check_allowed, local_path
 from negmerge.data import IMAGE_SUFFIXES, MANIFEST_NAMES, Manifest
 from negmerge.errors import DataError
 
@@ -124,8 +125,6 @@ def register_upload(
     settings: Settings,
 ) -> Dataset:
     """Unpack, validate and store an uploaded archive (zip or tar with a manifest)."""
-    if not is_local(settings.artifact_root):
-        raise InvalidRequest("file", "uploads need a local artifact_root on this server")
     classes = _model_classes(session, principal, model_id)
     limit = settings.max_concurrent_uploads
     with upload_slot(session, principal.tenant_id, limit) as taken:
@@ -146,8 +145,11 @@ def _unpack_and_add(
     classes: list[str] | None,
     settings: Settings,
 ) -> Dataset:
-    store = local_path(settings.artifact_root)
-    scratch = store / "tmp" / uuid.uuid4().hex
+    store = store_for(settings)
+    # Unpacked and checked on a local disk: beside the stored data sets on a local artifact
+    # root (so that moving them in is a rename), in the scratch folder with an object store.
+    local_root = local_path(settings.scratch_root if store.remote else settings.artifact_root)
+    scratch = local_root / ("uploads" if store.remote else "tmp") / uuid.uuid4().hex
     scratch.mkdir(parents=True)
     try:
         archive = scratch / "upload"
@@ -183,19 +185,18 @@ def _unpack_and_add(
         stored_bytes = sum(p.stat().st_size for p in unpacked.rglob("*") if p.is_file())
         quotas.admit_upload(session, principal, stored_bytes, settings)
         dataset_id = uuid.uuid4()
-        final = store / "datasets" / str(principal.tenant_id) / str(dataset_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        unpacked.rename(final)
-        after_rollback(session, lambda: shutil.rmtree(final, ignore_errors=True))
+        relative_root = root.relative_to(unpacked).as_posix()
+        manifest_rel = (
+            Path(manifest.source).relative_to(root).as_posix()
+            if Path(manifest.source).is_file()
+            else None
+        )
+        final = _store_upload(session, store, unpacked, principal.tenant_id, dataset_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    relative_root = root.relative_to(unpacked)
-    manifest_rel = (
-        Path(manifest.source).relative_to(root) if Path(manifest.source).is_file() else None
-    )
-    moved_root = final / relative_root
-    source = str(moved_root / manifest_rel) if manifest_rel else str(moved_root)
-    moved = Manifest(str(moved_root), manifest.samples, source)
+    moved_root = final if relative_root == "." else f"{final}/{relative_root}"
+    source = f"{moved_root}/{manifest_rel}" if manifest_rel else moved_root
+    moved = Manifest(moved_root, manifest.samples, source)
     checked = Validated(moved, checked.content_sha256, checked.split_counts)
     return _add(
         session,
@@ -204,11 +205,38 @@ def _unpack_and_add(
         "upload",
         checked,
         source,
-        str(moved_root),
+        moved_root,
         archive_sha256,
         dataset_id,
         stored_bytes,
     )
+
+
+def _store_upload(
+    session: Session,
+    store: ArtifactStore,
+    unpacked: Path,
+    tenant_id: uuid.UUID,
+    dataset_id: uuid.UUID,
+) -> str:
+    """Move the checked files into the artifact store as datasets/<tenant>/<data set>/...;
+    they are removed again if the request rolls back. Returns their root's URI."""
+    key = f"datasets/{tenant_id}/{dataset_id}"
+    if store.remote:
+        try:
+            store.put_tree(unpacked, key)
+        except OSError as exc:
+            store.delete_prefix(key)
+            raise ServiceUnavailable(
+                f"the artifact store did not take the upload ({type(exc).__name__}); retry"
+            ) from None
+        after_rollback(session, lambda: store.delete_prefix(key))
+        return store.uri(key)
+    final = Path(store.uri(key))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    unpacked.rename(final)
+    after_rollback(session, lambda: shutil.rmtree(final, ignore_errors=True))
+    return str(final)
 
 
 def _check_manifest_size(root: Path, limit: int) -> None:

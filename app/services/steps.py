@@ -359,6 +359,29 @@ def step_failed(session: Session, claim: Claim, code: str, message: str) -> None
     fail_job(session, job, code, message)
 
 
+def step_retry(
+    session: Session, claim: Claim, code: str, message: str, settings: Settings, queue: JobQueue
+) -> str | None:
+    """The step failed for a reason another start may not meet (an artifact missing or
+    corrupted in the store, the store unreachable): back to PENDING and sent again, like a
+    step whose worker died, until `step_max_attempts` starts; then the job is FAILED with
+    {code, message}. Returns what it did."""
+    repo = StepRepository(session)
+    job, step = _held(repo, claim)
+    if step is None or job is None:
+        return None
+    step.error = message
+    if step.attempts >= settings.step_max_attempts:
+        _end_step(step, StepState.FAILED, utcnow())
+        fail_job(session, job, code, f"{message} (step {step.name}, {step.attempts} attempts)")
+        return "failed"
+    step.state = StepState.PENDING
+    step.lease_owner = step.lease_expires_at = None
+    step.sent_at = utcnow()
+    after_commit(session, lambda: queue.send_steps(claim.job_id, [claim.step]))
+    return "retried"
+
+
 def renew_lease(session: Session, claim: Claim, settings: Settings) -> bool:
     until = utcnow() + timedelta(seconds=settings.step_lease_seconds)
     return StepRepository(session).renew_lease(claim.job_id, claim.step, claim.owner, until)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from app.db.models import JobStep
@@ -48,8 +49,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a subprocess `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEGMERGE_")}
     for name, value in settings.model_dump().items():
+        if value is None:
+            continue
         if name == "data_roots":
             env["NEGMERGE_DATA_ROOTS"] = json.dumps(value)
+        elif isinstance(value, SecretStr):
+            env[f"NEGMERGE_{name.upper()}"] = value.get_secret_value()
         else:
             env[f"NEGMERGE_{name.upper()}"] = str(value)
     env["HF_HUB_OFFLINE"] = "1"

@@ -4,6 +4,7 @@ build file, command, module and NEGMERGE_ variable they name exists in the proje
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 from pathlib import Path
@@ -86,3 +87,24 @@ def test_dockerfiles_copy_existing_paths_and_run_existing_commands(dockerfile):
         assert variable in SETTINGS, f"{dockerfile.name}: no setting {variable}"
     (cmd,) = re.findall(r"^CMD\s+(\[.*\])\s*$", text, flags=re.M)
     check_command(yaml.safe_load(cmd))
+
+
+def test_the_object_store_profile_configures_the_service_for_it(monkeypatch):
+    """The seaweedfs service (profile objectstore) and the commented lines that point the
+    service at it: real settings, valid together, naming the store's S3 port and keys."""
+    store = COMPOSE["services"]["seaweedfs"]
+    assert store["profiles"] == ["objectstore"]
+    config_path = store["volumes"][1].split(":")[0]
+    identities = json.loads((REPO / config_path).read_text())["identities"]
+    compose_text = (REPO / "docker-compose.yml").read_text()
+    commented = dict(re.findall(r"^  # (NEGMERGE_[A-Z0-9_]+): (\S+)", compose_text, re.M))
+    assert set(commented) <= SETTINGS and "NEGMERGE_ARTIFACT_ROOT" in commented
+    for key, value in {**COMPOSE["services"]["worker"]["environment"], **commented}.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.artifact_root.startswith("s3://")
+    assert settings.artifact_s3_endpoint_url == "http://seaweedfs:8333"
+    assert "-s3.port=8333" in store["command"]
+    keys = identities[0]["credentials"][0]
+    assert keys["accessKey"] == settings.artifact_s3_access_key_id
+    assert keys["secretKey"] == settings.artifact_s3_secret_access_key.get_secret_value()
