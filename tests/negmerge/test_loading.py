@@ -19,7 +19,7 @@ from negmerge.variants import Variant
 
 # Both random parts of the pipeline: torch's (crop, flip) and Python's and NumPy's (RandAugment).
 VARIANT = Variant(
-    optimizer="sgd", lr=0.05, steps=3, batch_size=16, augment="rand-m9-n2", preprocess="train"
+    optimizer="sgd", lr=0.05, steps=2, batch_size=8, augment="rand-m9-n2", preprocess="train"
 )
 NO_CACHE = LoaderOptions(num_workers=0, decoded_cache_bytes=0)
 
@@ -100,7 +100,7 @@ def test_batches_are_epochs_of_permutations_cut_as_a_shuffling_loader_cuts_them(
 def test_the_job_decodes_its_forget_set_once_shares_it_and_deletes_it_once_merged(tmp_path):
     classifier = ensure_tiny_classifier()
     job = forget_class_job(classifier, "three")
-    job["variants"] = {"base": {"steps": 2, "batch_size": 16, "augment": "rand-m5-n2"}}
+    job["variants"] = {"base": {"steps": 2, "batch_size": 8, "augment": "rand-m5-n2"}}
     job["variants"]["grid"] = {"lr": [0.05, 0.02]}
     spec = JobSpec.model_validate(job)
     first = JobContext.load(spec, tmp_path / "job")
@@ -129,7 +129,8 @@ def test_an_unreadable_image_in_a_loader_process_is_named_plainly(ctx, tmp_path)
     broken = ctx.splits["forget"][3]
     (root / broken.path).write_bytes(b"not an image")
     manifest = type(ctx.forget_manifest).load(root)
-    forget = [s for s in manifest.samples if s.label == "three" and s.split == "train"]
+    chosen = {s.id for s in ctx.splits["forget"][:8]}
+    forget = [s for s in manifest.samples if s.id in chosen]  # one batch
     options = LoaderOptions(num_workers=2, decoded_cache_bytes=0)
     epoch = VARIANT.model_copy(update={"steps": None, "epochs": 1})  # every image is read
     with pytest.raises(DataError) as caught:
