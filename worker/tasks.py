@@ -36,6 +36,7 @@ from app.settings import Settings, get_settings
 from app.storage import is_local, local_path
 from negmerge.errors import DataError, NegMergeError
 from negmerge.io import file_sha256
+from negmerge.loading import LoaderOptions, MiB
 from negmerge.pipeline import (
     JobContext,
     JobSpec,
@@ -160,7 +161,17 @@ def load_context(rt: Runtime, claim: steps.Claim) -> JobContext:
         raise NegMergeError(describe_validation_error(exc)) from None
     root = workdir_for(rt.settings, claim.job_id)
     Workdir(root).claim(spec)
-    return JobContext.load(spec, root)
+    return JobContext.load(spec, root, loader_options(rt.settings))
+
+
+def loader_options(settings: Settings) -> LoaderOptions:
+    """The fine-tuning data path the settings ask for (none of it changes a task vector)."""
+    return LoaderOptions(
+        num_workers=settings.finetune_loader_workers,
+        decoded_cache_bytes=settings.finetune_decoded_cache_mib * MiB,
+        channels_last=settings.finetune_channels_last,
+        compile=settings.finetune_compile,
+    )
 
 
 def run_stage(rt: Runtime, claim: steps.Claim) -> str:
@@ -306,12 +317,13 @@ class ProgressWriter:
         if state is None or state in (JobState.CANCELLING, JobState.CANCELLED):
             raise JobCancelled()
 
-    def on_step(self, step: int, total: int, loss: float) -> None:
+    def on_step(self, step: int, total: int, loss: float, images_per_second: float) -> None:
         now = time.monotonic()
         if now - self.last < self.rt.settings.progress_interval_seconds:
             return
         self.last = now
-        self._check(lambda session: steps.report_loss(session, self.job_id, float(loss)))
+        rate = float(images_per_second)
+        self._check(lambda session: steps.report_loss(session, self.job_id, float(loss), rate))
 
     def on_evaluation(self, lam: float, evaluation: object) -> None:
         self._check(lambda session: steps.lambda_evaluated(session, self.job_id, float(lam)))
