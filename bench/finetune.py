@@ -1,6 +1,6 @@
 """Fine-tuning benchmarks, one table per function; `main` prints each.
 
-    .venv/bin/python bench/finetune.py [--images 192] [--batches 12] [--workers 0 1 2]
+    .venv/bin/python bench/finetune.py [--images 128] [--batches 10] [--workers 0 1 2]
 
 data_path_table: images/s of the training data path alone (no model: what a GPU step would
 be fed), for 224 px model input and RandAugment rand-m9-n2 through the project's own
@@ -10,9 +10,9 @@ Rows: loader workers (0: in the training process) x decoded cache (off: decode a
 every image every epoch; on: once per job, negmerge.loading.DecodedImages), beside the
 path on main before this change (augment at the decoded size, decode every time, in the
 training process) and the ideal, linear in processes (the 0-worker rate of the same path
-times the workers). Each figure is the rate over whole batches from the loader's start,
-worker start-up included, as a run pays it. One thread per process (torch, and the loader
-workers' own default), so the rows compare processes, not thread pools.
+times the workers). Each rate is over the batches after the first; the time to the first
+batch (worker start-up included, paid once per variant) is shown beside it. One thread per
+process (torch, and the loader workers' own default), so the rows compare processes.
 """
 
 from __future__ import annotations
@@ -73,14 +73,18 @@ def clip_like_model():
     )
 
 
-def rate(loader, batches: int) -> float:
-    """Images per second over `batches` batches of `loader`, from its start."""
-    began, images = time.perf_counter(), 0
+def rate(loader, batches: int) -> tuple[float, float]:
+    """Seconds to the first of `batches` batches of `loader`, and images per second over
+    the others."""
+    began, images, first = time.perf_counter(), 0, 0.0
     for count, (batch, _labels) in enumerate(loader, start=1):
-        images += len(batch)
+        if count == 1:
+            first = time.perf_counter()
+        else:
+            images += len(batch)
         if count == batches:
             break
-    return images / (time.perf_counter() - began)
+    return first - began, images / (time.perf_counter() - first)
 
 
 def data_path_table(n_images: int, batches: int, worker_counts: list[int]) -> None:
@@ -101,12 +105,14 @@ def data_path_table(n_images: int, batches: int, worker_counts: list[int]) -> No
         samples = list(manifest.samples)
         pipeline = model.train_pipeline(AUGMENT)
 
-        def measure(workers: int, decoded: DecodedImages | None, path: TrainPipeline) -> float:
+        def measure(
+            workers: int, decoded: DecodedImages | None, path: TrainPipeline
+        ) -> tuple[float, float]:
             data = TrainingImages(manifest, samples, model.classes, path, seed=0, decoded=decoded)
             return rate(training_loader(data, BATCH, batches, workers, pin_memory=False), batches)
 
         # main's path: no resize before RandAugment, which then works at the decoded size
-        before = measure(0, None, TrainPipeline(lambda image: image, pipeline.augment))
+        _, before = measure(0, None, TrainPipeline(lambda image: image, pipeline.augment))
         began = time.perf_counter()
         decoded = DecodedImages.build(manifest, samples, pipeline.prepare, 2**31)
         decode_seconds = time.perf_counter() - began
@@ -114,10 +120,10 @@ def data_path_table(n_images: int, batches: int, worker_counts: list[int]) -> No
         for cache, kept in (("off", None), ("on", decoded)):
             single = None
             for workers in worker_counts:
-                measured = measure(workers, kept, pipeline)
+                startup, measured = measure(workers, kept, pipeline)
                 single = measured if workers == 0 else single
                 ideal = None if single is None else single * max(1, workers)
-                rows.append((workers, cache, measured, ideal))
+                rows.append((workers, cache, startup, measured, ideal))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
@@ -133,17 +139,21 @@ def data_path_table(n_images: int, batches: int, worker_counts: list[int]) -> No
         f"  decoding and resizing the set once: {decode_seconds:.2f} s "
         f"({n_images / decode_seconds:.0f} images/s), {decoded.nbytes / 2**20:.1f} MiB kept"
     )
-    header = ("workers", 7), ("cache", 5), ("images/s", 9), ("x main", 6), ("ideal", 9)
+    header = [("workers", 7), ("cache", 5), ("1st batch", 9), ("images/s", 9), ("x main", 6)]
+    header.append(("ideal", 9))
     print("  " + "  ".join(f"{name:>{width}}" for name, width in header) + "  /ideal")
-    for workers, cache, measured, ideal in rows:
+    for workers, cache, startup, measured, ideal in rows:
         shown = f"{ideal:9.1f}  {measured / ideal:6.2f}" if ideal else f"{'':9}  {'':6}"
-        print(f"  {workers:>7}  {cache:>5}  {measured:9.1f}  {measured / before:6.2f}  {shown}")
+        print(
+            f"  {workers:>7}  {cache:>5}  {startup:8.2f}s  {measured:9.1f}  "
+            f"{measured / before:6.2f}  {shown}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=192, help="distinct images in the set")
-    parser.add_argument("--batches", type=int, default=12, help=f"batches of {BATCH} per row")
+    parser.add_argument("--images", type=int, default=128, help="distinct images in the set")
+    parser.add_argument("--batches", type=int, default=10, help=f"batches of {BATCH} per row")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     data_path_table(args.images, args.batches, args.workers)
