@@ -99,10 +99,10 @@ def finetune_task_vector(
             schedule.step()
             step += 1
             value = loss.detach().item()  # waits for the step, so the rate below is true
-            now = time.perf_counter()
-            rate, began = count / max(now - began, 1e-9), now
+            rate = count / max(time.perf_counter() - began, 1e-9)
             if on_step is not None:
                 on_step(step, total, value, rate)
+            began = time.perf_counter()  # the next step's wait for data counts, not on_step
         finetuned = module.state_dict()
         tau = {
             key: finetuned[key].detach().float().cpu() - pretrained[key].float().cpu()

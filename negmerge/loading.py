@@ -166,7 +166,7 @@ class DecodedImages:
         loader = DataLoader(source, batch_size=None, num_workers=num_workers)
         used = 0
         for i, array in enumerate(batches(loader)):
-            array = array.numpy()
+            array = array.numpy().copy()  # off the shared memory (an open file each) it came in
             if used + array.nbytes > max_bytes:
                 break  # the rest are decoded as they are needed
             arrays[i] = array

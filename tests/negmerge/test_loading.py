@@ -65,8 +65,11 @@ def test_decoded_images_give_the_same_tau_as_decoding_every_time(ctx):
     assert same(tau(ctx, partly, decoded=some), decoded_each_time)
 
 
-def test_different_seeds_still_train_apart(ctx):
-    base = tau(ctx, NO_CACHE)
+def test_different_seeds_still_train_apart_and_each_step_reports_its_rate(ctx):
+    steps = []
+    base = tau(ctx, NO_CACHE, on_step=lambda *reported: steps.append(reported))
+    assert [(step, total) for step, total, _, _ in steps] == [(1, 2), (2, 2)]
+    assert all(loss > 0 and rate > 0 for _, _, loss, rate in steps)  # images per second
     other = tau(ctx, NO_CACHE, VARIANT.model_copy(update={"seed": 7}))
     assert not same(base, other)
 
