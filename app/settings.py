@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,12 +83,10 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(
         1.0, gt=0, description="Least time between two progress writes (current loss)."
     )
-    finetune_loader_workers: int | None = Field(
-        None,
-        ge=0,
-        le=64,
+    finetune_loader_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto",
         description="Loader processes per fine-tuning run (0: load in the run's own process). "
-        "Default: min(cores - 1, 8) on CUDA, 0 on CPU. Any number gives the same task vector.",
+        "auto: min(cores - 1, 8) on CUDA, 0 on CPU. Any number gives the same task vector.",
     )
     finetune_decoded_cache_mib: int = Field(
         1024,

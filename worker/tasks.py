@@ -166,8 +166,9 @@ def load_context(rt: Runtime, claim: steps.Claim) -> JobContext:
 
 def loader_options(settings: Settings) -> LoaderOptions:
     """The fine-tuning data path the settings ask for (none of it changes a task vector)."""
+    workers = settings.finetune_loader_workers
     return LoaderOptions(
-        num_workers=settings.finetune_loader_workers,
+        num_workers=None if workers == "auto" else workers,
         decoded_cache_bytes=settings.finetune_decoded_cache_mib * MiB,
         channels_last=settings.finetune_channels_last,
         compile=settings.finetune_compile,
