@@ -83,26 +83,28 @@ def finetune_task_vector(
     step = 0
     try:
         began = time.perf_counter()
-        for images, labels in loader:  # the loader gives exactly `total` batches
-            count = len(labels)
-            images, labels = to_device(images, labels, device, options.channels_last)
-            with autocast:
-                logits = forward(images)
-                if columns is not None:  # the forget task's own head
-                    logits, labels = logits[:, columns], positions[labels]
-                loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if variant.grad_clip is not None:
-                nn.utils.clip_grad_norm_(parameters, variant.grad_clip)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            value = loss.detach().item()  # waits for the step, so the rate below is true
-            rate = count / max(time.perf_counter() - began, 1e-9)
-            if on_step is not None:
-                on_step(step, total, value, rate)
-            began = time.perf_counter()  # the next step's wait for data counts, not on_step
+        while step < total:
+            for images, labels in loader:
+                count = len(labels)
+                images, labels = to_device(images, labels, device, options.channels_last)
+                with autocast:
+                    logits = forward(images)
+                    if columns is not None:  # the forget task's own head
+                        logits, labels = logits[:, columns], positions[labels]
+                    loss = loss_fn(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if variant.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(parameters, variant.grad_clip)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                if on_step is not None:
+                    value = loss.detach().item()  # waits for the step: the rate is true
+                    on_step(step, total, value, count / max(time.perf_counter() - began, 1e-9))
+                began = time.perf_counter()  # the next step's wait for data counts, not on_step
+                if step >= total:
+                    break
         finetuned = module.state_dict()
         tau = {
             key: finetuned[key].detach().float().cpu() - pretrained[key].float().cpu()
