@@ -13,11 +13,16 @@ from app.api import ROUTERS
 from app.api.common import document_common_errors
 from app.artifacts import store_for
 from app.dashboard import ROUTERS as DASHBOARD_ROUTERS
-from app.db.repositories import count_jobs_by_state
+from app.db.repositories import count_jobs_by_state, fine_tuning_throughput
 from app.db.session import Database
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
-from app.observability import JobsByState, RequestContextMiddleware, configure_logging
+from app.observability import (
+    FineTuningThroughput,
+    JobsByState,
+    RequestContextMiddleware,
+    configure_logging,
+)
 from app.queue import JobQueue
 from app.settings import Settings, get_settings
 
@@ -71,9 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with database.unit_of_work() as session:
             return count_jobs_by_state(session)
 
+    def throughput() -> float:
+        with database.unit_of_work() as session:
+            return fine_tuning_throughput(session)
+
     app.state.metrics_registry = CollectorRegistry(auto_describe=False)
     if settings.metrics_job_counts:
         app.state.metrics_registry.register(JobsByState(count))
+    app.state.metrics_registry.register(FineTuningThroughput(throughput))
 
     install_error_handlers(app)
     app.add_middleware(

@@ -63,6 +63,25 @@ class JobsByState:
         return []
 
 
+class FineTuningThroughput:
+    """A collector of the fine-tuning jobs' training images per second, read from the
+    database at scrape time (the workers write each job's latest rate there)."""
+
+    def __init__(self, throughput: Callable[[], float]) -> None:
+        self._throughput = throughput
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield GaugeMetricFamily(
+            "negmerge_finetune_images_per_second",
+            "Training images per second of the jobs fine-tuning now (each one's latest step, "
+            "data loading included), summed.",
+            value=self._throughput(),
+        )
+
+    def describe(self):  # type: ignore[no-untyped-def]
+        return []
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the request id of the request being served."""
 

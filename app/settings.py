@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +82,24 @@ class Settings(BaseSettings):
     watchdog_interval_seconds: float = Field(10.0, gt=0, description="Watchdog period.")
     progress_interval_seconds: float = Field(
         1.0, gt=0, description="Least time between two progress writes (current loss)."
+    )
+    finetune_loader_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="Loader processes per fine-tuning run (0: load in the run's own process). "
+        "auto: min(cores - 1, 8) on CUDA, 0 on CPU. Any number gives the same task vector.",
+    )
+    finetune_decoded_cache_mib: int = Field(
+        1024,
+        ge=0,
+        description="Most MiB of a job's forget set kept decoded at the model's input size, "
+        "in memory and as a file in the job's work directory (deleted once the variants are "
+        "merged); 0 decodes every image every epoch. The same task vector either way.",
+    )
+    finetune_channels_last: bool = Field(
+        True, description="On CUDA, feed batches in channels-last memory format."
+    )
+    finetune_compile: bool = Field(
+        False, description="Run the fine-tuning forward through torch.compile (CUDA mostly)."
     )
     artifact_root: str = Field(
         default_factory=lambda: _var("artifacts"),

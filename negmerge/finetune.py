@@ -1,28 +1,37 @@
 """Fine-tuning one variant on the forget set, giving its task vector tau_k.
 
-Deterministic for a seed on CPU (same seed, same tau bit for bit): the data order, the
-RandAugment draws and the initialisation all come from seeded generators, and images are
-loaded in the main process. On CUDA it trains under bf16 autocast.
+Deterministic for a seed on CPU (same seed, same tau bit for bit, whatever the number of
+loader workers and whether images are kept decoded): the data order, the RandAugment draws and
+the initialisation all come from seeded generators (negmerge.loading). On CUDA it trains under
+bf16 autocast, from pinned memory.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from negmerge.data import Manifest, Sample
 from negmerge.errors import DivergedError, NegMergeError
+from negmerge.loading import (
+    DecodedImages,
+    LoaderOptions,
+    TrainingImages,
+    steps_per_epoch,
+    to_device,
+    training_loader,
+)
 from negmerge.models.base import UnlearningModel
 from negmerge.variants import Variant
 
-StepCallback = Callable[[int, int, float], None]
+# on_step(step, total_steps, loss, images_per_second)
+StepCallback = Callable[[int, int, float, float], None]
 
 
 def finetune_task_vector(
@@ -32,33 +41,37 @@ def finetune_task_vector(
     variant: Variant,
     device: str = "cpu",
     on_step: StepCallback | None = None,
+    loader_options: LoaderOptions | None = None,
+    decoded: DecodedImages | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fine-tune `model` on `samples` with `variant`'s hyperparameters and return tau (fp32).
 
     The model's weights are restored afterwards, so one loaded model serves every variant.
-    `on_step(step, total_steps, loss)` runs after each step; raising from it stops training
-    (that is how a job is cancelled between steps).
+    `on_step(step, total_steps, loss, images_per_second)` runs after each step (the rate
+    over the step, data waits included); raising from it stops training (that is how a job
+    is cancelled between steps). `decoded`: the samples' prepared images, kept by the caller
+    across variants (`prepare_images`); without it the run keeps its own.
     """
+    options = loader_options or LoaderOptions()
     seed = 0 if variant.seed is None else variant.seed  # a job resolves seeds; a bare call: 0
     _seed_everything(seed)
     module = model.module
     state = module.state_dict()
     pretrained = {key: value.detach().clone() for key, value in state.items()}
-    transform = model.train_transform(variant.augment, variant.preprocess)
-    data = ImageDataset(manifest, samples, model.classes, transform)
+    pipeline = model.train_pipeline(variant.augment, variant.preprocess)
     columns = _loss_columns(variant, model.classes, samples)
     if columns is not None:  # class index -> position among the forget set's classes
         positions = torch.full((len(model.classes),), -1, dtype=torch.long)
         positions[columns] = torch.arange(len(columns))
         columns, positions = columns.to(device), positions.to(device)
-    loader = DataLoader(
-        data,
-        batch_size=variant.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=0,
-    )
-    total = variant.steps or variant.epochs * len(loader)
+    workers = options.workers_for(device)
+    if decoded is None:
+        decoded = prepare_images(model, manifest, samples, options, device)
+    data = TrainingImages(manifest, samples, model.classes, pipeline, seed, decoded)
+    total = variant.steps or variant.epochs * steps_per_epoch(len(data), variant.batch_size)
+    on_cuda = device.startswith("cuda")
+    loader = training_loader(data, variant.batch_size, total, workers, pin_memory=on_cuda)
+    forward = torch.compile(module) if options.compile else module
     parameters = model.trainable_parameters()
     optimizer = _optimizer(variant, parameters)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -69,11 +82,13 @@ def finetune_task_vector(
     module.train()
     step = 0
     try:
+        began = time.perf_counter()
         while step < total:
             for images, labels in loader:
-                images, labels = images.to(device), labels.to(device)
+                count = len(labels)
+                images, labels = to_device(images, labels, device, options.channels_last)
                 with autocast:
-                    logits = module(images)
+                    logits = forward(images)
                     if columns is not None:  # the forget task's own head
                         logits, labels = logits[:, columns], positions[labels]
                     loss = loss_fn(logits, labels)
@@ -85,7 +100,9 @@ def finetune_task_vector(
                 schedule.step()
                 step += 1
                 if on_step is not None:
-                    on_step(step, total, loss.detach().item())
+                    value = loss.detach().item()  # waits for the step: the rate is true
+                    on_step(step, total, value, count / max(time.perf_counter() - began, 1e-9))
+                began = time.perf_counter()  # the next step's wait for data counts, not on_step
                 if step >= total:
                     break
         finetuned = module.state_dict()
@@ -132,27 +149,19 @@ def check_finite(tau: dict[str, torch.Tensor]) -> None:
             )
 
 
-class ImageDataset(Dataset):
-    """Samples of a manifest as (image tensor, class index) pairs."""
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        samples: Sequence[Sample],
-        classes: Sequence[str],
-        transform: Callable[[Image.Image], torch.Tensor],
-    ) -> None:
-        self.manifest = manifest
-        self.samples = list(samples)
-        self.class_index = {name: i for i, name in enumerate(classes)}
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        sample = self.samples[i]
-        return self.transform(self.manifest.open(sample)), self.class_index[sample.label]
+def prepare_images(
+    model: UnlearningModel,
+    manifest: Manifest,
+    samples: Sequence[Sample],
+    options: LoaderOptions | None = None,
+    device: str = "cpu",
+) -> DecodedImages:
+    """The samples decoded and resized once (up to the options' byte bound), for every
+    variant of a job: the prepare step does not depend on a variant's augmentation."""
+    options = options or LoaderOptions()
+    prepare = model.train_pipeline(None).prepare
+    workers = options.workers_for(device)
+    return DecodedImages.build(manifest, samples, prepare, options.decoded_cache_bytes, workers)
 
 
 def _seed_everything(seed: int) -> None:

@@ -40,6 +40,7 @@ from negmerge.errors import DataError, DivergedError, NegMergeError
 from negmerge.escalation import Escalation, RoundSummary, RoundVerdict
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, open_checkpoint, save_file
+from negmerge.loading import DecodedImages, LoaderOptions, decoded_key
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
@@ -255,6 +256,9 @@ class Workdir:
     search = property(lambda self: self._own / "search.json")
     model = property(lambda self: self._own / "model.safetensors")
     report = property(lambda self: self._own / "report.json")
+    # The forget set decoded at the model's input size, shared by the variants; deleted
+    # once they are merged.
+    decoded = property(lambda self: self.root / "decoded.safetensors")
 
     def variant(self, index: int, variant: Variant) -> Path:
         return self.root / "variants" / f"{index:03d}-{variant.key()}.safetensors"
@@ -298,10 +302,14 @@ class JobContext:
     retain_manifest: Manifest
     splits: dict[str, list[Sample]]
     pretrained: dict[str, torch.Tensor]  # the tau keys' original values
+    loader: LoaderOptions = field(default_factory=LoaderOptions)
     _eval_sets: dict[str, EvalSet] = field(default_factory=dict)
+    _decoded: DecodedImages | None = None
 
     @classmethod
-    def load(cls, spec: JobSpec, workdir: str | os.PathLike) -> JobContext:
+    def load(
+        cls, spec: JobSpec, workdir: str | os.PathLike, loader: LoaderOptions | None = None
+    ) -> JobContext:
         device = resolve_device(spec.device)
         model = load_model(spec.model, device)
         forget_manifest = Manifest.load(spec.forget.dataset, spec.forget.root)
@@ -325,7 +333,27 @@ class JobContext:
             retain_manifest,
             splits,
             pretrained,
+            loader or LoaderOptions(),
         )
+
+    def decoded_forget_set(self) -> DecodedImages:
+        """The forget set decoded and resized once per job: kept in this process and in the
+        work directory, where the variants fine-tuned by other processes find it."""
+        if self._decoded is None:
+            from negmerge.finetune import prepare_images
+
+            samples = self.splits["forget"]
+            bound = self.loader.decoded_cache_bytes
+            key = decoded_key(samples, self.model.train_pipeline(None).prepare, bound)
+            path = self.workdir.decoded
+            self._decoded = DecodedImages.load(path, key) if path.exists() else None
+            if self._decoded is None:
+                self._decoded = prepare_images(
+                    self.model, self.forget_manifest, samples, self.loader, self.device
+                )
+                if self._decoded.arrays:
+                    self._decoded.save(path, key)
+        return self._decoded
 
     def manifest_for(self, split: str) -> Manifest:
         return self.forget_manifest if split.startswith("forget") else self.retain_manifest
@@ -447,7 +475,7 @@ def prepare(ctx: JobContext) -> dict:
 
 
 def finetune_variant(
-    ctx: JobContext, index: int, on_step: Callable[[int, int, float], None] | None = None
+    ctx: JobContext, index: int, on_step: Callable[[int, int, float, float], None] | None = None
 ) -> dict:
     """Fine-tune variant `index` and write its task vector; a finished variant is not redone."""
     from negmerge.finetune import finetune_task_vector
@@ -459,14 +487,21 @@ def finetune_variant(
     began = time.perf_counter()
     losses: list[float] = []
 
-    def step(done: int, total: int, loss: float) -> None:
+    def step(done: int, total: int, loss: float, images_per_second: float) -> None:
         losses.append(loss)
         if on_step is not None:
-            on_step(done, total, loss)
+            on_step(done, total, loss, images_per_second)
 
     try:
         tau = finetune_task_vector(
-            ctx.model, ctx.forget_manifest, ctx.splits["forget"], variant, ctx.device, step
+            ctx.model,
+            ctx.forget_manifest,
+            ctx.splits["forget"],
+            variant,
+            ctx.device,
+            step,
+            ctx.loader,
+            ctx.decoded_forget_set(),
         )
     except DivergedError as exc:
         final = f"final loss {losses[-1]:g}; " if losses else ""
@@ -509,6 +544,8 @@ def merge_variants(ctx: JobContext, round_: int = 0) -> dict:
             params=ctx.spec.merge.params,
             input_sha256=[r["tau_sha256"] for r in records],
         )
+    # Every variant is trained: the forget set's decoded pixels are not needed any more.
+    wd.decoded.unlink(missing_ok=True)
     with open_checkpoint(wd.merged) as ckpt:
         meta = ckpt.metadata
         dense_bytes = sum(spec.nbytes for spec in ckpt.specs.values())
@@ -689,7 +726,7 @@ def run_unlearning(
                 finetune_variant(
                     ctx,
                     index,
-                    lambda s, t, loss, i=index: progress.variant_step(i, total, s, t, loss),
+                    lambda s, t, loss, _rate, i=index: progress.variant_step(i, total, s, t, loss),
                 )
                 progress.variant_done(index, total)
 

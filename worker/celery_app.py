@@ -30,11 +30,18 @@ Cheap fresh children: the parent imports what a step needs (timm, open_clip, the
 driver: about 1.5 s) before it forks, so each step's new child starts with them loaded; and
 each child gives torch its share of the cores (cores / concurrency, unless OMP_NUM_THREADS is
 set), so that a worker's processes do not oversubscribe them.
+
+Loader processes: a fine-tuning step loads its batches on processes of its own
+(NEGMERGE_FINETUNE_LOADER_WORKERS, negmerge.loading), forked from the step's child after it
+started; Python refuses children to a daemonic process, as the pool's are, so each child is
+marked non-daemonic. The pool does not rely on the mark (it ends its children itself), and
+the loader processes exit when their parent does (they watch it).
 """
 
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 
 from celery import bootsteps, signals
@@ -84,10 +91,16 @@ def _on_worker_init(sender=None, **_: object) -> None:  # type: ignore[no-untype
     forget_credentials()  # before the pool forks: no step's environment has them
 
 
+def allow_loader_processes() -> None:
+    """Let this pool child start processes of its own (see the module's docstring)."""
+    multiprocessing.current_process()._config["daemon"] = False  # billiard's Process
+
+
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: object) -> None:
     import torch
 
+    allow_loader_processes()
     concurrency = getattr(_controller, "concurrency", None)
     threads = torch_threads(concurrency if isinstance(concurrency, int) else 1)
     if threads is not None:

@@ -42,6 +42,7 @@ from app.settings import Settings, get_settings
 from app.storage import is_local, local_path
 from negmerge.errors import DataError, NegMergeError
 from negmerge.io import file_sha256
+from negmerge.loading import LoaderOptions, MiB
 from negmerge.pipeline import (
     JobContext,
     JobSpec,
@@ -185,8 +186,9 @@ def load_context(rt: Runtime, claim: steps.Claim, root: Path | None = None) -> J
     root = root or workdir_for(rt.settings, claim.job_id)
     Workdir(root).claim(spec)
     weights = spec.model.weights
+    options = loader_options(rt.settings)
     if not rt.store.remote or weights is None or is_local(weights):
-        return JobContext.load(spec, root)
+        return JobContext.load(spec, root, options)
     # Weights in the object store (a version a job made) or another fsspec URI: torch loads
     # a local copy, staged in the step's scratch folder.
     local = root.parent / "inputs" / "weights.safetensors"
@@ -194,10 +196,21 @@ def load_context(rt: Runtime, claim: steps.Claim, root: Path | None = None) -> J
     staged = spec.model_copy(
         update={"model": spec.model.model_copy(update={"weights": str(local)})}
     )
-    ctx = JobContext.load(staged, root)
+    ctx = JobContext.load(staged, root, options)
     if claim.step != steps.PREPARE:  # prepare hashes the local copy; the report names the URI
         ctx.spec = spec
     return ctx
+
+
+def loader_options(settings: Settings) -> LoaderOptions:
+    """The fine-tuning data path the settings ask for (none of it changes a task vector)."""
+    workers = settings.finetune_loader_workers
+    return LoaderOptions(
+        num_workers=None if workers == "auto" else workers,
+        decoded_cache_bytes=settings.finetune_decoded_cache_mib * MiB,
+        channels_last=settings.finetune_channels_last,
+        compile=settings.finetune_compile,
+    )
 
 
 def run_stage(rt: Runtime, claim: steps.Claim) -> str:
@@ -384,12 +397,13 @@ class ProgressWriter:
         if state is None or state in (JobState.CANCELLING, JobState.CANCELLED):
             raise JobCancelled()
 
-    def on_step(self, step: int, total: int, loss: float) -> None:
+    def on_step(self, step: int, total: int, loss: float, images_per_second: float) -> None:
         now = time.monotonic()
         if now - self.last < self.rt.settings.progress_interval_seconds:
             return
         self.last = now
-        self._check(lambda session: steps.report_loss(session, self.job_id, float(loss)))
+        rate = float(images_per_second)
+        self._check(lambda session: steps.report_loss(session, self.job_id, float(loss), rate))
 
     def on_evaluation(self, lam: float, evaluation: object) -> None:
         self._check(lambda session: steps.lambda_evaluated(session, self.job_id, float(lam)))

@@ -175,6 +175,7 @@ class UnlearningJob(Base):
     lambdas_evaluated: Mapped[int] = mapped_column(Integer, default=0)
     percent: Mapped[float] = mapped_column(default=0.0)
     current_loss: Mapped[float | None] = mapped_column()
+    current_images_per_second: Mapped[float | None] = mapped_column()
 
     subject_reference: Mapped[str | None] = mapped_column(String(200), index=True)
     legal_basis: Mapped[str | None] = mapped_column(String(200))

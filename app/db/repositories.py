@@ -26,6 +26,7 @@ from app.db.models import (
     AuditEntry,
     Dataset,
     JobEvent,
+    JobStage,
     JobState,
     JobStep,
     Model,
@@ -302,6 +303,15 @@ class TenantRepository:
         return tenant
 
 
+def fine_tuning_throughput(session: Session) -> float:
+    """The training images per second of the jobs fine-tuning now, summed (each job's latest
+    rate): operators' metrics, over all tenants."""
+    stmt = select(func.coalesce(func.sum(UnlearningJob.current_images_per_second), 0.0)).where(
+        UnlearningJob.state == JobState.RUNNING, UnlearningJob.stage == JobStage.FINETUNING
+    )
+    return float(session.execute(stmt).scalar_one())
+
+
 def count_jobs_by_state(session: Session) -> dict[str, int]:
     """Jobs per state over all tenants: operators' metrics, never shown to a tenant."""
     stmt = select(UnlearningJob.state, func.count()).group_by(UnlearningJob.state)
@@ -359,11 +369,13 @@ class StepRepository:
         )
         return self.session.execute(stmt).rowcount == 1
 
-    def set_current_loss(self, job_id: uuid.UUID, loss: float, now: datetime) -> None:
+    def set_current_loss(
+        self, job_id: uuid.UUID, loss: float, now: datetime, images_per_second: float | None = None
+    ) -> None:
         stmt = (
             update(UnlearningJob)
             .where(UnlearningJob.id == job_id)
-            .values(current_loss=loss, updated_at=now)
+            .values(current_loss=loss, current_images_per_second=images_per_second, updated_at=now)
         )
         self.session.execute(stmt)
 

@@ -129,6 +129,12 @@ class JobProgress(BaseModel):
         description="The latest fine-tuning loss a worker reported (absent before any).",
         examples=[0.42],
     )
+    images_per_second: float | None = Field(
+        None,
+        description="The training images per second of the latest fine-tuning step a worker "
+        "reported, data loading included (absent before any).",
+        examples=[1850.0],
+    )
 
     @classmethod
     def of(cls, job: Any) -> JobProgress:
@@ -139,13 +145,15 @@ class JobProgress(BaseModel):
             lambdas_evaluated=job.lambdas_evaluated,
             percent=job.percent,
             current_loss=job.current_loss,
+            images_per_second=job.current_images_per_second,
         )
 
     @model_serializer(mode="wrap")
     def _omit_unknown_loss(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        if data.get("current_loss") is None:
-            data.pop("current_loss", None)
+        for name in ("current_loss", "images_per_second"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

@@ -387,10 +387,13 @@ def renew_lease(session: Session, claim: Claim, settings: Settings) -> bool:
     return StepRepository(session).renew_lease(claim.job_id, claim.step, claim.owner, until)
 
 
-def report_loss(session: Session, job_id: uuid.UUID, loss: float) -> JobState | None:
-    """Write the current fine-tuning loss; returns the job's state (the cancel flag)."""
+def report_loss(
+    session: Session, job_id: uuid.UUID, loss: float, images_per_second: float | None = None
+) -> JobState | None:
+    """Write the current fine-tuning loss and training rate; returns the job's state (the
+    cancel flag)."""
     repo = StepRepository(session)
-    repo.set_current_loss(job_id, loss, utcnow())
+    repo.set_current_loss(job_id, loss, utcnow(), images_per_second)
     return repo.job_state(job_id)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from negmerge.errors import NegMergeError
 from negmerge.io import load_state_dict
+from negmerge.loading import TrainPipeline
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -40,9 +41,21 @@ class UnlearningModel:
         return [p for name, p in self.module.named_parameters() if name in covered]
 
     def train_transform(self, augment: str | None, preprocess: str = "eval") -> Transform:
-        """The fine-tuning transform: with preprocess "train", timm's training geometry first
-        (random resized crop, scale 0.08..1, and horizontal flip); then RandAugment (timm's
-        `rand-m{M}-n{N}` strings); then the model's evaluation preprocessing."""
+        """The fine-tuning transform (see `train_pipeline`) as one callable."""
+        return self.train_pipeline(augment, preprocess)
+
+    def train_pipeline(self, augment: str | None, preprocess: str = "eval") -> TrainPipeline:
+        """The fine-tuning transform, split where its randomness starts.
+
+        `prepare` resizes the decoded image to the model's input resolution as the evaluation
+        transform's first step does (the same resize, so that step is then a no-op); it is
+        deterministic, so a run does it once per image (negmerge.loading). `augment`: with
+        preprocess "train", timm's training geometry first (random resized crop, scale
+        0.08..1, back to the image's size, and horizontal flip); then RandAugment (timm's
+        `rand-m{M}-n{N}` strings); then the model's evaluation preprocessing. Augmenting at
+        the input resolution is what timm's and the official CLIP code's training transforms
+        do (their random resized crop outputs it).
+        """
         from torchvision import transforms
 
         steps: list[Transform] = []
@@ -56,9 +69,25 @@ class UnlearningModel:
             ops = ["PosterizeOriginal" if op == "Posterize" else op for op in _RAND_TRANSFORMS]
             fill = tuple(round(255 * m) for m in self.mean)
             steps.append(rand_augment_transform(augment, {"img_mean": fill}, transforms=ops))
+        prepare = _input_resize(self.eval_transform)
         if not steps:
-            return self.eval_transform
-        return transforms.Compose([*steps, self.eval_transform])
+            return TrainPipeline(prepare, self.eval_transform)
+        return TrainPipeline(prepare, transforms.Compose([*steps, self.eval_transform]))
+
+
+def _input_resize(eval_transform: Transform) -> Transform:
+    """The evaluation transform's leading resize, which the training pipeline applies first
+    (RGB images too, as decoding gives them); the identity when it has none."""
+    from torchvision import transforms
+
+    first = getattr(eval_transform, "transforms", [None])[0]
+    if isinstance(first, transforms.Resize):
+        return first
+    return _identity
+
+
+def _identity(image: Image.Image) -> Image.Image:
+    return image
 
 
 def _random_resized_crop(image: Image.Image) -> Image.Image:

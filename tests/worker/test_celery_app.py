@@ -59,3 +59,30 @@ def test_each_worker_process_gets_its_share_of_the_cores(monkeypatch):
     assert torch_threads(concurrency=4) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an explicit choice is left to torch
     assert torch_threads(concurrency=2) is None
+
+
+def _load_in_a_pool_child(allow: bool, results) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from worker.celery_app import allow_loader_processes
+
+    if allow:
+        allow_loader_processes()
+    try:
+        loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2, num_workers=2)
+        results.put(sum(float(batch.sum()) for (batch,) in loader))
+    except AssertionError as exc:  # "daemonic processes are not allowed to have children"
+        results.put(str(exc))
+
+
+def test_a_pool_child_may_start_the_fine_tunings_loader_processes():
+    import billiard  # Celery's pool: its children are daemonic processes
+
+    for allow, expected in ((False, "daemonic processes are not allowed to have children"),
+                            (True, 28.0)):  # fmt: skip
+        results = billiard.Queue()
+        child = billiard.Process(target=_load_in_a_pool_child, args=(allow, results), daemon=True)
+        child.start()
+        assert results.get(timeout=120) == expected
+        child.join(timeout=30)

@@ -116,7 +116,9 @@ def test_cancel_during_fine_tuning_ends_cancelled_within_seconds(client, tenant,
         tenant,
         job_id,
         until=lambda j: (
-            j["stage"] == "finetuning" and j["progress"].get("current_loss") is not None
+            j["stage"] == "finetuning"
+            and j["progress"].get("current_loss") is not None
+            and j["progress"].get("images_per_second", 0) > 0  # the worker's training rate
         ),
         timeout=120,
     )
