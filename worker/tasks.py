@@ -228,6 +228,7 @@ def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
                 parent_version_id=job.model_version_id,
                 produced_by_job_id=job.id,
                 actor=steps.WORKER,
+                finetuning=ctx.spec.finetuning,
             )
             model = {
                 "model_id": str(job.model_id),
@@ -254,6 +255,7 @@ def run_finalize(rt: Runtime, claim: steps.Claim) -> str:
             "merged_dense_bytes": report["merge"].get("merged_dense_bytes"),
             "task_vector_sha256": [v["tau_sha256"] for v in report["variants"]],
             "timings": report["timings"],
+            "finetuning": ctx.spec.finetuning,
         }
         summary = {
             "report_path": str(ctx.workdir.report),

@@ -150,6 +150,7 @@ def drive_to_success(app: FastAPI, job_id: str, grid: list[float] | None = None)
                 parent_version_id=row.model_version_id,
                 produced_by_job_id=row.id,
                 actor=steps.WORKER,
+                finetuning=spec.finetuning,
             )
             model = {
                 "model_id": str(row.model_id),
@@ -176,6 +177,7 @@ def drive_to_success(app: FastAPI, job_id: str, grid: list[float] | None = None)
             "merged_sha256": merged["merged_sha256"],
             "task_vector_sha256": [r["tau_sha256"] for r in records],
             "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
+            "finetuning": spec.finetuning,
         }
         summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
         assert steps.finish_job(session, held, summary, result) is not None
