@@ -21,6 +21,7 @@ from negmerge.linearize import (
     linearized_metadata,
 )
 from negmerge.models import ModelSpec, load_linearized, load_model
+from negmerge.pipeline import JobContext, JobSpec, run_unlearning
 from negmerge.variants import Variant
 
 
@@ -202,3 +203,48 @@ def test_applying_a_task_vector_moves_only_the_delta(classifier, tmp_path):
             assert torch.equal(after[key], value), key
     with open_checkpoint(output) as checkpoint:
         assert checkpoint.metadata["format"] == "negmerge.model"
+
+
+TWO_SHORT_VARIANTS = {
+    "preset": "tiny-classifier",
+    "base": {"epochs": 2},
+    "grid": {"augment": ["rand-m9-n2", "rand-m9-n3"]},
+}
+
+
+def test_a_linear_job_searches_and_measures_the_tangent_model_it_stores(classifier, tmp_path):
+    job = {
+        **forget_class_job(classifier),
+        "variants": {
+            "preset": "tiny-classifier",
+            "grid": {"augment": ["rand-m9-n2", "rand-m9-n3"]},
+        },
+        "max_eval_samples": 64,
+        "finetuning": "linear",
+    }
+    spec = JobSpec.model_validate(job)
+    report = run_unlearning(spec, tmp_path / "job")
+    assert report["finetuning"] == "linear" and report["lambda"] > 0
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert after["forget_acc"] < before["forget_acc"]
+    stored = report["model"]["path"]
+    assert checkpoint_finetuning(stored) == "linear"
+
+    # The metrics are the served tangent model's: its accuracy on the forget split is the
+    # report's (the split's images as the job drew them).
+    ctx = JobContext.load(spec, tmp_path / "job")
+    served = load_linearized(spec.model.model_copy(update={"weights": stored}))
+    data = ctx.eval_set("forget")
+    with torch.no_grad():
+        predicted = served(data.images).argmax(dim=1)
+    assert 100 * float((predicted == data.labels).float().mean()) == pytest.approx(
+        after["forget_acc"], abs=100 / len(data) + 1e-9
+    )
+    # and not the plain network's at the same weights (theta0 + delta), which a standard
+    # apply of the task vector would have made.
+    plain = load_model(spec.model).module
+    state = load_state_dict(stored)
+    with torch.no_grad():
+        for key, p in plain.named_parameters():
+            p.add_(state[DELTA_PREFIX + key])
+        assert not torch.allclose(plain(data.images), served(data.images), atol=1e-4)
