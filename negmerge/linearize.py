@@ -27,12 +27,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from negmerge.errors import CheckpointError
 from negmerge.io import torch_dtype
@@ -70,8 +72,23 @@ class TangentForward:
         def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(self.function, {**params, **self.buffers}, args)
 
-        out, tangent = jvp(f, (self.origin,), (delta,))
+        with _forward_ad_kernels():
+            out, tangent = jvp(f, (self.origin,), (delta,))
         return out + tangent
+
+
+@contextmanager
+def _forward_ad_kernels() -> Iterator[None]:
+    """Kernels that have forward-mode derivatives: nn.MultiheadAttention's fused inference
+    path (which a frozen eval-mode copy takes) has none, nor have the flash and
+    memory-efficient attention kernels; the math attention computes the same thing."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def linearize(module: nn.Module) -> TangentForward:

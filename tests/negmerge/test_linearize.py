@@ -248,3 +248,31 @@ def test_a_linear_job_searches_and_measures_the_tangent_model_it_stores(classifi
         for key, p in plain.named_parameters():
             p.add_(state[DELTA_PREFIX + key])
         assert not torch.allclose(plain(data.images), served(data.images), atol=1e-4)
+
+
+class TinyAttention(nn.Module):
+    """Attention as open_clip's ViTs use it (nn.MultiheadAttention), whose fused inference
+    kernel has no forward-mode derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mixed, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.head(mixed.mean(dim=1))
+
+
+def test_attention_models_linearize_in_inference_and_in_training():
+    torch.manual_seed(0)
+    net = TinyAttention().eval()
+    tokens = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        expected = net(tokens)
+    linearize(net)
+    with torch.no_grad():  # the frozen copy would take the fused path here
+        assert torch.allclose(net(tokens), expected, atol=1e-6)
+    net.train()
+    net(tokens).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
