@@ -46,7 +46,8 @@ def step_cost_model(name: str, mode: str, device: str):
 
         spec = ModelSpec(**forget_domain_job(ensure_tiny_clip())["model"])
         model = load_model(spec, device, mode)
-        return model, model.module.visual.image_size[0]
+        size = model.module.visual.image_size
+        return model, size if isinstance(size, int) else size[0]
     import open_clip
 
     from negmerge.linearize import linearize_model

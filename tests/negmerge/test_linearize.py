@@ -276,3 +276,28 @@ def test_attention_models_linearize_in_inference_and_in_training():
     net.train()
     net(tokens).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_clip_linearizes_its_image_tower_and_loads_back(tmp_path):
+    from negmerge.fixtures import ensure_tiny_clip
+    from negmerge.fixtures.jobs import forget_domain_job
+
+    spec = ModelSpec(**forget_domain_job(ensure_tiny_clip())["model"])
+    model = load_model(spec, finetuning="linear")
+    assert model.linearized_part == "visual"
+    assert all(key.startswith("visual.") for key in model.tau_keys)
+    moved(model.module, {k: 0.01 * v for k, v in direction(model.module).items()}, 1.0)
+    size = model.module.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = model.module.eval()(x)
+    path = tmp_path / "clip-linear.safetensors"
+    save_file(model.full_state(), path, linearized_metadata(model.linearized_part))
+    stored = load_state_dict(path)
+    deltas = [k for k in stored if k.startswith(DELTA_PREFIX)]
+    assert deltas and all(k.startswith(DELTA_PREFIX + "visual.") for k in deltas)
+    assert any(k.startswith("transformer.") for k in stored)  # the text tower, as it was
+    served = load_linearized(spec.model_copy(update={"weights": str(path)}))
+    with torch.no_grad():
+        assert torch.allclose(served(x), expected, atol=1e-5)
