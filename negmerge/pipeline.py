@@ -40,6 +40,7 @@ from negmerge.errors import DataError, DivergedError, NegMergeError
 from negmerge.escalation import Escalation, RoundSummary, RoundVerdict
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, open_checkpoint, save_file
+from negmerge.linearize import Finetuning, apply_tangent_file, linearized_metadata
 from negmerge.loading import DecodedImages, LoaderOptions, decoded_key
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
@@ -137,6 +138,13 @@ class JobSpec(BaseModel):
     max_eval_samples: int | None = Field(2000, gt=0, description="Cap per evaluation split.")
     eval_batch_size: int = Field(256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    finetuning: Finetuning = Field(
+        "standard",
+        description="standard: fine-tune the model itself. linear: fine-tune, merge, search "
+        "and measure the linearized model f(x; theta0) + J f(x; theta0)(theta - theta0) "
+        "(Linear Task Arithmetic); the stored model is a linearized checkpoint, served with "
+        "negmerge.models.load_linearized.",
+    )
 
     @property
     def target_kind(self) -> TargetKind:
@@ -311,7 +319,7 @@ class JobContext:
         cls, spec: JobSpec, workdir: str | os.PathLike, loader: LoaderOptions | None = None
     ) -> JobContext:
         device = resolve_device(spec.device)
-        model = load_model(spec.model, device)
+        model = load_model(spec.model, device, spec.finetuning)
         forget_manifest = Manifest.load(spec.forget.dataset, spec.forget.root)
         retain_ref = spec.retain or spec.forget
         retain_manifest = (
@@ -460,7 +468,9 @@ def prepare(ctx: JobContext) -> dict:
         return json.loads(wd.original.read_text())
     began = time.perf_counter()
     if not wd.base.exists():
-        save_file(ctx.model.full_state(), wd.base)
+        linear = ctx.model.finetuning == "linear"
+        metadata = linearized_metadata(ctx.model.linearized_part) if linear else None
+        save_file(ctx.model.full_state(), wd.base, metadata)
     original = {
         "metrics": ctx.metrics(),
         "base_sha256": file_sha256(wd.base),
@@ -626,7 +636,10 @@ def finalize(
     lam = searched["lambda"]
     began = time.perf_counter()
     if lam != 0 and not wd.model.exists():
-        apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
+        if ctx.model.finetuning == "linear":  # theta0 kept, the delta moves
+            apply_tangent_file(wd.base, wd.merged, lam, wd.model, ctx.model.linearized_part)
+        else:
+            apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
     vector = load_task_vector(wd.merged)
     ctx.set_scale(vector, lam)
     try:
@@ -692,6 +705,7 @@ def finalize(
         },
         # No model at lambda 0: it would be the original's bytes under a new name.
         "model": model,
+        "finetuning": ctx.spec.finetuning,
         "timings": timings,
     }
     write_json_atomic(wd.report, report)

@@ -330,6 +330,7 @@ def run_finalize(
                 parent_version_id=job.model_version_id,
                 produced_by_job_id=job.id,
                 actor=steps.WORKER,
+                finetuning=ctx.spec.finetuning,
             )
             model = {
                 "model_id": str(job.model_id),

@@ -52,6 +52,7 @@ def version_out(version: ModelVersion, parents: dict[uuid.UUID, int]) -> ModelVe
         version=version.version,
         weights_sha256=version.weights_sha256,
         size_bytes=version.size_bytes,
+        finetuning=version.finetuning,
         parent_version=parents.get(version.parent_version_id)
         if version.parent_version_id
         else None,

@@ -118,6 +118,9 @@ class ModelVersion(Base):
     weights_uri: Mapped[str] = mapped_column(Text)
     weights_sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # "standard", or "linear": a linearized checkpoint (theta0 and the tangent delta), whose
+    # forward is the tangent model; jobs keep a lineage in one mode.
+    finetuning: Mapped[str] = mapped_column(String(16), default="standard")
     parent_version_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("model_versions.id"))
     # use_alter: jobs point at versions and versions at the job that made them.
     produced_by_job_id: Mapped[uuid.UUID | None] = mapped_column(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -96,6 +96,14 @@ class UnlearningJobCreate(Strict):
         "stops at the first round that meets the target; every round is in the result.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    finetuning: Literal["standard", "linear"] = Field(
+        "standard",
+        description="standard: fine-tune the model itself. linear: fine-tune, merge, search "
+        "lambda and measure in the tangent space of the model (Linear Task Arithmetic); the "
+        "new version is a linearized checkpoint (theta0 and the scaled delta), served with "
+        "negmerge.models.load_linearized. A version keeps its mode: a standard job cannot run "
+        "on a linearized version, nor a linear job on a version a standard job made.",
+    )
     max_eval_samples: int | None = Field(2000, gt=0, le=1_000_000)
     keep_task_vectors: bool = Field(
         False,

@@ -64,6 +64,12 @@ class ModelVersionOut(BaseModel):
         examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
     )
     size_bytes: int = Field(examples=[44_787_432])
+    finetuning: Literal["standard", "linear"] = Field(
+        "standard",
+        description="linear: a linearized checkpoint (theta0 and the tangent delta, in "
+        "safetensors with metadata finetuning=linear); serve it with "
+        "negmerge.models.load_linearized, whose forward is the tangent model.",
+    )
     parent_version: int | None = Field(None, description="The version this one was made from.")
     produced_by_job_id: uuid.UUID | None = Field(None, description="The job that made it.")
     created_at: datetime

@@ -172,6 +172,7 @@ def _resolve(
         raise InvalidRequest(
             "model.version", f"the model has no version {number} (latest: {model.latest_version})"
         )
+    check_same_mode(body.finetuning, version)
     datasets = DatasetRepository(session, principal.tenant_id)
     forget_ds = datasets.get(body.forget.dataset_id)
     if forget_ds is None:
@@ -221,6 +222,30 @@ def _resolve(
         forget_manifest_sha256=forget_manifest.sha256(chosen),
         forget_count=len(chosen),
     )
+
+
+def check_same_mode(finetuning: str, version: ModelVersion) -> None:
+    """One lineage, one mode. A linearized version's forward is the tangent model around its
+    theta0: standard fine-tuning would train the plain network at theta0 and drop every
+    earlier deletion's delta. A linear job's tangent space is taken at registered weights
+    (or continues a linearized version's), never around a model that standard unlearning
+    already changed, so that every version of a linear lineage is theta0 of the registered
+    model plus one delta that the reports add up to."""
+    if version.finetuning == finetuning:
+        return
+    if version.finetuning == "linear":
+        raise InvalidRequest(
+            "finetuning",
+            f"version {version.version} is a linearized model (made by a linear job); a "
+            "standard job cannot fine-tune it: use finetuning 'linear', or a standard version",
+        )
+    if version.produced_by_job_id is not None:
+        raise InvalidRequest(
+            "finetuning",
+            f"version {version.version} was made by a standard job; a linear job starts from "
+            "registered weights or a linearized version (one lineage, one mode): use "
+            "finetuning 'standard', or choose such a version",
+        )
 
 
 def _load(dataset: Dataset, model: Model, field: str) -> Manifest:
@@ -301,6 +326,7 @@ def _job_spec(
             escalation=body.escalation,
             seed=body.seed,
             max_eval_samples=body.max_eval_samples,
+            finetuning=body.finetuning,
         )
     except ValidationError as exc:
         raise from_validation_error(exc) from None

@@ -140,6 +140,7 @@ def add_version(
     parent_version_id: uuid.UUID | None,
     produced_by_job_id: uuid.UUID | None,
     actor: str,
+    finetuning: str = "standard",
 ) -> ModelVersion:
     """Add the next version of a model (the workers do, when a job succeeds)."""
     repo = ModelRepository(session, tenant_id)
@@ -156,6 +157,7 @@ def add_version(
             size_bytes=size_bytes,
             parent_version_id=parent_version_id,
             produced_by_job_id=produced_by_job_id,
+            finetuning=finetuning,
         )
     )
     audit.record(
@@ -169,6 +171,7 @@ def add_version(
             "version": version.version,
             "weights_sha256": weights_sha256,
             "job_id": str(produced_by_job_id) if produced_by_job_id else None,
+            "finetuning": finetuning,
         },
     )
     return version

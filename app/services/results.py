@@ -29,6 +29,7 @@ def job_result(report: dict[str, Any], model: dict[str, Any] | None) -> dict[str
         "merged_bytes": merge.get("merged_bytes"),
         "merged_dense_bytes": merge.get("merged_dense_bytes"),
         "task_vector_sha256": [v["tau_sha256"] for v in report["variants"]],
+        "finetuning": report.get("finetuning", "standard"),
         "round": report.get("round", 0),
         "rounds": report.get("rounds", []),
         "timings": report["timings"],

@@ -77,15 +77,39 @@ class ModelSpec(BaseModel):
         return self
 
 
-def load_model(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
-    """Build the model `spec` describes, with its weights, on `device`."""
+def load_model(
+    spec: ModelSpec, device: str = "cpu", finetuning: Literal["standard", "linear"] = "standard"
+) -> UnlearningModel:
+    """Build the model `spec` describes, with its weights, on `device`.
+
+    With finetuning "linear" the model is linearized at its weights (negmerge.linearize): its
+    forward is the tangent model, and a linearized checkpoint's delta is applied; standard
+    loading refuses a linearized checkpoint.
+    """
+    linear = finetuning == "linear"
     if spec.family == "open_clip":
         from negmerge.models.open_clip import load_open_clip
 
-        return load_open_clip(spec, device)
+        return load_open_clip(spec, device, linear)
     from negmerge.models.classifier import load_classifier
 
-    return load_classifier(spec, device)
+    return load_classifier(spec, device, linear)
+
+
+def load_linearized(spec: ModelSpec, device: str = "cpu") -> nn.Module:
+    """The model a linear job stored (`spec.weights`: its linearized checkpoint, theta0 and
+    the scaled delta) as a module in eval mode whose forward is the tangent model
+    f(x; theta0) + J f(x; theta0) delta: images in, logits over `spec.classes` out."""
+    from negmerge.linearize import checkpoint_finetuning
+
+    if not spec.weights:
+        raise NegMergeError("weights: give the linearized checkpoint's path")
+    if checkpoint_finetuning(spec.weights) != "linear":
+        raise NegMergeError(
+            f"weights: {spec.weights} is a standard checkpoint, not a linearized one; load it "
+            "with negmerge.models.load_model"
+        )
+    return load_model(spec, device, "linear").module.eval()
 
 
 def check_weights(spec: ModelSpec) -> None:
@@ -140,4 +164,4 @@ def _first_problem(module: nn.Module, layout: dict[str, tuple[int, ...]], exc: E
     return f"{problems[0]}{more}"
 
 
-__all__ = ["ModelSpec", "UnlearningModel", "check_weights", "load_model"]
+__all__ = ["ModelSpec", "UnlearningModel", "check_weights", "load_linearized", "load_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -35,6 +36,11 @@ class UnlearningModel:
     eval_transform: Transform
     mean: tuple[float, ...]
     full_state: Callable[[], dict[str, torch.Tensor]]
+    # The submodule that linearized fine-tuning linearizes (negmerge.linearize): CLIP's image
+    # tower, as the official code does (the normalisation and the text head stay as they
+    # are); a classifier as a whole ("").
+    linearized_part: str = ""
+    finetuning: Literal["standard", "linear"] = "standard"
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         covered = set(self.tau_keys)
@@ -102,11 +108,29 @@ def _random_resized_crop(image: Image.Image) -> Image.Image:
     return functional.resized_crop(image, top, left, height, width, [image.height, image.width])
 
 
-def load_weights(module: nn.Module, path: str, architecture: str) -> None:
-    """Load a checkpoint file strictly, with an error naming the first key that does not fit."""
+def load_weights(
+    module: nn.Module, path: str, architecture: str, linear: bool = False
+) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file strictly, with an error naming the first key that does not fit.
+
+    A linearized checkpoint (negmerge.linearize) loads its theta0 and returns its tangent
+    deltas, but only when `linear`: loaded as a standard model it would silently serve
+    theta0, the model before unlearning. A standard checkpoint returns no deltas.
+    """
+    from negmerge.linearize import split_deltas
+
+    state = load_state_dict(path)
+    state, deltas = split_deltas(state)
+    if deltas and not linear:
+        raise NegMergeError(
+            f"weights: {path} is a linearized checkpoint (its forward is the tangent model); "
+            "load it with negmerge.models.load_linearized, or run a job on it with "
+            "finetuning 'linear'"
+        )
     try:
-        module.load_state_dict(load_state_dict(path), strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = str(exc).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
         raise NegMergeError(f"weights: {path} does not fit {architecture}: {detail}") from None
+    return deltas

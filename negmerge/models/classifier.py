@@ -8,6 +8,7 @@ import timm.data
 from torch import nn
 from torchvision import transforms
 
+from negmerge.linearize import linearize_model
 from negmerge.models import ModelSpec
 from negmerge.models.architectures import classifier_architecture
 from negmerge.models.base import UnlearningModel, load_weights
@@ -15,14 +16,13 @@ from negmerge.models.base import UnlearningModel, load_weights
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_classifier(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
+def load_classifier(spec: ModelSpec, device: str = "cpu", linear: bool = False) -> UnlearningModel:
     module = build_module(spec)
-    if spec.weights:
-        load_weights(module, spec.weights, spec.architecture)
+    deltas = load_weights(module, spec.weights, spec.architecture, linear) if spec.weights else {}
     module = module.to(device).eval()
     eval_transform, mean = _eval_transform(module, spec)
     tau_keys = [name for name, _ in module.named_parameters()]
-    return UnlearningModel(
+    loaded = UnlearningModel(
         module=module,
         classes=list(spec.classes),
         tau_keys=tau_keys,
@@ -30,6 +30,9 @@ def load_classifier(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
         mean=mean,
         full_state=lambda: {k: v.detach().cpu() for k, v in module.state_dict().items()},
     )
+    if linear:
+        linearize_model(loaded, {k: v.to(device) for k, v in deltas.items()})
+    return loaded
 
 
 def build_module(spec: ModelSpec) -> nn.Module:

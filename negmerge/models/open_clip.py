@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from negmerge.errors import NegMergeError
+from negmerge.linearize import linearize_model
 from negmerge.models import ModelSpec
 from negmerge.models.base import UnlearningModel, load_weights
 
@@ -73,7 +74,7 @@ def build_module(spec: ModelSpec) -> nn.Module:
         )
 
 
-def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
+def load_open_clip(spec: ModelSpec, device: str = "cpu", linear: bool = False) -> UnlearningModel:
     name = _model_name(spec)
     pretrained = None if spec.weights else _pretrained_tag(spec, name)
     with _root_log_level(logging.ERROR if spec.weights else logging.NOTSET):
@@ -81,22 +82,25 @@ def load_open_clip(spec: ModelSpec, device: str = "cpu") -> UnlearningModel:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, force_image_size=spec.image_size
         )
-    if spec.weights:
-        load_weights(model, spec.weights, spec.architecture)
+    deltas = load_weights(model, spec.weights, spec.architecture, linear) if spec.weights else {}
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name)
     head = zero_shot_head(model, tokenizer, spec.classes, spec.templates, device)
     classifier = ZeroShotClassifier(model.visual, head, model.logit_scale.exp().item())
     tau_keys = [name for name, _ in classifier.named_parameters()]
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    return UnlearningModel(
+    loaded = UnlearningModel(
         module=classifier,
         classes=list(spec.classes),
         tau_keys=tau_keys,
         eval_transform=preprocess,
         mean=tuple(mean),
         full_state=lambda: {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        linearized_part="visual",
     )
+    if linear:
+        linearize_model(loaded, {k: v.to(device) for k, v in deltas.items()})
+    return loaded
 
 
 # The root logger's level is the process's: models built on several threads at once (the

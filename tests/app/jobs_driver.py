@@ -154,6 +154,7 @@ def drive_to_success(
                 parent_version_id=row.model_version_id,
                 produced_by_job_id=row.id,
                 actor=steps.WORKER,
+                finetuning=spec.finetuning,
             )
             model = {
                 "model_id": str(row.model_id),
@@ -184,6 +185,7 @@ def drive_to_success(
             "round": rounds - 1,
             "rounds": summaries,
             "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
+            "finetuning": spec.finetuning,
         }
         result = job_result(report, model)
         summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
