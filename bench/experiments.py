@@ -103,6 +103,7 @@ CLASSIFIER_VARIANTS_QUICK = {
 # Fits its training set and generalises (train ~100%, test within ~15 points).
 SAMPLE_MODEL = {"domain": "shapes", "train_size": 1000}
 FORGET_FRACTION = 0.10
+SAMPLE_RULE = "holdout-match"  # --sample-rule: or confidence-match
 FORGET_CLASS = "three"
 # Measured on the shared 2-core machine: fine-tuning one classifier variant took 0.85 s with
 # one torch thread and 9.3 s with two (evaluation 0.1 s and 1.1 s), the cores being busy with
@@ -185,9 +186,9 @@ def evaluate(mctx: JobContext, original: dict, merged: dict, searched: dict, sec
 def replay_fast(searched: dict) -> dict:
     """The fast strategy on the curve the grid search recorded (the same points, nothing
     re-evaluated): its lambda, whether it scores as well as the grid's choice, its cost."""
+    fields = [f.name for f in dataclasses.fields(Evaluation)]
     curve = {
-        e["lambda"]: Evaluation(e["forget_acc"], e["retain_acc"], e["holdout_acc"])
-        for e in searched["evaluations"]
+        e["lambda"]: Evaluation(**{k: e.get(k) for k in fields}) for e in searched["evaluations"]
     }
     fast = search_lambda(
         curve.__getitem__,
@@ -319,7 +320,7 @@ def experiment_2(seed: int, quick: bool, work: Path) -> dict:
         model=ModelSpec(**forget_class_job(original)["model"]),
         forget=ForgetSpec(dataset=str(manifest), root=str(original.dataset_root), ids=forget_ids),
         variants=VariantGrid(**(CLASSIFIER_VARIANTS_QUICK if quick else CLASSIFIER_VARIANTS)),
-        search=SearchSpec(rule="holdout-match", strategy=STRATEGY),
+        search=SearchSpec(rule=SAMPLE_RULE, strategy=STRATEGY),
         seed=seed,
         device="cpu",
     )
@@ -563,17 +564,18 @@ def main() -> None:
         help="experiment 1 also fine-tunes in the tangent space (Linear Task Arithmetic rows)",
     )
     parser.add_argument(
-        "--linear",
-        action="store_true",
-        help="experiment 1 also fine-tunes in the tangent space (Linear Task Arithmetic rows)",
+        "--sample-rule",
+        choices=["holdout-match", "confidence-match"],
+        default=SAMPLE_RULE,
+        help="experiment 2's lambda rule (default %(default)s)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help=f"torch threads (default 1: {THREADS_NOTE})"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global LINEAR
-    LINEAR = args.linear
+    global LINEAR, SAMPLE_RULE
+    LINEAR, SAMPLE_RULE = args.linear, args.sample_rule
     experiments = sorted(set(args.experiments)) or [1, 2, 3]
     if not set(experiments) <= set(RUNNERS):
         parser.error("experiments are 1, 2 and 3")

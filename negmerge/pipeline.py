@@ -16,7 +16,7 @@ the request names; the retain data is the retain data set's rows minus the forge
     retain       retain & train   reported (Acc D_r); MIA members
     retain_val   retain & val     lambda search (falls back to `retain`)
     test         retain & test    reported (Acc D_test); MIA non-members
-    holdout      retain & val     holdout-match rule: accuracy on data the model never saw
+    holdout      retain & val     holdout- and confidence-match: data the model never saw
 """
 
 from __future__ import annotations
@@ -84,7 +84,12 @@ class MergeSpec(BaseModel):
 
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    rule: Literal["retain-threshold", "holdout-match"] = "retain-threshold"
+    rule: Literal["retain-threshold", "holdout-match", "confidence-match"] = Field(
+        "retain-threshold",
+        description="retain-threshold: the lowest forget accuracy; holdout-match: forget "
+        "accuracy closest to held-out data's; confidence-match: the forget set's true-label "
+        "confidence closest to held-out data's (negmerge.search).",
+    )
     strategy: Literal["fast", "grid"] = "fast"
     grid: list[float] | None = Field(
         None,
@@ -384,6 +389,13 @@ class JobContext:
             return None
         return evaluate_accuracy(self.model, data, self.device, self.spec.eval_batch_size)
 
+    def accuracy_and_confidence(self, split: str) -> tuple[float, float]:
+        """Accuracy and mean true-label probability (both percent), from one forward pass."""
+        data = self.eval_set(split)
+        logits = predict(self.model, data, self.device, self.spec.eval_batch_size)
+        confidence = float(true_label_probabilities(logits, data.labels).mean()) * 100
+        return accuracy(logits, data.labels), confidence
+
     def set_scale(self, vector: Mapping[str, torch.Tensor], lam: float) -> None:
         """Put theta_pre - lam * tau into the model, in place."""
         apply_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
@@ -445,8 +457,8 @@ def make_splits(spec: JobSpec, forget: Manifest, retain: Manifest) -> dict[str, 
         raise DataError("retain: no data left to measure what must be kept")
     splits["forget_val"] = splits["forget_val"] or splits["forget"]
     splits["retain_val"] = splits["retain_val"] or splits["retain"] or kept
-    if spec.search.rule == "holdout-match" and not splits["holdout"]:
-        raise DataError("search.rule: holdout-match needs retain samples in the val split")
+    if spec.search.rule in ("holdout-match", "confidence-match") and not splits["holdout"]:
+        raise DataError(f"search.rule: {spec.search.rule} needs retain samples in the val split")
     # A stated target that cannot be measured is refused before any work; the default one is
     # not (a request need not know it), and its verdict then says what was not measured.
     measurable = bool(splits["test"] and splits["retain"])
@@ -584,19 +596,23 @@ def search(
         return json.loads(wd.search.read_text())
     began = time.perf_counter()
     vector = load_task_vector(wd.merged)
-    holdout = ctx.spec.search.rule == "holdout-match"
-
+    rule = ctx.spec.search.rule
     # Held-out data is usually the retain val split itself: measure it once.
     holdout_is_retain = ctx.splits["holdout"] is ctx.splits["retain_val"]
 
     def evaluate(lam: float) -> Evaluation:
         ctx.set_scale(vector, lam)
+        if rule == "confidence-match":
+            forget, forget_conf = ctx.accuracy_and_confidence("forget_val")
+            held_out, holdout_conf = ctx.accuracy_and_confidence("holdout")
+            retain = held_out if holdout_is_retain else ctx.accuracy("retain_val")
+            return Evaluation(forget, retain, held_out, forget_conf, holdout_conf)
         retain = ctx.accuracy("retain_val")
         held_out = retain if holdout_is_retain else ctx.accuracy("holdout")
         return Evaluation(
             forget_acc=ctx.accuracy("forget_val"),
             retain_acc=retain,
-            holdout_acc=held_out if holdout else None,
+            holdout_acc=held_out if rule == "holdout-match" else None,
         )
 
     try:

@@ -9,6 +9,9 @@ Rules:
 - ``retain-threshold`` (the paper's): the lowest forget accuracy.
 - ``holdout-match`` (deleting individual samples): forget accuracy closest to held-out accuracy,
   which is what a model that never saw the forget samples would show.
+- ``confidence-match`` (deleting samples from a model that generalises, where accuracy cannot
+  tell them apart from held-out data): the forget set's mean true-label confidence closest to
+  held-out data's, which is what membership inference reads.
 
 Strategies:
 
@@ -56,9 +59,12 @@ class Evaluation:
     forget_acc: float
     retain_acc: float
     holdout_acc: float | None = None
+    # Mean probability of the true label (percent): what membership inference reads.
+    forget_conf: float | None = None
+    holdout_conf: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("forget_acc", "retain_acc", "holdout_acc"):
+        for name in ("forget_acc", "retain_acc", "holdout_acc", "forget_conf", "holdout_conf"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -69,7 +75,12 @@ class Evaluation:
             object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, float | None]:
-        return asdict(self)
+        """Every accuracy; the confidences only where measured (confidence-match)."""
+        data = asdict(self)
+        for name in ("forget_conf", "holdout_conf"):
+            if data[name] is None:
+                del data[name]
+        return data
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class Rule:
 
     name: ClassVar[str]
     needs_holdout: ClassVar[bool] = False
+    needs_confidence: ClassVar[bool] = False
 
     retain_ratio: float = 0.95
 
@@ -144,7 +156,23 @@ class HoldoutMatch(Rule):
         return self.signal(evaluation) > 0
 
 
-RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (RetainThreshold, HoldoutMatch)}
+@dataclass(frozen=True)
+class ConfidenceMatch(HoldoutMatch):
+    """The forget set's mean true-label confidence closest to held-out data's: a model that
+    never saw the samples is as sure of them as of any unseen data."""
+
+    name: ClassVar[str] = "confidence-match"
+    needs_confidence: ClassVar[bool] = True
+
+    def signal(self, evaluation: Evaluation) -> float:
+        if evaluation.forget_conf is None or evaluation.holdout_conf is None:
+            raise ValueError(f"rule {self.name!r} needs forget_conf and holdout_conf, got None")
+        return evaluation.forget_conf - evaluation.holdout_conf
+
+
+RULES: dict[str, type[Rule]] = {
+    rule.name: rule for rule in (RetainThreshold, HoldoutMatch, ConfidenceMatch)
+}
 
 
 @dataclass(frozen=True)
@@ -344,6 +372,14 @@ class _Evaluations:
         if self._rule.needs_holdout and evaluation.holdout_acc is None:
             raise ValueError(
                 f"rule {self._rule.name!r} needs holdout_acc, but evaluate({lam}) returned None"
+            )
+        if self._rule.needs_confidence and None in (
+            evaluation.forget_conf,
+            evaluation.holdout_conf,
+        ):
+            raise ValueError(
+                f"rule {self._rule.name!r} needs forget_conf and holdout_conf, but "
+                f"evaluate({lam}) returned None"
             )
         self.by_index[index] = evaluation
         self.history.append((lam, evaluation))

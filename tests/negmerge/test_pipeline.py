@@ -369,3 +369,21 @@ def test_a_met_target_stops_at_its_round(classifier, tmp_path):
     assert report["verdict"]["met"] and report["round"] == 0
     assert report["escalation"] == {"next_round": None, "stopped_because": "target met"}
     assert not (tmp_path / "rounds").exists()
+
+
+def test_confidence_match_reads_the_forget_sets_confidence(classifier, tmp_path):
+    lines = (classifier.dataset_root / "manifest.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    ids = [row["id"] for row in rows if row.get("split", "train") == "train"][:40]
+    job = classifier_job(classifier, variants={"preset": "tiny-classifier", "base": {"steps": 3}})
+    job["forget"] = {"dataset": job["forget"]["dataset"], "ids": ids}
+    job["search"] = {"rule": "confidence-match", "strategy": "grid", "grid": [0.0, 0.5, 1.0],
+                     "max_extensions": 0}  # fmt: skip
+    report = run_unlearning(JobSpec.model_validate(job), tmp_path)
+    evaluations = report["search"]["evaluations"]
+    assert len(evaluations) == 3
+    assert all(0 < e["forget_conf"] <= 100 and 0 < e["holdout_conf"] <= 100 for e in evaluations)
+    reference = evaluations[0]["retain_acc"]
+    feasible = [e for e in evaluations if e["retain_acc"] >= 0.95 * reference]
+    best = min(feasible, key=lambda e: (abs(e["forget_conf"] - e["holdout_conf"]), e["lambda"]))
+    assert report["lambda"] == best["lambda"]

@@ -457,3 +457,22 @@ def test_an_extension_adds_at_most_half_the_grid():
     grid = lambda_grid(0.0, 1.0, 11)
     assert len(extend_grid(grid)) == 5  # 0.2 apart to 2.0 would be 5 points anyway
     assert extended_grid(grid, max_extensions=2)[-6:] == [2.0, 2.4, 2.8, 3.2, 3.6, 4.0]
+
+
+@pytest.mark.parametrize("strategy", ["fast", "grid"])
+def test_confidence_match_sees_what_accuracy_cannot(strategy):
+    # Sample deletion on a model that generalises: forget accuracy sits at held-out accuracy
+    # for every lambda, so holdout-match keeps lambda 0; the forget set's confidence starts
+    # above held-out's and falls to it at lambda 0.3 (GRID[6]), which confidence-match finds.
+    evaluations = [
+        Evaluation(90.0, 92.0, 90.0, forget_conf=96.0 - i, holdout_conf=90.0) for i in range(21)
+    ]
+    assert search(RecordedCurve(evaluations), "holdout-match", strategy=strategy).lam == 0
+    found = search(RecordedCurve(evaluations), "confidence-match", strategy=strategy)
+    assert found.lam == GRID[6] and found.evaluation.forget_conf == pytest.approx(90.0)
+
+
+def test_confidence_match_requires_confidences():
+    evaluations = [Evaluation(50.0, 100.0, 50.0) for _ in range(21)]
+    with pytest.raises(ValueError, match="forget_conf and holdout_conf"):
+        search(RecordedCurve(evaluations), "confidence-match")
