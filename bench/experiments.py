@@ -553,6 +553,7 @@ DEFAULT_SEEDS = {1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}
 
 
 def main() -> None:
+    global LINEAR, SAMPLE_RULE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiments", nargs="*", type=int, help="1, 2 and/or 3 (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", help="the same seeds for each experiment")
@@ -574,7 +575,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global LINEAR, SAMPLE_RULE
     LINEAR, SAMPLE_RULE = args.linear, args.sample_rule
     experiments = sorted(set(args.experiments)) or [1, 2, 3]
     if not set(experiments) <= set(RUNNERS):

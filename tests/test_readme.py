@@ -25,7 +25,8 @@ def test_every_setting_is_in_the_configuration_table() -> None:
 
 
 # Settings whose field name is also a field of a job request (the README means that one).
-ALSO_REQUEST_FIELDS = {"max_eval_samples", "max_lambda"}  # search.max_lambda too
+# search.max_lambda, escalation.max_variants too.
+ALSO_REQUEST_FIELDS = {"max_eval_samples", "max_lambda", "max_variants"}
 
 
 def test_settings_are_named_as_users_type_them() -> None:
