@@ -104,7 +104,7 @@ def test_chains_are_compacted_past_the_depth_and_keep_their_hashes(store, tmp_pa
     assert kinds == [False, True, True, False, True, True, False, True]
     depths = [chain_depth(store, store.key_of(uri)) for uri, _, _ in versions[1:]]
     assert depths == [0, 1, 2, 0, 1, 2, 0, 1]
-    for uri, sha256, dense in versions[1:]:
+    for uri, sha256, _ in versions[1:]:
         assert hashlib.sha256(_bytes_of(store, uri, sha256, tmp_path / "s")).hexdigest() == sha256
 
 
