@@ -31,7 +31,7 @@ from typing import BinaryIO
 import numpy as np
 
 from negmerge.errors import CheckpointError
-from negmerge.io import Checkpoint, TensorSpec, open_checkpoint
+from negmerge.io import TensorSpec, open_checkpoint
 from negmerge.sparse import SparseFile, SparseWriter
 
 DELTA_KIND = "negmerge.version-delta-xor/1"
@@ -78,15 +78,21 @@ class DenseReader:
         """Elements [start, stop) of `key` as unsigned integers of the dtype's width."""
         spec = self.specs[key]
         self.file.seek(self._offsets[key] + start * spec.itemsize)
-        nbytes = (stop - start) * spec.itemsize
-        data = self.file.read(nbytes)
-        if len(data) != nbytes:
-            raise CheckpointError(f"{self.name}: truncated inside tensor {key!r}")
-        return np.frombuffer(data, _UNSIGNED[spec.itemsize]).copy()
+        out = np.empty(stop - start, _UNSIGNED[spec.itemsize])
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):
+            got = self.file.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.name}: truncated inside tensor {key!r}")
+            done += got
+        return out
 
 
-def _bits(ckpt: Checkpoint, key: str, start: int, stop: int) -> np.ndarray:
-    return ckpt.read_array(key, start, stop).view(_UNSIGNED[ckpt.specs[key].itemsize])
+def _xor_into(bits: np.ndarray, delta: SparseFile, key: str, start: int) -> None:
+    """XOR a delta's elements [start, start + len(bits)) of `key` into `bits`, touching only
+    the elements it changed."""
+    keep, values = delta.read_kept(key, start, start + len(bits))
+    bits[keep] ^= values.view(bits.dtype)
 
 
 def write_delta(
@@ -163,7 +169,7 @@ def materialise(
                 stop = min(start + _SLICE_ELEMENTS, spec.numel)
                 bits = base.read_bits(key, start, stop)
                 for ckpt in files:
-                    bits ^= _bits(ckpt, key, start, stop)
+                    _xor_into(bits, ckpt, key, start)
                 block = bits.tobytes()
                 digest.update(block)
                 yield block
