@@ -29,7 +29,6 @@ from app.db.models import Dataset, StepState
 from app.main import create_app
 from app.services.tenants import create_key, create_tenant
 from app.settings import Settings
-from app.version_store import chain_depth
 from tests.worker.conftest import (
     Tenant,
     WorkerProcess,
@@ -208,34 +207,6 @@ def test_two_workers_sharing_only_the_databases_and_the_store_run_a_job(
     assert weights.headers["content-length"] == str(len(weights.content))
     key = f"models/{s3_tenant.model_id}/{sha256}.safetensors"
     assert store.recorded_sha256(key) == sha256
-
-
-def test_versions_on_versions_are_stored_as_deltas_and_materialise_from_the_store(
-    s3_client, s3_tenant, s3_settings, workers, db
-):
-    """v2 (the job above's, dense: its parent is the tenant's file) -> a delta -> a job on
-    that delta, whose base the worker materialises in its scratch folder from the store."""
-    store = store_for(s3_settings)
-    made = []
-    for base, forget in ((2, "seven"), (None, "one")):
-        version = base or made[-1]["version"]
-        body = job_body(s3_tenant, model={"id": s3_tenant.model_id, "version": version})
-        body["forget"]["classes"] = [forget]
-        job = wait_for(s3_client, s3_tenant, submit(s3_client, s3_tenant, body), timeout=240)
-        assert job["state"] == "SUCCEEDED", job
-        made.append(job["result"]["model"])
-    for depth, model in enumerate(made, start=1):
-        key = f"models/{s3_tenant.model_id}/{model['weights_sha256']}.delta.safetensors"
-        assert store.exists(key) and chain_depth(store, key) == depth
-        url = f"/v1/models/{s3_tenant.model_id}/versions/{model['version']}/weights"
-        weights = s3_client.get(url, headers=s3_tenant.headers)
-        assert weights.status_code == 200, weights.text
-        assert hashlib.sha256(weights.content).hexdigest() == model["weights_sha256"]
-        assert weights.headers["x-checksum-sha256"] == model["weights_sha256"]
-        assert weights.headers["content-length"] == str(len(weights.content))
-        assert store.size(key) < len(weights.content) / 2
-    assert not [p for w in workers.values() for p in scratch_files(w)]
-    assert not [p for p in Path(s3_settings.scratch_root).rglob("*") if p.is_file()]
 
 
 def test_a_weights_download_can_redirect_to_a_presigned_url(s3_settings, s3_tenant):
