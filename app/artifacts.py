@@ -20,6 +20,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 
@@ -194,6 +195,14 @@ class ArtifactStore:
                 f"artifact {self.uri(key)} is corrupted: its sha256 is {digest.hexdigest()}, "
                 f"{expected} was recorded when it was written"
             )
+
+    def open(self, key: str) -> BinaryIO:
+        """The object opened for ranged reads (not checked against its sha256: a caller
+        that reads only parts of it checks what it makes of them)."""
+        try:
+            return self.fs.open(self._path(key), "rb", block_size=_BLOCK)
+        except FileNotFoundError:
+            raise self._missing(key) from None
 
     def _missing(self, key: str) -> ArtifactMissing:
         return ArtifactMissing(

@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     weights_redirect_expiry_seconds: int = Field(
         900, gt=0, description="How long a presigned weights URL stays valid."
     )
+    version_delta_max_depth: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="A model version made by a job is stored as its parent plus a sparse "
+        "delta when that is smaller, in chains of at most this many deltas on a dense "
+        "version (deeper: stored dense again); 0 stores every version dense.",
+    )
     scratch_root: str = Field(
         default_factory=lambda: _var("scratch"),
         description="With an object store as artifact root: the local folder where a worker "

@@ -281,6 +281,13 @@ class SparseFile(Checkpoint):
         dense = out.view(spec.storage)
         if stop == start:
             return dense
+        keep, values = self.read_kept(key, start, stop)
+        dense[keep] = values
+        return dense
+
+    def read_kept(self, key: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Elements [start, stop) of `key` as stored: which are kept (bools) and their values."""
+        _, start, stop = self._slice_bounds(key, start, stop)
         mask_name, values_name = stored_names(key)
         block = start // BLOCK_ELEMENTS
         base = block * BLOCK_ELEMENTS  # read the mask from the block's start: its count is known
@@ -289,8 +296,7 @@ class SparseFile(Checkpoint):
         first = int(self._block_prefix(key)[block]) + int(np.count_nonzero(bits[: start - base]))
         keep = bits[start - base : stop - base]
         values = self.stored.read_array(values_name, first, first + int(np.count_nonzero(keep)))
-        dense[keep] = values
-        return dense
+        return keep, values
 
     def sha256(self) -> str:
         return self.stored.sha256()

@@ -145,7 +145,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
         [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", *flags]
-        + ["-s3", f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"],
+        + ["-s3", f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+        # Its Iceberg and Lance listeners have fixed ports: off, so sessions run side by side.
+        + ["-s3.port.iceberg=0", "-s3.port.lance=0"],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

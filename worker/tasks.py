@@ -31,8 +31,9 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from app import version_store
 from app.artifacts import ArtifactError, ArtifactStore, store_for
-from app.db.models import JobState
+from app.db.models import JobState, ModelVersion, UnlearningJob
 from app.db.session import Database
 from app.queue import RUN_STEP_TASK, JobQueue
 from app.services import steps
@@ -179,20 +180,19 @@ def job_spec(claim: steps.Claim) -> JobSpec:
         raise NegMergeError(describe_validation_error(exc)) from None
 
 
-def load_context(rt: Runtime, claim: steps.Claim, root: Path | None = None) -> JobContext:
+def load_context(
+    rt: Runtime, claim: steps.Claim, root: Path | None = None, local: Path | None | bool = True
+) -> JobContext:
     """The step's JobContext in work directory `root` (default: the job's on a local
-    artifact root)."""
+    artifact root), on `local` weights (default: `local_weights`')."""
     spec = job_spec(claim)
     root = root or workdir_for(rt.settings, claim.job_id)
     Workdir(root).claim(spec)
-    weights = spec.model.weights
     options = loader_options(rt.settings)
-    if not rt.store.remote or weights is None or is_local(weights):
+    if local is True:
+        local = local_weights(rt, claim, root, spec)
+    if local is None:
         return JobContext.load(spec, root, options)
-    # Weights in the object store (a version a job made) or another fsspec URI: torch loads
-    # a local copy, staged in the step's scratch folder.
-    local = root.parent / "inputs" / "weights.safetensors"
-    stage_weights(rt.store, weights, local)
     staged = spec.model_copy(
         update={"model": spec.model.model_copy(update={"weights": str(local)})}
     )
@@ -200,6 +200,50 @@ def load_context(rt: Runtime, claim: steps.Claim, root: Path | None = None) -> J
     if claim.step != steps.PREPARE:  # prepare hashes the local copy; the report names the URI
         ctx.spec = spec
     return ctx
+
+
+def local_weights(
+    rt: Runtime, claim: steps.Claim, root: Path, spec: JobSpec | None = None
+) -> Path | None:
+    """A local copy of the job's base weights for torch, or None if they are a local dense
+    file already: a delta-stored version materialised (once per job on a local artifact
+    root, per step in the scratch folder with an object store), or a store object or another
+    fsspec URI staged in the step's scratch folder."""
+    spec = spec or job_spec(claim)
+    weights = spec.model.weights
+    if weights is None:
+        return None
+    delta = version_store.delta_key_of(rt.store, weights)
+    if delta is not None:
+        version = _base_sha256(rt, claim)
+        folder = root.parent / "inputs" if rt.store.remote else _base_folder(rt, claim.job_id)
+        local = folder / f"{version}.safetensors"
+        with store_errors():
+            version_store.materialise_version(
+                rt.store, delta, version, local, rt.settings.scratch_root
+            )
+        return local
+    if not rt.store.remote or is_local(weights):
+        return None
+    # Weights in the object store (a version a job made) or another fsspec URI.
+    local = root.parent / "inputs" / "weights.safetensors"
+    stage_weights(rt.store, weights, local)
+    return local
+
+
+def _base_folder(rt: Runtime, job_id: uuid.UUID) -> Path:
+    """Where a local artifact root's job keeps its materialised base until it finishes."""
+    return Path(rt.settings.scratch_root) / "bases" / str(job_id)
+
+
+def _base_sha256(rt: Runtime, claim: steps.Claim) -> str:
+    """The sha256 of the job's base version (its materialised weights)."""
+    with rt.db.unit_of_work() as session:
+        job = session.get(UnlearningJob, claim.job_id)
+        version = session.get(ModelVersion, job.model_version_id) if job else None
+    if version is None:
+        raise ArtifactError(f"job {claim.job_id}: its base version is gone")
+    return version.weights_sha256
 
 
 def loader_options(settings: Settings) -> LoaderOptions:
@@ -278,7 +322,8 @@ def delete_task_vectors(store: ArtifactStore, merged: dict[str, Any]) -> None:
 def run_finalize(
     rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep | None, round_: int
 ) -> str:
-    ctx = load_context(rt, claim, root)
+    base = local_weights(rt, claim, root)
+    ctx = load_context(rt, claim, root, base)
     original = claim.outputs[steps.PREPARE]
     merged = claim.outputs[steps.round_step(steps.MERGE, round_)]
     searched = claim.outputs[steps.round_step(steps.SEARCH, round_)]
@@ -319,7 +364,13 @@ def run_finalize(
         if report["model"] is not None:
             sha256 = report["model"]["sha256"]
             source = Path(report["model"]["path"])
-            stored = store_model(rt, job.model_id, source, sha256)
+            parent = session.get(ModelVersion, job.model_version_id)
+            on_parent = None
+            if parent is not None and ctx.spec.finetuning != "linear":
+                # A linearized checkpoint's tensors are not its parent's: always dense.
+                parent_local = base or Path(ctx.spec.model.weights or "")
+                on_parent = (parent.weights_uri, parent.weights_sha256, parent_local)
+            stored = store_model(rt, job.model_id, source, sha256, on_parent)
             version = add_version(
                 session,
                 job.tenant_id,
@@ -342,6 +393,7 @@ def run_finalize(
         steps.finish_job(session, claim, summary, result)
     if not claim.request.get("keep_task_vectors", False):
         delete_task_vectors(rt.store, merged)
+    shutil.rmtree(_base_folder(rt, claim.job_id), ignore_errors=True)
     log.info(
         "job %s: SUCCEEDED, target %s, model version %s",
         claim.job_id,
@@ -351,9 +403,21 @@ def run_finalize(
     return "done"
 
 
-def store_model(rt: Runtime, model_id: uuid.UUID, source: Path, sha256: str) -> str:
+def store_model(
+    rt: Runtime,
+    model_id: uuid.UUID,
+    source: Path,
+    sha256: str,
+    parent: tuple[str, str, Path] | None = None,
+) -> str:
     """Copy the unlearned model to <artifact_root>/models/<model id>/<sha256>.safetensors:
-    content-addressed, so a second copy of the same bytes is the same object."""
+    content-addressed, so a second copy of the same bytes is the same object; or, on
+    `parent` (its URI, sha256 and a local dense copy), as a sparse delta if that is smaller
+    (app.version_store)."""
+    with store_errors():
+        delta = version_store.store_version(rt.store, rt.settings, model_id, source, sha256, parent)
+    if delta is not None:
+        return delta
     if rt.store.remote:
         key = f"models/{model_id}/{sha256}.safetensors"
         with store_errors():
