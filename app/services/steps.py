@@ -220,23 +220,34 @@ def _held(repo: StepRepository, claim: Claim) -> tuple[UnlearningJob | None, Job
     return job, step
 
 
+def _done(
+    session: Session, repo: StepRepository, claim: Claim, output: dict[str, Any]
+) -> UnlearningJob | None:
+    """Record the held step `claim.step` as DONE with `output`; the job (locked) if it goes
+    on, None if the lease was lost or the job has ended or is being cancelled."""
+    job, step = _held(repo, claim)
+    if job is None or step is None:
+        return None
+    _end_step(step, StepState.DONE, utcnow())
+    step.output = output
+    if job.state.is_terminal:
+        return None
+    if job.state is JobState.CANCELLING:
+        change_state(session, job, JobState.CANCELLED, WORKER)
+        return None
+    return job
+
+
 def complete_step(
     session: Session, claim: Claim, output: dict[str, Any], queue: JobQueue
 ) -> list[str]:
     """Record step `claim.step` as DONE with `output`, create the next steps and send them
     after commit. Returns the names of the steps it will send."""
     repo = StepRepository(session)
-    job, step = _held(repo, claim)
-    if job is None or step is None:
+    job = _done(session, repo, claim, output)
+    if job is None:
         return []
-    now = utcnow()
-    _end_step(step, StepState.DONE, now)
-    step.output = output
-    if job.state.is_terminal:
-        return []
-    if job.state is JobState.CANCELLING:
-        change_state(session, job, JobState.CANCELLED, WORKER)
-        return []
+    now = job.updated_at = utcnow()
 
     following: list[str] = []
     index = variant_index(claim.step)
@@ -261,7 +272,6 @@ def complete_step(
         following = [round_step(SEARCH, round_)]
     elif kind == SEARCH:
         following = [round_step(FINALIZE, round_)]
-    job.updated_at = now
     for name in following:
         repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
     if following:
@@ -303,20 +313,12 @@ def start_round(
     """Record round `round_ - 1`'s finalize as DONE (its target was not met) and start round
     `round_`: its `variants` are created and sent after commit. [] if the lease was lost."""
     repo = StepRepository(session)
-    job, step = _held(repo, claim)
-    if job is None or step is None:
+    job = _done(session, repo, claim, output)
+    if job is None:
         return []
-    now = utcnow()
-    _end_step(step, StepState.DONE, now)
-    step.output = output
-    if job.state.is_terminal:
-        return []
-    if job.state is JobState.CANCELLING:
-        change_state(session, job, JobState.CANCELLED, WORKER)
-        return []
+    now = job.updated_at = utcnow()
     job.variants_total += len(variants)
     job.percent = 10.0 + 70.0 * job.variants_done / job.variants_total
-    job.updated_at = now
     change_stage(session, job, JobStage.FINETUNING, WORKER)
     _progress_event(
         session,
