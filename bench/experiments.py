@@ -124,10 +124,9 @@ def fresh_workdir(path: Path) -> Path:
     return path
 
 
-def run_job(
-    spec: JobSpec, workdir: Path, original_label: str, extra_rows: Callable[[], dict] | None = None
-) -> dict:
-    """Fine-tune once, then every method on the same task vectors; rows by label."""
+def fine_tune(spec: JobSpec, workdir: Path) -> tuple[JobContext, dict, int, float]:
+    """The job's context, the original's measurements, and its n variants fine-tuned (with
+    the seconds that took)."""
     ctx = JobContext.load(spec, workdir)
     Workdir(workdir).claim(spec)
     original = prepare(ctx)
@@ -135,7 +134,14 @@ def run_job(
     began = time.perf_counter()
     for index in range(n):
         finetune_variant(ctx, index)
-    finetune_seconds = time.perf_counter() - began
+    return ctx, original, n, time.perf_counter() - began
+
+
+def run_job(
+    spec: JobSpec, workdir: Path, original_label: str, extra_rows: Callable[[], dict] | None = None
+) -> dict:
+    """Fine-tune once, then every method on the same task vectors; rows by label."""
+    ctx, original, n, finetune_seconds = fine_tune(spec, workdir)
     rows = {original_label: {**original["metrics"], "lambda": 0.0}}
     if extra_rows is not None:
         rows.update(extra_rows())
@@ -280,14 +286,7 @@ LINEAR = False
 def linear_rows(spec: JobSpec, workdir: Path) -> dict:
     """The n variants fine-tuned in the tangent space (finetuning "linear"), then the best
     single task vector and NegMerge on them, searched and measured on the linearized model."""
-    ctx = JobContext.load(spec, workdir)
-    Workdir(workdir).claim(spec)
-    original = prepare(ctx)
-    n = len(spec.variant_list())
-    began = time.perf_counter()
-    for index in range(n):
-        finetune_variant(ctx, index)
-    seconds = time.perf_counter() - began
+    ctx, original, n, seconds = fine_tune(spec, workdir)
     rows = {
         "Linear Task Arithmetic": best_single(ctx, original, n),
         "Linear NegMerge": run_method(ctx, original, "negmerge", {"consensus": 1.0}, "negmerge"),
