@@ -82,6 +82,45 @@ class FineTuningThroughput:
         return []
 
 
+class FineTuningDeviceUsage:
+    """A collector of the accelerator use of the jobs fine-tuning now, read from the database
+    at scrape time (the workers write each job's latest step's negmerge.finetune.device_usage
+    there; CPU runs write none): memory summed over the jobs, utilisation averaged over those
+    whose worker could read it (NVML), absent when none could."""
+
+    def __init__(self, usages: Callable[[], list[dict[str, float]]]) -> None:
+        self._usages = usages
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        usages = self._usages()
+        yield GaugeMetricFamily(
+            "negmerge_finetune_device_jobs",
+            "Jobs fine-tuning now on an accelerator (those that reported its use).",
+            value=len(usages),
+        )
+        for name, key, what in [
+            ("allocated", "memory_allocated_mib", "allocated at their latest step"),
+            ("peak", "memory_peak_mib", "at peak in the running variant's process"),
+        ]:
+            yield GaugeMetricFamily(
+                f"negmerge_finetune_device_memory_{name}_mib",
+                f"Accelerator memory (MiB) of the jobs fine-tuning now, {what}, summed.",
+                value=sum(u.get(key, 0.0) for u in usages),
+            )
+        utilisation = [u["utilization_percent"] for u in usages if "utilization_percent" in u]
+        family = GaugeMetricFamily(
+            "negmerge_finetune_device_utilization_percent",
+            "GPU utilisation (percent) at the latest step of the jobs fine-tuning now, "
+            "averaged over those whose worker reads it (pynvml installed); no sample if none.",
+        )
+        if utilisation:
+            family.add_metric([], sum(utilisation) / len(utilisation))
+        yield family
+
+    def describe(self):  # type: ignore[no-untyped-def]
+        return []
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the request id of the request being served."""
 

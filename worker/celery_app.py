@@ -73,10 +73,13 @@ def preload_step_modules(settings: Settings) -> None:
     create_engine(settings.database_url).dispose()
 
 
-def torch_threads(concurrency: int) -> int | None:
-    """CPU threads for torch in one worker child: the cores divided among the worker's
-    processes (one each when they match), or None where OMP_NUM_THREADS is set: an explicit
-    choice torch already follows (set it to 1 when several workers share the cores)."""
+def torch_threads(concurrency: int, setting: int | str = "auto") -> int | None:
+    """CPU threads for torch in one worker child: NEGMERGE_WORKER_TORCH_THREADS, or (auto)
+    the cores divided among the worker's processes (one each when they match), or None
+    where OMP_NUM_THREADS is set: an explicit choice torch already follows (set it to 1
+    when several workers share the cores)."""
+    if setting != "auto":
+        return int(setting)
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -102,7 +105,9 @@ def _on_worker_process_init(**_: object) -> None:
 
     allow_loader_processes()
     concurrency = getattr(_controller, "concurrency", None)
-    threads = torch_threads(concurrency if isinstance(concurrency, int) else 1)
+    threads = torch_threads(
+        concurrency if isinstance(concurrency, int) else 1, get_settings().worker_torch_threads
+    )
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -134,6 +139,7 @@ def create_celery(settings: Settings):  # type: ignore[no-untyped-def]
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
+        worker_concurrency=settings.variants_per_device(),  # --concurrency overrides it
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         task_ignore_result=True,

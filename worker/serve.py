@@ -60,7 +60,10 @@ def worker_command(settings: Settings, concurrency: int, name: str) -> list[str]
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option(
-    "--workers", default=1, show_default=True, type=int, help="Worker processes (0: API only)."
+    "--workers",
+    default=None,
+    type=int,
+    help="Worker processes (0: API only; default NEGMERGE_WORKER_VARIANTS_PER_DEVICE's).",
 )
 @click.option(
     "--migrate/--no-migrate",
@@ -68,7 +71,7 @@ def worker_command(settings: Settings, concurrency: int, name: str) -> list[str]
     default=None,
     help="Run alembic upgrade head first (default: only for SQLite).",
 )
-def serve(host: str, port: int, workers: int, run_migrations: bool | None) -> None:
+def serve(host: str, port: int, workers: int | None, run_migrations: bool | None) -> None:
     """Run the API, the workers and the watchdog on this machine."""
     import uvicorn
 
@@ -77,6 +80,7 @@ def serve(host: str, port: int, workers: int, run_migrations: bool | None) -> No
     from worker.watchdog import start_thread
 
     settings = get_settings()
+    workers = settings.variants_per_device() if workers is None else workers
     configure_logging(settings.log_level)
     if run_migrations or (run_migrations is None and settings.database_url.startswith("sqlite")):
         migrate(settings)

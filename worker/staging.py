@@ -8,7 +8,8 @@ sha256; the step runs; its outputs are uploaded; the folder is deleted. So worke
 nothing but the store (and PostgreSQL and Redis), and each keeps at most one step's files.
 
 The merge reads its n task vectors from scratch files, streaming tensor by tensor as it does
-from any file (negmerge.merge.streaming): its memory does not grow with n.
+from any file (negmerge.merge.streaming): its memory does not grow with n. With running merge
+storage (worker.merge_states) there are no task vectors: it downloads the workers' states.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _variant_files(spec: JobSpec, index: int) -> list[str]:
     return [str(tau.with_suffix(".json")), str(tau)]
 
 
-def files_of(step: str, spec: JobSpec) -> StepFiles:
+def files_of(step: str, spec: JobSpec, folded: bool = False) -> StepFiles:
+    """The step's files; `folded`: the merge combines running merge states (fetched by
+    worker.merge_states), not task vectors."""
     index = steps.variant_index(step)
     kind, round_ = steps.step_round(step)
     wd = _RELATIVE.at_round(round_)
@@ -54,7 +57,7 @@ def files_of(step: str, spec: JobSpec) -> StepFiles:
         return StepFiles([], _variant_files(spec, index))
     if kind == steps.MERGE:
         taus = [f for i, _ in spec.merged_variants(round_) for f in _variant_files(spec, i)]
-        return StepFiles(taus, [str(wd.merged)])
+        return StepFiles([] if folded else taus, [str(wd.merged)])
     if kind == steps.SEARCH:
         return StepFiles([str(wd.merged)], [str(wd.search)])
     if kind == steps.FINALIZE:

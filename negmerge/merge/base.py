@@ -6,6 +6,11 @@ merged values. The streaming engine runs it over slices of tensors, so no method
 more than one task vector's slice at once. Methods whose states combine associatively
 (`combine`) can be merged in shards on different machines.
 
+Methods whose fold is also commutative (`commutative`: the state does not depend on the order
+the task vectors came in) can keep a running state: each worker folds the variants it
+finishes, in whatever order they finish (negmerge.merge.running). States are stored packed
+(`pack`, `unpack`), as small as the method allows.
+
 Methods work on float32 numpy arrays: the engine reads files without torch, and torch tensors
 that callers hand in convert to numpy without a copy.
 """
@@ -67,6 +72,7 @@ class MergeMethod(ABC):
     summary: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     associative: ClassVar[bool] = False
+    commutative: ClassVar[bool] = False  # associative, and the order of the inputs is moot
 
     def __init__(self, n: int, **params: object) -> None:
         if n < 1:
@@ -101,6 +107,14 @@ class MergeMethod(ABC):
     def combine(self, first: State, second: State) -> State:
         """The state of two disjoint shards, `first`'s task vectors before `second`'s."""
         raise MergeError(f"{self.name}: cannot be merged in shards")
+
+    def pack(self, state: State) -> State:
+        """The state in its stored form (default: as it is)."""
+        return state
+
+    def unpack(self, packed: State, size: int) -> State:
+        """The state from its stored form; `size`: its elements."""
+        return packed
 
     def describe(self) -> dict[str, object]:
         return {"method": self.name, "params": self.params.model_dump()}

@@ -2,12 +2,14 @@
 
 Machines each merge a shard of the n task vectors into a partial state (for NegMerge: the sum
 and the per-element counts of positive and negative signs); combining the states in shard order
-and finishing gives the same merge as one pass over all n.
+and finishing gives the same merge as one pass over all n. A partial merge may name the
+variants (task vectors by index) it holds, so that combining can refuse to count one twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ class PartialMerge:
     n: int
     states: dict[str, State]
     shapes: dict[str, tuple[int, ...]]
+    variants: tuple[int, ...] = ()  # the task vectors' indices, where known
 
     def combine(self, later: PartialMerge) -> PartialMerge:
         """The state of this shard followed by `later`."""
@@ -40,12 +43,16 @@ class PartialMerge:
             )
         if self.shapes != later.shapes:
             raise MergeError("cannot combine partial merges of different models")
+        twice = set(self.variants) & set(later.variants)
+        if twice:
+            raise MergeError(f"both partial merges hold variant(s) {sorted(twice)}")
         with np.errstate(all="ignore"):
             states = {
                 key: self.method.combine(state, later.states[key])
                 for key, state in self.states.items()
             }
-        return PartialMerge(self.method, self.n + later.n, states, self.shapes)
+        variants = (*self.variants, *later.variants)
+        return PartialMerge(self.method, self.n + later.n, states, self.shapes, variants)
 
     def finish(self, numpy: bool = False) -> dict[str, Any]:
         """The merged task vector: float32 torch tensors (numpy arrays with `numpy`)."""
@@ -61,10 +68,11 @@ class PartialMerge:
         return {key: torch.from_numpy(value) for key, value in merged.items()}
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the state, packed (MergeMethod.pack), atomically."""
         tensors = {
             f"{key}::{name}": value
             for key, state in self.states.items()
-            for name, value in state.items()
+            for name, value in self.method.pack(state).items()
         }
         metadata = {
             "format": PARTIAL_FORMAT,
@@ -72,6 +80,7 @@ class PartialMerge:
             "params": json.dumps(self.method.params.model_dump(), sort_keys=True),
             "n": str(self.n),
             "shapes": json.dumps(self.shapes),
+            "variants": json.dumps(list(self.variants)),
         }
         save_file(tensors, path, metadata)
 
@@ -83,20 +92,26 @@ class PartialMerge:
             raise MergeError(f"{path}: not a partial merge file")
         n = int(metadata["n"])
         method = get_method(metadata["method"], n, **json.loads(metadata["params"]))
-        states: dict[str, State] = {}
+        packed: dict[str, State] = {}
         for name, tensor in load_arrays(path).items():
             key, field = name.rsplit("::", 1)
-            states.setdefault(key, {})[field] = tensor
+            packed.setdefault(key, {})[field] = tensor
         shapes = {key: tuple(shape) for key, shape in json.loads(metadata["shapes"]).items()}
-        return cls(method, n, states, shapes)
+        states = {
+            key: method.unpack(state, math.prod(shapes[key])) for key, state in packed.items()
+        }
+        variants = tuple(json.loads(metadata.get("variants", "[]")))
+        return cls(method, n, states, shapes, variants)
 
 
 def partial_merge(
     method: str,
     vectors: Sequence[Mapping[str, Any]],
     params: Mapping[str, object] | None = None,
+    variants: Sequence[int] = (),
 ) -> PartialMerge:
-    """The partial state of `method` over one shard of task vectors held in memory."""
+    """The partial state of `method` over one shard of task vectors held in memory
+    (`variants`: their indices, if they are to be recorded)."""
     if not vectors:
         raise MergeError("no task vectors given (n = 0)")
     instance = get_method(method, len(vectors), **dict(params or {}))
@@ -107,4 +122,5 @@ def partial_merge(
         chunk.key: reduce_chunk(instance, chunk.taus(), chunk.indices, chunk.key)
         for chunk in iter_memory_chunks(vectors, specs, instance.inputs())
     }
-    return PartialMerge(instance, len(vectors), states, {k: s.shape for k, s in specs.items()})
+    shapes = {k: s.shape for k, s in specs.items()}
+    return PartialMerge(instance, len(vectors), states, shapes, tuple(variants))

@@ -14,6 +14,7 @@ class Uniform(MergeMethod):
     name = "uniform"
     summary = "the mean of the task vectors"
     associative = True
+    commutative = True
 
     def start(self, tau: np.ndarray, index: int) -> State:
         return {"sum": tau.copy()}
