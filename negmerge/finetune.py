@@ -8,6 +8,7 @@ bf16 autocast, from pinned memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -80,6 +81,8 @@ def finetune_task_vector(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=variant.label_smoothing)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     module.train()
+    if variant.batch_norm == "frozen":
+        _freeze_batch_norm(module)
     step = 0
     try:
         began = time.perf_counter()
@@ -164,6 +167,18 @@ def prepare_images(
     return DecodedImages.build(manifest, samples, prepare, options.decoded_cache_bytes, workers)
 
 
+def _freeze_batch_norm(module: nn.Module) -> None:
+    """Batch norm layers normalise with their running statistics and leave them as they are;
+    their affine weights still train. The unlearned model is evaluated with theta_pre's
+    statistics (tau covers parameters only), so the gradient is taken as it will be used; in
+    train mode it would follow a forget set's batch statistics (often those of one class),
+    and on the digits classifier the negated tau then broke retain accuracy before forget
+    accuracy fell (lambda 0 on some trainings of the same recipe)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)  # RandAugment draws from Python's random module
     np.random.seed(seed % 2**32)
@@ -190,3 +205,19 @@ def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def device_usage(device: str) -> dict[str, float] | None:
+    """The accelerator's use by this process on a CUDA `device` (None on CPU): memory
+    allocated now and at peak (MiB), and the GPU's utilisation (percent, over the driver's
+    last sample period) where NVML's Python binding (pynvml: the `gpu` extra) is installed."""
+    if not device.startswith("cuda"):
+        return None
+    usage = {
+        "memory_allocated_mib": torch.cuda.memory_allocated(device) / 2**20,
+        "memory_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+    }
+    # No pynvml, or no NVML for this device: memory only.
+    with contextlib.suppress(Exception):
+        usage["utilization_percent"] = float(torch.cuda.utilization(device))
+    return usage

@@ -50,6 +50,13 @@ class Variant(BaseModel):
         description="Classes the loss is over: all of the model's, or only those in the forget "
         "set (the forget task's own head, as the official CLIP code fine-tunes; needs two).",
     )
+    batch_norm: Literal["frozen", "batch"] = Field(
+        "frozen",
+        description="How batch norm layers normalise while fine-tuning: with the model's "
+        "running statistics (frozen, as the unlearned model is evaluated: tau does not cover "
+        "them), or with each batch's (batch: the statistics of the forget set, often one "
+        "class, which the learned weights then compensate for).",
+    )
     batch_size: int = Field(32, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null: none.")
     seed: int | None = Field(
