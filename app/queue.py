@@ -1,6 +1,7 @@
 """Sending job steps to the workers. A message carries only (job_id, step): the database row
-is the truth about a job, so a lost or repeated message costs nothing but a retry (issue 5's
-workers claim each step in the database and its watchdog re-sends QUEUED jobs).
+is the truth about a job, so a lost or repeated message costs nothing but a retry (workers
+claim each step in the database, app.services.steps, and the watchdog sends again the steps
+whose message was lost).
 
 Only this module knows the broker; the worker side (worker/) registers the task by name.
 """

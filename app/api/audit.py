@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated
 
@@ -9,9 +10,8 @@ from fastapi import APIRouter, Depends, Query
 
 from app.api.common import AUTH_ERRORS, PagingDep, errors
 from app.auth import Principal, require
-from app.db.repositories import AuditFilter, AuditRepository, InvalidPageToken
+from app.db.repositories import AuditFilter, AuditRepository
 from app.dependencies import DbSession
-from app.errors import InvalidRequest
 from app.schemas.audit import AuditEntryOut
 from app.schemas.common import ListResponse
 
@@ -37,12 +37,7 @@ def list_audit(
     """Every state change and state-changing request of this tenant, hash-chained: each
     entry's prev_hash is the hash of the entry before it."""
     where = AuditFilter(action, resource_type, resource_id, _aware(since), _aware(until))
-    try:
-        page = AuditRepository(session, principal.tenant_id).page(
-            where, paging.page_size, paging.page_token
-        )
-    except InvalidPageToken as exc:
-        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    page = paging.page(functools.partial(AuditRepository(session, principal.tenant_id).page, where))
     items = [
         AuditEntryOut(
             seq=e.seq,

@@ -1,14 +1,19 @@
-"""What the routers share: error responses for the OpenAPI document, paging parameters."""
+"""What the routers share: error responses for the OpenAPI document, paging parameters and
+the page query."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query
 
+from app.db.repositories import InvalidPageToken, Page
 from app.dependencies import get_settings
-from app.errors import ErrorResponse
+from app.errors import ErrorResponse, InvalidRequest
 from app.settings import Settings
+
+Row = TypeVar("Row")
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -78,6 +83,14 @@ class Paging:
         self.page_size = page_size
         self.page_token = page_token
 
+    def page(self, fetch: Callable[[int, str | None], Page[Row]]) -> Page[Row]:
+        """`fetch(page_size, page_token)` for this request: a repository's page query. A
+        token this service did not hand out answers 422 on page_token."""
+        try:
+            return fetch(self.page_size, self.page_token)
+        except InvalidPageToken as exc:
+            raise InvalidRequest("page_token", exc.reason) from None
+
 
 async def paging(
     settings: Annotated[Settings, Depends(get_settings)],
@@ -93,4 +106,6 @@ async def paging(
 
 
 PagingDep = Annotated[Paging, Depends(paging)]
+# Why a tenant deletes a data set or a model version: kept on the tombstone and in the audit.
+DeletionReason = Annotated[str, Query(min_length=1, max_length=500, description="Why (recorded).")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

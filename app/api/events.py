@@ -124,12 +124,16 @@ def sse_message(event_id: int, event: str, data: str) -> bytes:
 def look(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID, after: int) -> Look | None:
     """The job's events after `after`, as messages; None if the job is gone."""
     with db.unit_of_work() as session:
-        # The job first: if it has ended, its terminal event committed before, so the events
-        # read next include it unless the cursor is already past it.
+        # The events first, then the job: each statement sees what had committed when it ran,
+        # so the progress read second is never older than the events it is sent with. A job
+        # that ended in between committed its terminal event with its state: read on to it.
+        events = JobEventRepository(session, tenant_id)
+        rows = events.after(job_id, after, BATCH)
         job = JobRepository(session, tenant_id).get(job_id)
         if job is None:
             return None
-        rows = JobEventRepository(session, tenant_id).after(job_id, after, BATCH)
+        if job.state.is_terminal and len(rows) < BATCH:
+            rows += events.after(job_id, rows[-1].id if rows else after, BATCH - len(rows))
         progress = JobProgress.of(job)
         messages = []
         for row in rows:

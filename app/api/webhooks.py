@@ -6,6 +6,7 @@ secrets are credentials. A job's delivery log is part of the job (jobs:read).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Annotated
 
@@ -20,10 +21,8 @@ from app.db.models import (
     WebhookEndpoint,
     WebhookSigningSecret,
 )
-from app.db.repositories import InvalidPageToken
 from app.db.webhook_repositories import WebhookDeliveryRepository, WebhookEndpointRepository
 from app.dependencies import DbSession
-from app.errors import InvalidRequest
 from app.schemas.common import ListResponse
 from app.schemas.webhooks import (
     DeliveryAttemptOut,
@@ -123,12 +122,7 @@ def create_endpoint(
 def list_endpoints(
     principal: Admin, session: DbSession, paging: PagingDep
 ) -> ListResponse[WebhookEndpointOut]:
-    try:
-        page = WebhookEndpointRepository(session, principal.tenant_id).page(
-            paging.page_size, paging.page_token
-        )
-    except InvalidPageToken as exc:
-        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    page = paging.page(WebhookEndpointRepository(session, principal.tenant_id).page)
     return ListResponse(
         items=[endpoint_out(e) for e in page.items], next_page_token=page.next_page_token
     )
@@ -170,12 +164,8 @@ def list_endpoint_deliveries(
     endpoint_id: uuid.UUID, principal: Admin, session: DbSession, paging: PagingDep
 ) -> ListResponse[WebhookDeliveryOut]:
     endpoint = service.get_endpoint(session, principal.tenant_id, endpoint_id)
-    try:
-        page = WebhookDeliveryRepository(session, principal.tenant_id).page_for_endpoint(
-            endpoint.id, paging.page_size, paging.page_token
-        )
-    except InvalidPageToken as exc:
-        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    deliveries = WebhookDeliveryRepository(session, principal.tenant_id)
+    page = paging.page(functools.partial(deliveries.page_for_endpoint, endpoint.id))
     pairs = service.deliveries_with_attempts(session, principal.tenant_id, page.items)
     return ListResponse(
         items=[delivery_out(d, a) for d, a in pairs], next_page_token=page.next_page_token
