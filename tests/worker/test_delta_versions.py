@@ -36,6 +36,9 @@ def own_tenant(client, db, classifier):  # type: ignore[no-untyped-def]
 def _unlearn(client, tenant, version: int, forget: str) -> dict:  # type: ignore[no-untyped-def]
     body = job_body(tenant, model={"id": tenant.model_id, "version": version})
     body["forget"]["classes"] = [forget]
+    # What is tested is storage: a chain of versions, each already missing a digit, whose
+    # search at the default retain floor (0.95) can stop at lambda 0, making no version.
+    body["search"] = {"retain_ratio": 0.5}
     job = wait_for(client, tenant, submit(client, tenant, body), timeout=240)
     assert job["state"] == "SUCCEEDED", job
     assert job["result"]["model_version"] == version + 1, job["result"]
