@@ -196,6 +196,20 @@ class ArtifactStore:
                 f"{expected} was recorded when it was written"
             )
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys of the objects under `prefix` (not their sha256 sidecars), sorted."""
+        base = self._path(prefix)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        start = len(self._base) + 1
+        return sorted(
+            path[start:]
+            for path in found
+            if path.startswith(self._base + "/") and not path.endswith((SIDECAR, ".tmp"))
+        )
+
     def open(self, key: str) -> BinaryIO:
         """The object opened for ranged reads (not checked against its sha256: a caller
         that reads only parts of it checks what it makes of them)."""

@@ -8,12 +8,13 @@ import getpass
 import json
 import sys
 import uuid
+from pathlib import Path
 
 import click
 
 from app.db.repositories import ApiKeyRepository
 from app.db.session import Database
-from app.services import audit
+from app.services import audit, report_signing
 from app.services.tenants import AdminError, create_key, create_tenant, find_tenant, revoke_key
 from app.settings import get_settings
 
@@ -28,7 +29,8 @@ def _actor() -> str:
 
 @click.group()
 def admin() -> None:
-    """Administer the service: tenants, API keys, the audit chain."""
+    """Administer the service: tenants (and their retention), API keys, versions, the audit
+    chain, report signatures."""
 
 
 @admin.group()
@@ -56,6 +58,77 @@ def tenants_list() -> None:
     with _database().unit_of_work() as session:
         for tenant in TenantRepository(session).all():
             click.echo(f"{tenant.id}  {tenant.name}")
+
+
+_DEFAULT = "default"
+
+
+@tenants.command("retention")
+@click.argument("tenant")
+@click.option(
+    "--forget-data",
+    type=click.Choice(["delete", "keep", _DEFAULT]),
+    help="A job's forget data when it ends (default: the service's setting).",
+)
+@click.option(
+    "--intermediates",
+    type=click.Choice(["delete", "keep", _DEFAULT]),
+    help="A job's task vectors, merged vector, base copies and caches when it ends.",
+)
+@click.option(
+    "--superseded",
+    type=click.Choice(["block", "delete", "keep", _DEFAULT]),
+    help="Versions a job unlearned from: blocked, their bytes deleted, or kept usable.",
+)
+def tenants_retention(
+    tenant: str, forget_data: str | None, intermediates: str | None, superseded: str | None
+) -> None:
+    """Show or set TENANT's retention policy (printed as JSON: the policy in force and the
+    tenant's own choices; `default` clears a choice)."""
+    from app.services import retention
+
+    given = {"forget_data": forget_data, "intermediates": intermediates, "superseded": superseded}
+    changes = {k: "" if v == _DEFAULT else v for k, v in given.items() if v is not None}
+    settings = get_settings()
+    try:
+        with _database().unit_of_work() as session:
+            row = find_tenant(session, tenant)
+            if changes:
+                retention.set_policy(session, row, changes, _actor())
+            own = row.retention_policy or {}
+            policy = retention.policy_for(session, row.id, settings)
+            session.flush()
+    except AdminError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({"policy": policy.model_dump(), "tenant_choices": own}))
+
+
+@admin.group()
+def versions() -> None:
+    """Model versions."""
+
+
+@versions.command("keep")
+@click.argument("model_id", type=click.UUID)
+@click.argument("version", type=int)
+@click.option("--reason", required=True, help="Why it is kept (recorded in the audit trail).")
+def versions_keep(model_id: uuid.UUID, version: int, reason: str) -> None:
+    """Keep VERSION of MODEL_ID downloadable and usable as a base although it is superseded
+    (it still holds the data a later job forgot): a stated reason, recorded."""
+    from app.db.models import Model
+    from app.errors import ApiError
+    from app.services import retention
+
+    try:
+        with _database().unit_of_work() as session:
+            model = session.get(Model, model_id)
+            if model is None:
+                raise click.ClickException(f"no model {model_id}")
+            found = retention.get_version(session, model.tenant_id, model_id, version)
+            retention.keep_version(session, found, reason, _actor())
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"kept version {version} of model {model_id}: {reason}")
 
 
 @admin.group()
@@ -163,3 +236,52 @@ def audit_verify() -> None:
     if failed:
         click.echo("audit chain verification FAILED", err=True)
         sys.exit(1)
+
+
+@admin.group("report")
+def report_group() -> None:
+    """Evidence reports' signatures."""
+
+
+@report_group.command("public-key")
+def report_public_key() -> None:
+    """Print the public key (PEM) that report signatures are checked with; its key id goes
+    to stderr. The key pair is NEGMERGE_REPORT_SIGNING_KEY_FILE (made if missing)."""
+    signer = report_signing.signer_for(get_settings().report_signing_key_file)
+    click.echo(report_signing.public_key_pem(signer.public_key), nl=False)
+    click.echo(f"key id {signer.key_id}", err=True)
+
+
+@report_group.command("verify")
+@click.argument("report_file", type=click.File("rb"))
+@click.option(
+    "--public-key",
+    "public_key_file",
+    type=click.File("rb"),
+    help="The service's public key (PEM, from `report public-key` or GET "
+    "/v1/report-signing-key). Default: the key of NEGMERGE_REPORT_SIGNING_KEY_FILE.",
+)
+def report_verify(report_file, public_key_file) -> None:  # type: ignore[no-untyped-def]
+    """Check a filed report's signature offline: prints "valid" (exit 0), or why not (1)."""
+    try:
+        report = json.loads(report_file.read())
+    except ValueError as exc:
+        raise click.ClickException(f"{report_file.name}: not a JSON report ({exc})") from None
+    try:
+        if public_key_file is not None:
+            key = report_signing.load_public_key(public_key_file.read())
+        else:
+            key_file = get_settings().report_signing_key_file
+            if not Path(key_file).is_file():  # a new key would verify nothing
+                raise click.ClickException(
+                    f"no signing key at {key_file} (NEGMERGE_REPORT_SIGNING_KEY_FILE): pass "
+                    "--public-key with the service's public key"
+                )
+            key = report_signing.signer_for(key_file).public_key
+        if not isinstance(report, dict):
+            raise report_signing.SignatureProblem("the file is not a report (a JSON object)")
+        key_id = report_signing.verify(report, key)
+    except report_signing.SignatureProblem as exc:
+        click.echo(f"INVALID: {report_file.name}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"valid: job {report.get('job_id')}, signed by key {key_id}")

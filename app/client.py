@@ -209,6 +209,32 @@ class ServiceClient:
     def get_dataset(self, dataset_id: str) -> JSON:
         return self._json("GET", f"/v1/datasets/{dataset_id}")
 
+    # ---- deletion requests ---------------------------------------------------------------
+
+    def submit_deletion_request(self, body: Mapping[str, Any]) -> JSON:
+        """Send one data subject's request; a duplicate answers with the existing request
+        (its `duplicate_of` is set)."""
+        return self._json("POST", "/v1/deletion-requests", json=dict(body))
+
+    def get_deletion_request(self, request_id: str) -> JSON:
+        return self._json("GET", f"/v1/deletion-requests/{request_id}")
+
+    def list_deletion_requests(
+        self,
+        state: str | Iterable[str] | None = None,
+        *,
+        model_id: str | None = None,
+        subject_reference: str | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[JSON]:
+        """The tenant's deletion requests, newest first, fetched page by page."""
+        params: dict[str, Any] = {
+            "state": [state] if isinstance(state, str) else list(state or []),
+            "model_id": model_id,
+            "subject_reference": subject_reference,
+        }
+        return self._pages("/v1/deletion-requests", params, page_size)
+
     # ---- unlearning jobs -----------------------------------------------------------------
 
     def submit_job(self, body: Mapping[str, Any], idempotency_key: str | None = None) -> JSON:

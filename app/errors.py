@@ -84,6 +84,12 @@ class Conflict(ApiError):
     status_code, code = 409, "conflict"
 
 
+class Gone(ApiError):
+    """410: the resource is known but its bytes are not served (deleted, or superseded)."""
+
+    status_code, code = 410, "gone"
+
+
 class PayloadTooLarge(ApiError):
     status_code, code = 413, "payload_too_large"
 

@@ -13,11 +13,16 @@ from app.api import ROUTERS
 from app.api.common import document_common_errors
 from app.artifacts import store_for
 from app.dashboard import ROUTERS as DASHBOARD_ROUTERS
-from app.db.repositories import count_jobs_by_state, fine_tuning_throughput
+from app.db.repositories import (
+    count_jobs_by_state,
+    fine_tuning_device_usage,
+    fine_tuning_throughput,
+)
 from app.db.session import Database
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
 from app.observability import (
+    FineTuningDeviceUsage,
     FineTuningThroughput,
     JobsByState,
     RequestContextMiddleware,
@@ -80,10 +85,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with database.unit_of_work() as session:
             return fine_tuning_throughput(session)
 
+    def device_usage() -> list[dict[str, float]]:
+        with database.unit_of_work() as session:
+            return fine_tuning_device_usage(session)
+
     app.state.metrics_registry = CollectorRegistry(auto_describe=False)
     if settings.metrics_job_counts:
         app.state.metrics_registry.register(JobsByState(count))
     app.state.metrics_registry.register(FineTuningThroughput(throughput))
+    app.state.metrics_registry.register(FineTuningDeviceUsage(device_usage))
 
     install_error_handlers(app)
     app.add_middleware(

@@ -101,6 +101,27 @@ class Settings(BaseSettings):
     finetune_compile: bool = Field(
         False, description="Run the fine-tuning forward through torch.compile (CUDA mostly)."
     )
+    worker_variants_per_device: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="Variants a worker fine-tunes at once (its processes; Celery's "
+        "--concurrency overrides it). Run one worker per GPU with only that GPU visible: more "
+        "than 1 shares the GPU between variants when one does not fill it. auto: 1 (a variant "
+        "with its loader workers, or its threads on CPU, uses the device).",
+    )
+    worker_torch_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto",
+        description="torch CPU threads in each of a worker's processes. auto: the cores "
+        "divided among the worker's processes (OMP_NUM_THREADS, where set, is left to torch).",
+    )
+    merge_storage: Literal["running", "task-vectors"] = Field(
+        "running",
+        description="running: each worker folds the variants it fine-tunes into a running "
+        "merge state of its own (NegMerge: about 1.06x the model) and the task vectors are not "
+        "stored, so a job's storage is about (workers + 1) x the model whatever n is; "
+        "task-vectors: store every task vector until the merge (n x the model). Methods "
+        "whose result depends on the order or on every task vector at once (magmax, ties, "
+        "single) always store task vectors.",
+    )
     artifact_root: str = Field(
         default_factory=lambda: _var("artifacts"),
         description="Where uploaded data sets and job outputs are stored (a path or fsspec URI).",
@@ -132,6 +153,12 @@ class Settings(BaseSettings):
         description="A model version made by a job is stored as its parent plus a sparse "
         "delta when that is smaller, in chains of at most this many deltas on a dense "
         "version (deeper: stored dense again); 0 stores every version dense.",
+    )
+    report_signing_key_file: str = Field(
+        default_factory=lambda: _var("report-signing-key.pem"),
+        description="The Ed25519 private key (PEM) that signs evidence reports; generated "
+        "here (mode 0600) on first use if missing. Every API process must read the same "
+        "file; its public key is GET /v1/report-signing-key.",
     )
     scratch_root: str = Field(
         default_factory=lambda: _var("scratch"),
@@ -261,6 +288,26 @@ class Settings(BaseSettings):
         "(401 otherwise); unset, it is open to whoever reaches the port.",
     )
 
+    deletion_request_due_months: int = Field(
+        1,
+        ge=1,
+        le=12,
+        description="A deletion request's default due date: this many calendar months after "
+        "it was received (GDPR Art. 12(3): one month).",
+    )
+    deletion_request_max_samples: int = Field(
+        10_000,
+        gt=0,
+        description="Most samples one deletion request may name (each image is read and "
+        "hashed when it is received, to recognise duplicates).",
+    )
+    deletion_request_max_attempts: int = Field(
+        3,
+        gt=0,
+        description="Jobs that may fail (or be cancelled) carrying a deletion request before "
+        "it is FAILED rather than PENDING again.",
+    )
+
     page_size_default: int = Field(50, gt=0)
     page_size_max: int = Field(200, gt=0)
     retry_after_seconds: int = Field(5, gt=0, description="Retry-After on unfinished jobs.")
@@ -303,6 +350,25 @@ class Settings(BaseSettings):
     webhook_batch_size: int = Field(
         20, gt=0, description="Most webhook attempts one watchdog pass makes."
     )
+    retention_forget_data: Literal["delete", "keep"] = Field(
+        "delete",
+        description="When a job ends, its forget set's stored files (the forgotten samples' "
+        "images of an uploaded data set, and every copy the job made): delete, or keep. A "
+        "tenant's own policy overrides it (negmerge admin tenants retention).",
+    )
+    retention_intermediates: Literal["delete", "keep"] = Field(
+        "delete",
+        description="When a job ends, its task vectors, merged vector, base copies, decoded "
+        "caches and its work directory's weights: delete, or keep (their hashes stay in "
+        "the job's result and report either way).",
+    )
+    retention_superseded: Literal["block", "delete", "keep"] = Field(
+        "block",
+        description="A version a job unlearned from (it still holds the forgotten data): "
+        "block (no downloads, not a base, unless an admin keeps it with a reason), delete "
+        "its bytes (a tombstone; versions stored as deltas of it are made dense first), or "
+        "keep it usable (for models whose forget sets are not personal data).",
+    )
     webhook_secret_grace_seconds: float = Field(
         24 * 3600.0,
         ge=0,
@@ -310,11 +376,16 @@ class Settings(BaseSettings):
         "the old secret too for this long, so receivers can switch over.",
     )
 
+    def variants_per_device(self) -> int:
+        """worker_variants_per_device resolved."""
+        auto = self.worker_variants_per_device == "auto"
+        return 1 if auto else int(self.worker_variants_per_device)
+
     @field_validator("data_roots")
     @classmethod
     def _apart_from_the_servers_files(cls, roots: list[str], info: ValidationInfo) -> list[str]:
         """A data root that contains the artifact root (or lies inside it) lets a tenant
-        register another tenant's stored models and uploads by path (issue 11, finding 5).
+        register another tenant's stored models and uploads by path.
         A field validator: its error shows the data roots, not the database URL."""
         own = {
             "artifact_root": info.data.get("artifact_root", ""),

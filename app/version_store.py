@@ -128,3 +128,31 @@ def materialise_version(
         return
     with _chain(store, key, scratch) as (base, deltas):
         materialise_to(base, deltas, sha256, target)
+
+
+def chain_keys(store: ArtifactStore, key: str) -> list[str]:
+    """The keys the version stored as `key` is made of: itself, then each delta's parent
+    down to the dense version."""
+    keys = [key]
+    while is_delta_key(key):
+        if len(keys) > _MAX_CHAIN:
+            raise CheckpointError(f"{store.uri(key)}: a chain of more than {_MAX_CHAIN}")
+        key = _read_metadata(store, key)["delta_parent"]
+        keys.append(key)
+    return keys
+
+
+def make_dense(
+    store: ArtifactStore, model_id: uuid.UUID, key: str, sha256: str, scratch: str
+) -> str:
+    """Store the version held as delta `key` dense (models/<model id>/<sha256>.safetensors),
+    so that it no longer needs its parents (one of them is being deleted); returns its URI."""
+    dense = f"models/{model_id}/{sha256}.safetensors"
+    if store.exists(dense) and store.recorded_sha256(dense) == sha256:
+        return store.uri(dense)
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="dense-") as folder:
+        local = Path(folder) / f"{sha256}.safetensors"
+        materialise_version(store, key, sha256, local, scratch)
+        store.put_file(local, dense)
+    return store.uri(dense)

@@ -1,7 +1,8 @@
 """GET /v1/unlearning-jobs/{id} under load, against a bare FastAPI route of the same server.
 
-Issue 4's target: at 64 concurrent clients, the job GET answers at least 50% of the bare
-route's throughput, with p99 under 50 ms. The script, start to end:
+The target: at 64 concurrent clients, the job GET (what dashboards poll) answers at least
+50% of the bare route's throughput, with p99 under 50 ms, so that polling costs the server
+little more than the framework itself. The script, start to end:
 
   1. creates a fresh PostgreSQL database (negmerge_bench_<random> on 127.0.0.1:5432) and
      runs `alembic upgrade head` on it; creates a tenant and an API key (jobs:write,
@@ -19,8 +20,8 @@ route's throughput, with p99 under 50 ms. The script, start to end:
   5. prints requests/s and p50 / p95 / p99 latency side by side, the throughput ratio, and
      pass/fail; and, from the server itself (GET /bench/gc, same app), the full (generation 2)
      garbage collections during each target's run and their longest pause, and whether the
-     server imported model code (timm, torchvision, open_clip) (issue 17: registration built
-     the model in the API process, and every full collection then walked its objects); then
+     server imported model code (timm, torchvision, open_clip) (registration once built the
+     model in the API process, and every full collection then walked its objects); then
      stops the server and drops the database, also on errors.
 
 Run:  .venv/bin/python bench/api_load.py [--workers 1 2] [--jobs 1] [--duration 10] [--markdown]
@@ -53,7 +54,9 @@ CLASSES = ["circle", "square", "triangle"]
 CONNECTIONS = 64
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 50.0
-TARGET_P95_VS_BARE = 2.5  # issue 17: ours' p95 at most this many times the bare route's
+# Ours' p95 at most this many times the bare route's: a longer tail is the server stalling
+# (full garbage collections walking model code), not the route's own work.
+TARGET_P95_VS_BARE = 2.5
 MODEL_CODE = ("timm", "torchvision", "open_clip")
 
 # What GET /bare answers: the shape and about the size of a queued job's JSON (~1 KB).

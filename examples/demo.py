@@ -231,6 +231,9 @@ def main() -> None:
             "variants": DEMO_VARIANTS,
             "subject_reference": "DEMO-1",
             "legal_basis": "GDPR Art. 17",
+            # Run again on the same service, the demo forgets the shapes once more on purpose
+            # (otherwise the service refuses a forget set its lineage already forgot).
+            "allow_repeat": True,
         }
     )
     out.print(f"submitted deletion request {job['id']}: forget the shapes, keep the digits")

@@ -33,7 +33,14 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from negmerge.data import Manifest, Sample
 from negmerge.errors import DataError, DivergedError, NegMergeError
@@ -42,6 +49,7 @@ from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, open_checkpoint, save_file
 from negmerge.linearize import Finetuning, apply_tangent_file, linearized_metadata
 from negmerge.loading import DecodedImages, LoaderOptions, decoded_key
+from negmerge.merge.running import combine_states, fold_task_vector, write_merged
 from negmerge.merge.streaming import merge_files
 from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
 from negmerge.models import ModelSpec, UnlearningModel, load_model
@@ -74,6 +82,21 @@ class ForgetSpec(DataRef):
 
     ids: list[str] | None = Field(None, min_length=1)
     classes: list[str] | None = Field(None, min_length=1)
+
+
+class SampleGroup(BaseModel):
+    """Part of the forget set measured on its own (one deletion request's samples): by id,
+    or whole classes."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] | None = Field(None, min_length=1)
+    classes: list[str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> SampleGroup:
+        if (self.ids is None) == (self.classes is None):
+            raise ValueError("a group names ids or classes (one of them)")
+        return self
 
 
 class MergeSpec(BaseModel):
@@ -151,6 +174,13 @@ class JobSpec(BaseModel):
         "negmerge.models.load_linearized.",
     )
 
+    groups: dict[str, SampleGroup] = Field(
+        default_factory=dict,
+        description="Parts of the forget set whose own accuracy and true-label confidence "
+        "the report gives before and after (e.g. one per deletion request); each must lie "
+        "within the forget set.",
+    )
+
     @property
     def target_kind(self) -> TargetKind:
         return target_kind(self.forget.classes, self.forget.ids)
@@ -218,6 +248,14 @@ class JobSpec(BaseModel):
         """Variant `index`, numbered across rounds."""
         return dict(self.round_variants(index // self.variants_per_round))[index]
 
+    def state_group(self, index: int) -> int:
+        """The running merge states variant `index` is folded into (negmerge.merge.running):
+        those of the first round whose variants are merged with it (0 for every variant
+        with the `more` strategy, the variant's own round with `longer`)."""
+        round_ = index // self.variants_per_round
+        first = self.escalation.merged_indices(self.variants_per_round, round_)[0]
+        return first // self.variants_per_round
+
     def merged_variants(self, round_: int) -> list[tuple[int, Variant]]:
         """The variants round `round_` merges."""
         indices = self.escalation.merged_indices(self.variants_per_round, round_)
@@ -275,6 +313,10 @@ class Workdir:
 
     def variant(self, index: int, variant: Variant) -> Path:
         return self.root / "variants" / f"{index:03d}-{variant.key()}.safetensors"
+
+    def state(self, group: int, name: str) -> Path:
+        """A running merge state of state group `group` (JobSpec.state_group)."""
+        return self.root / "states" / str(group) / f"{name}.safetensors"
 
     def claim(self, spec: JobSpec) -> None:
         """Create the work directory for `spec`, or check that it already belongs to it. One
@@ -396,6 +438,37 @@ class JobContext:
         confidence = float(true_label_probabilities(logits, data.labels).mean()) * 100
         return accuracy(logits, data.labels), confidence
 
+    def group_metrics(self) -> dict[str, dict[str, float | int | None]]:
+        """Each group's accuracy and mean true-label confidence (percent) over its samples in
+        the forget set (every split: all of them are the subject's data), as the model is now."""
+        found: dict[str, dict[str, float | int | None]] = {}
+        forgotten = {s.id for s in _forget_set(self)}
+        for name, group in self.spec.groups.items():
+            chosen = group_samples(self.forget_manifest, name, group)  # checked in make_splits
+            samples = [s for s in chosen if s.id in forgotten]
+            key = f"group:{name}"
+            if key not in self._eval_sets:
+                self._eval_sets[key] = EvalSet.build(
+                    key,
+                    self.model,
+                    self.forget_manifest,
+                    samples,
+                    self.spec.max_eval_samples,
+                    self.spec.seed,
+                )
+            data = self._eval_sets[key]
+            if not len(data):
+                found[name] = {"count": 0, "acc": None, "true_label_confidence": None}
+                continue
+            logits = predict(self.model, data, self.device, self.spec.eval_batch_size)
+            confidence = float(true_label_probabilities(logits, data.labels).mean()) * 100
+            found[name] = {
+                "count": len(data),
+                "acc": accuracy(logits, data.labels),
+                "true_label_confidence": confidence,
+            }
+        return found
+
     def set_scale(self, vector: Mapping[str, torch.Tensor], lam: float) -> None:
         """Put theta_pre - lam * tau into the model, in place."""
         apply_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
@@ -431,11 +504,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def group_samples(manifest: Manifest, name: str, group: SampleGroup) -> list[Sample]:
+    """The samples of group `name`; DataError names the group."""
+    try:
+        return manifest.select(ids=group.ids, classes=group.classes)
+    except DataError as exc:
+        raise DataError(f"groups.{name}: {exc}") from None
+
+
 def make_splits(spec: JobSpec, forget: Manifest, retain: Manifest) -> dict[str, list[Sample]]:
     """The named splits of a job (see the module's docstring)."""
     chosen = forget.select(ids=spec.forget.ids, classes=spec.forget.classes)
     if not chosen:
         raise DataError("forget: the forget set is empty")
+    chosen_ids = {s.id for s in chosen}
+    for name, group in spec.groups.items():
+        if any(s.id not in chosen_ids for s in group_samples(forget, name, group)):
+            raise DataError(f"groups.{name}: samples outside the forget set")
     forgotten = {(forget.source, s.id) for s in chosen}
     kept = [s for s in retain.samples if (retain.source, s.id) not in forgotten]
 
@@ -500,7 +585,7 @@ def finetune_variant(
     ctx: JobContext, index: int, on_step: Callable[[int, int, float, float], None] | None = None
 ) -> dict:
     """Fine-tune variant `index` and write its task vector; a finished variant is not redone."""
-    from negmerge.finetune import finetune_task_vector
+    from negmerge.finetune import device_usage, finetune_task_vector
 
     variant = ctx.spec.variant_at(index)
     path = ctx.workdir.variant(index, variant)
@@ -535,7 +620,11 @@ def finetune_variant(
         "variant": variant.model_dump_json(),
         "index": str(index),
     }
-    stats = {"seconds": time.perf_counter() - began, "final_loss": losses[-1] if losses else None}
+    stats = {
+        "seconds": time.perf_counter() - began,
+        "final_loss": losses[-1] if losses else None,
+        "device_usage": device_usage(ctx.device),  # None on CPU
+    }
     write_json_atomic(path.with_suffix(".json"), stats)
     save_file(tau, path, metadata)
     return _variant_record(path)
@@ -554,11 +643,47 @@ def _variant_record(path: Path) -> dict:
     }
 
 
-def merge_variants(ctx: JobContext, round_: int = 0) -> dict:
-    """Merge round `round_`'s task vectors (streaming) into its merged.safetensors."""
+def fold_variant(
+    ctx: JobContext, index: int, state: Path | None, output: Path
+) -> dict[str, object]:
+    """Fold variant `index`'s task vector (fine-tuned already) into the running merge state
+    `state` (None: a new one), written to `output`; `state` is left as it was. Returns the
+    new state's record: its path, sha256 and the variants it holds."""
+    variant = ctx.spec.variant_at(index)
+    folded = fold_task_vector(
+        ctx.spec.merge.method,
+        ctx.spec.merge.params,
+        ctx.workdir.variant(index, variant),
+        index,
+        state,
+        output,
+    )
+    return {
+        "group": ctx.spec.state_group(index),
+        "path": str(output),
+        "sha256": file_sha256(output),
+        "bytes": output.stat().st_size,
+        "variants": sorted(folded.variants),
+    }
+
+
+def merge_variants(
+    ctx: JobContext,
+    round_: int = 0,
+    states: Sequence[Path] | None = None,
+    records: Sequence[dict] | None = None,
+) -> dict:
+    """Merge round `round_`'s task vectors (streaming) into its merged.safetensors; or, with
+    `states`, combine the running merge states that hold them (the variants' `records` then
+    come from their fine-tuning, as their task vectors are not kept)."""
     wd = ctx.workdir.at_round(round_)
-    records = [_variant_record(wd.variant(i, v)) for i, v in ctx.spec.merged_variants(round_)]
-    if not wd.merged.exists():
+    wanted = ctx.spec.merged_variants(round_)
+    if states is None:
+        records = [_variant_record(wd.variant(i, v)) for i, v in wanted]
+    elif records is None or sorted(r["index"] for r in records) != [i for i, _ in wanted]:
+        raise NegMergeError(f"merge@{round_}: the variants' records do not match its variants")
+    records = sorted(records, key=lambda r: r["index"])
+    if not wd.merged.exists() and states is None:
         merge_files(
             ctx.spec.merge.method,
             [r["path"] for r in records],
@@ -566,6 +691,14 @@ def merge_variants(ctx: JobContext, round_: int = 0) -> dict:
             params=ctx.spec.merge.params,
             input_sha256=[r["tau_sha256"] for r in records],
         )
+    elif not wd.merged.exists():
+        combined = combine_states(states)
+        if sorted(combined.variants) != [i for i, _ in wanted]:
+            raise NegMergeError(
+                f"merge@{round_}: the running merge states hold variants "
+                f"{sorted(combined.variants)}, not {[i for i, _ in wanted]}"
+            )
+        write_merged(combined, wd.merged, [r["tau_sha256"] for r in records])
     # Every variant is trained: the forget set's decoded pixels are not needed any more.
     wd.decoded.unlink(missing_ok=True)
     with open_checkpoint(wd.merged) as ckpt:
@@ -657,9 +790,13 @@ def finalize(
         else:
             apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
     vector = load_task_vector(wd.merged)
+    # The groups' "before" is the model this job started from (lambda 0), measured here
+    # rather than in prepare so that a report of any round has both from one place.
+    groups_before = ctx.group_metrics() if ctx.spec.groups else {}
     ctx.set_scale(vector, lam)
     try:
         after = ctx.metrics()
+        groups_after = ctx.group_metrics() if ctx.spec.groups else {}
     finally:
         ctx.set_scale(vector, 0.0)
     target, default = ctx.spec.resolved_target()
@@ -712,6 +849,10 @@ def finalize(
         "search": searched,
         "lambda": lam,
         "metrics": {"before": original["metrics"], "after": after},
+        "groups": {
+            name: {"before": groups_before[name], "after": groups_after[name]}
+            for name in ctx.spec.groups
+        },
         "verdict": verdict.to_dict(),
         "round": round_,
         "rounds": rounds,

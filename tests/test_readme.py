@@ -38,3 +38,13 @@ def test_settings_are_named_as_users_type_them() -> None:
         and re.search(rf"(?<![A-Za-z_]){name}(?![A-Za-z_])", README)
     ]
     assert not bare, f"README names settings by their field names: {bare}"
+
+
+def test_links_within_the_readme_name_its_headings() -> None:
+    # GitHub's anchors: lower case, punctuation dropped, spaces as hyphens.
+    anchors = {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#{2,4} (.+)$", README, re.M)
+    }
+    links = set(re.findall(r"\]\(#([^)]+)\)", README))
+    assert links and links <= anchors, links - anchors

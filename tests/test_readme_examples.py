@@ -117,6 +117,7 @@ def test_the_quick_start_runs_as_written(tmp_path: Path) -> None:
     assert process.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}\n--- serve.log ---\n{log}"
     assert '"state":"SUCCEEDED"' in out.replace(" ", "")
     assert "MET - " in out or "NOT MET - " in out  # step 7's verdict line
+    assert "valid: job " in out  # step 8's offline check of the signed report
     assert (tmp_path / "unlearned.safetensors").stat().st_size > 1000  # step 8's download
 
 

@@ -13,6 +13,9 @@ commits.
 A request that allows escalation (negmerge.escalation) may get further rounds: a finalize
 whose target was not met sends round r's variants, finetune:r*n..(r+1)*n-1, and the round
 goes on as merge@r -> search@r -> finalize@r.
+
+With running merge storage (worker.merge_states), a fine-tuning step folds its task vector
+into its worker's merge state instead of keeping it, and merge combines the states.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from app.services.results import job_result
 from app.settings import Settings, get_settings
 from app.storage import is_local, local_path
 from negmerge.errors import DataError, NegMergeError
+from negmerge.finetune import device_usage
 from negmerge.io import file_sha256
 from negmerge.loading import LoaderOptions, MiB
 from negmerge.pipeline import (
@@ -55,7 +59,9 @@ from negmerge.pipeline import (
     prepare,
     search,
 )
+from worker import merge_states
 from worker.celery_app import app
+from worker.retention import apply_retention
 from worker.staging import StagedStep, files_of, scratch_folder, stage_weights, store_errors
 
 log = logging.getLogger(__name__)
@@ -129,8 +135,25 @@ def execute_step(job_id: uuid.UUID, name: str, owner: str) -> str:
         claim = steps.claim_step(session, job_id, name, owner, rt.settings)
     if claim is None:
         log.info("step %s of job %s: not ours to run (done, held, or the job ended)", name, job_id)
+        _retain(rt, job_id)  # the claim may have ended the job (CANCELLING -> CANCELLED)
         return "skipped"
     log.info("step %s of job %s: attempt %d", name, job_id, claim.attempt)
+    outcome = _run_claimed(rt, claim)
+    _retain(rt, job_id)
+    return outcome
+
+
+def _retain(rt: Runtime, job_id: uuid.UUID) -> None:
+    """If the step ended the job: its data's retention, at once (the watchdog retries it if
+    this fails or the worker dies first)."""
+    try:
+        apply_retention(rt.db, rt.store, rt.settings, job_id)
+    except Exception:
+        log.warning("job %s: retention failed; the watchdog tries again", job_id, exc_info=True)
+
+
+def _run_claimed(rt: Runtime, claim: steps.Claim) -> str:
+    job_id, name = claim.job_id, claim.step
     with LeaseKeeper(rt, claim):
         try:
             outcome = run_stage(rt, claim)
@@ -258,16 +281,28 @@ def loader_options(settings: Settings) -> LoaderOptions:
 
 
 def run_stage(rt: Runtime, claim: steps.Claim) -> str:
+    kind, round_ = steps.step_round(claim.step)
+    folded = (None, None)  # a merge's running merge states and its variants' records
+    if kind == steps.MERGE:
+        folded = merge_states.current_states(
+            rt.db.unit_of_work, claim.job_id, job_spec(claim), round_
+        )
     if not rt.store.remote:
-        return run_stage_in(rt, claim, workdir_for(rt.settings, claim.job_id), None)
-    files = files_of(claim.step, job_spec(claim))
+        return run_stage_in(rt, claim, workdir_for(rt.settings, claim.job_id), None, folded)
+    files = files_of(claim.step, job_spec(claim), folded[0] is not None)
     with scratch_folder(rt.settings.scratch_root, claim.job_id, claim.step) as folder:
         staged = StagedStep(rt.store, folder / "work", claim.job_id, files)
         staged.download(rt.settings.scratch_max_bytes)
-        return run_stage_in(rt, claim, staged.folder, staged)
+        return run_stage_in(rt, claim, staged.folder, staged, folded)
 
 
-def run_stage_in(rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep | None) -> str:
+def run_stage_in(
+    rt: Runtime,
+    claim: steps.Claim,
+    root: Path,
+    staged: StagedStep | None,
+    folded: tuple[list[dict] | None, list[dict] | None] = (None, None),
+) -> str:
     """Run the step in work directory `root`; with an object store, `staged` uploads its
     outputs before the step is recorded."""
     index = steps.variant_index(claim.step)
@@ -275,11 +310,23 @@ def run_stage_in(rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep
     if claim.step == steps.PREPARE:
         output = prepare(load_context(rt, claim, root))
     elif index is not None:
-        progress = ProgressWriter(rt, claim.job_id)
-        output = finetune_variant(load_context(rt, claim, root), index, progress.on_step)
+        ctx = load_context(rt, claim, root)
+        progress = ProgressWriter(rt, claim.job_id, ctx.device)
+        output = finetune_variant(ctx, index, progress.on_step)
+        if merge_states.running_storage(rt.settings, ctx.spec):
+            keep = bool(claim.request.get("keep_task_vectors", False))
+            output = merge_states.fold(
+                rt.store, rt.db.unit_of_work, claim.job_id, ctx, output, keep
+            )
     elif kind == steps.MERGE:
         began = time.perf_counter()
-        output = {**merge_variants(load_context(rt, claim, root), round_), "seconds": 0.0}
+        ctx = load_context(rt, claim, root)
+        states, records = folded
+        if states is not None:
+            states = [
+                merge_states.local_copy(rt.store, s["path"], root, claim.job_id) for s in states
+            ]
+        output = {**merge_variants(ctx, round_, states, records), "seconds": 0.0}
         output["seconds"] = time.perf_counter() - began
     elif kind == steps.SEARCH:
         progress = ProgressWriter(rt, claim.job_id)
@@ -294,29 +341,39 @@ def run_stage_in(rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep
         output = staged.to_store_uris(output)
     with rt.db.unit_of_work() as session:
         following = steps.complete_step(session, claim, output, rt.queue)
+    if index is not None and "merge_state" in output:
+        merge_states.settle(rt.store, rt.db.unit_of_work, claim.job_id, output["merge_state"])
     if kind == steps.MERGE and not _keeps_task_vectors(claim):
         delete_task_vectors(rt.store, output)
+    if kind == steps.MERGE and not _merged_again(claim):
+        group = job_spec(claim).state_group(output["variants"][-1]["index"])
+        merge_states.delete_states(rt.store, claim.job_id, workdir_for_states(rt, claim), group)
     log.info("step %s of job %s: done; next %s", claim.step, claim.job_id, following)
     return "done"
 
 
 def _keeps_task_vectors(claim: steps.Claim) -> bool:
-    """Whether the task vectors outlive their merge: asked for, or a later round with the
-    `more` strategy merges them again."""
+    """Whether the task vectors outlive their merge: asked for, or merged again later."""
+    return bool(claim.request.get("keep_task_vectors", False)) or _merged_again(claim)
+
+
+def _merged_again(claim: steps.Claim) -> bool:
+    """Whether a later round with the `more` strategy may merge this round's variants again."""
     escalation = claim.spec.get("escalation") or {}
-    return bool(claim.request.get("keep_task_vectors", False)) or (
-        escalation.get("rounds", 0) > 0 and escalation.get("strategy", "more") == "more"
-    )
+    return escalation.get("rounds", 0) > 0 and escalation.get("strategy", "more") == "more"
+
+
+def workdir_for_states(rt: Runtime, claim: steps.Claim) -> Path:
+    """Where a local artifact root keeps the job's merge states (unused with a store)."""
+    return workdir_for(rt.settings, claim.job_id) if not rt.store.remote else Path()
 
 
 def delete_task_vectors(store: ArtifactStore, merged: dict[str, Any]) -> None:
-    """The n task vectors are not needed once merged (their sha256 are in the report)."""
+    """The n task vectors are not needed once merged (their sha256 are in the report; a
+    variant folded into a running merge state kept none)."""
     for record in merged.get("variants", []):
-        key = store.key_of(record["path"]) if store.remote else None
-        if key is not None:
-            store.delete(key)
-        else:
-            Path(record["path"]).unlink(missing_ok=True)
+        if "path" in record:
+            merge_states.delete_artifact(store, record["path"])
 
 
 def run_finalize(
@@ -393,6 +450,7 @@ def run_finalize(
         steps.finish_job(session, claim, summary, result)
     if not claim.request.get("keep_task_vectors", False):
         delete_task_vectors(rt.store, merged)
+    merge_states.delete_states(rt.store, claim.job_id, workdir_for_states(rt, claim))
     shutil.rmtree(_base_folder(rt, claim.job_id), ignore_errors=True)
     log.info(
         "job %s: SUCCEEDED, target %s, model version %s",
@@ -447,9 +505,10 @@ class ProgressWriter:
     the cancel flag with the same read; raise JobCancelled when the job is being cancelled.
     A database hiccup costs a progress write, never the step."""
 
-    def __init__(self, rt: Runtime, job_id: uuid.UUID) -> None:
+    def __init__(self, rt: Runtime, job_id: uuid.UUID, device: str = "cpu") -> None:
         self.rt = rt
         self.job_id = job_id
+        self.device = device  # the fine-tuning's, for its memory and utilisation
         self.last = 0.0
 
     def _check(self, write: Callable[..., JobState | None]) -> None:
@@ -467,8 +526,10 @@ class ProgressWriter:
         if now - self.last < self.rt.settings.progress_interval_seconds:
             return
         self.last = now
-        rate = float(images_per_second)
-        self._check(lambda session: steps.report_loss(session, self.job_id, float(loss), rate))
+        rate, usage = float(images_per_second), device_usage(self.device)
+        self._check(
+            lambda session: steps.report_loss(session, self.job_id, float(loss), rate, usage)
+        )
 
     def on_evaluation(self, lam: float, evaluation: object) -> None:
         self._check(lambda session: steps.lambda_evaluated(session, self.job_id, float(lam)))

@@ -8,7 +8,11 @@ Each pass, in short transactions of their own:
   broker may have lost it: Redis restarted without persistence), and so is the first step of
   a QUEUED job no worker has claimed (the API's send failed after its commit);
 - a CANCELLING job with no step under a live lease is CANCELLED.
+- ended jobs' data is deleted by their retention policy (worker.retention), when the worker
+  that ended them did not, or while it waited for another job to end;
 - due webhook deliveries are sent (worker.webhooks), up to webhook_batch_size a pass.
+- models whose deletion policy (count or window) says a batch is due get its job
+  (app.services.deletion_requests.batch_if_due, under the model's row lock).
 
 It runs as its own small process (`python -m worker.watchdog`, one per deployment is enough)
 or as a thread of `negmerge serve`. It is not a Celery beat task on purpose: with prefetch 1
@@ -26,12 +30,15 @@ import threading
 from collections import Counter
 from datetime import timedelta
 
+from app.artifacts import store_for
 from app.db.base import utcnow
+from app.db.deletion_repositories import automatic_policies_with_pending
 from app.db.repositories import StepRepository
 from app.db.session import Database
 from app.queue import JobQueue
-from app.services import steps
+from app.services import deletion_requests, steps
 from app.settings import Settings, get_settings
+from worker.retention import apply_due
 from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ def run_once(db: Database, queue: JobQueue, settings: Settings) -> Counter:
         waiting = repo.unsent_steps(cutoff)
         unclaimed = repo.queued_without_steps(cutoff)
         cancelling = repo.cancelling_without_runner(now)
+        due_batches = automatic_policies_with_pending(session)
     for job_id, name in expired:
         with db.unit_of_work() as session:
             outcome = steps.requeue_expired(session, job_id, name, settings, queue)
@@ -66,6 +74,12 @@ def run_once(db: Database, queue: JobQueue, settings: Settings) -> Counter:
         with db.unit_of_work() as session:
             if steps.cancel_orphaned(session, job_id, utcnow()):
                 done["cancelled"] += 1
+    for tenant_id, model_id in due_batches:
+        with db.unit_of_work() as session:
+            if deletion_requests.batch_if_due(session, tenant_id, model_id, settings, queue, now):
+                done["batched"] += 1
+    # Ended jobs' data, deleted by their retention policy (pending or waiting ones).
+    done.update(apply_due(db, store_for(settings), settings))
     # Last: a slow receiver can delay the end of a pass, never its repairs.
     done.update(deliver_due(db, settings))
     return done

@@ -5,17 +5,19 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
-from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
+from app.api.common import AUTH_ERRORS, DeletionReason, PagingDep, SettingsDep, errors
+from app.artifacts import store_for
 from app.auth import Principal, require
 from app.db.models import Dataset
-from app.db.repositories import DatasetRepository, InvalidPageToken
+from app.db.repositories import DatasetRepository
 from app.dependencies import DbSession
-from app.errors import InvalidRequest, NotFound
+from app.errors import NotFound
 from app.schemas.common import ListResponse
 from app.schemas.datasets import DatasetCreate, DatasetOut
 from app.services import datasets as service
+from app.services import retention
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -36,6 +38,9 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
         labels=dataset.labels,
         split_counts=dataset.split_counts,
         created_at=dataset.created_at,
+        deleted_at=dataset.deleted_at,
+        deleted_by=dataset.deleted_by,
+        deletion_reason=dataset.deletion_reason,
     )
 
 
@@ -110,14 +115,15 @@ def upload_dataset(
     summary="List data sets",
 )
 def list_datasets(
-    principal: Reader, session: DbSession, paging: PagingDep
+    principal: Reader,
+    session: DbSession,
+    paging: PagingDep,
+    include_deleted: Annotated[
+        bool, Query(description="List deleted data sets (tombstones) too.")
+    ] = False,
 ) -> ListResponse[DatasetOut]:
-    try:
-        page = DatasetRepository(session, principal.tenant_id).page(
-            paging.page_size, paging.page_token
-        )
-    except InvalidPageToken as exc:
-        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    repo = DatasetRepository(session, principal.tenant_id)
+    page = paging.page(lambda size, token: repo.page(size, token, include_deleted))
     return ListResponse(
         items=[dataset_out(d) for d in page.items], next_page_token=page.next_page_token
     )
@@ -133,4 +139,34 @@ def get_dataset(dataset_id: uuid.UUID, principal: Reader, session: DbSession) ->
     dataset = DatasetRepository(session, principal.tenant_id).get(dataset_id)
     if dataset is None:
         raise NotFound(f"data set {dataset_id} not found")
+    return dataset_out(dataset)
+
+
+@router.delete(
+    "/{dataset_id}",
+    response_model=DatasetOut,
+    responses=errors(*AUTH_ERRORS, 404, 409, 422),
+    summary="Delete a data set (a tombstone stays)",
+)
+def delete_dataset(
+    dataset_id: uuid.UUID,
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    reason: DeletionReason = "deleted on request",
+) -> DatasetOut:
+    """Deletes the files the service stores for the data set (an upload's manifest and
+    images). A data set registered by URI lives in the tenant's own storage: nothing of it
+    is deleted there, the registration is. Kept, as a tombstone: the row with its name,
+    hashes and counts (jobs and their reports name it), who deleted it, when and why; the
+    audit trail records it. A deleted data set can no longer be used by a job. 409 while a
+    job that has not ended uses it. Deleting a deleted data set answers its tombstone."""
+    dataset = DatasetRepository(session, principal.tenant_id).get(dataset_id, for_update=True)
+    if dataset is None:
+        raise NotFound(f"data set {dataset_id} not found")
+    store = store_for(settings)
+    removal = retention.delete_dataset(session, store, dataset, principal.actor, reason)
+    # Before the commit: a committed tombstone always means the files are gone (if the
+    # commit fails, the files are gone anyway and a retry records it).
+    removal.delete(store)
     return dataset_out(dataset)

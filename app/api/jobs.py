@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated
@@ -10,11 +11,16 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
 from app.auth import JOB_READERS, Principal, require
-from app.db.models import JobState, ModelVersion, UnlearningJob
-from app.db.repositories import JOB_VIEW, InvalidPageToken, JobFilter, JobRepository
+from app.db.models import JobState, UnlearningJob
+from app.db.repositories import (
+    JOB_VIEW,
+    JobFilter,
+    JobRepository,
+    ModelRepository,
+)
 from app.db.session import Database
 from app.dependencies import DbSession, get_queue
-from app.errors import InvalidRequest, NotFound
+from app.errors import ErrorResponse, NotFound
 from app.queue import JobQueue
 from app.schemas.common import ListResponse
 from app.schemas.jobs import (
@@ -24,15 +30,14 @@ from app.schemas.jobs import (
     JobModelRef,
     JobProgress,
     JobResult,
-    ReportModel,
-    ReportRequester,
-    TimelineEvent,
     UnlearningJobCreate,
     UnlearningJobOut,
     UnlearningReport,
 )
 from app.services import jobs as service
-from negmerge.verdict import Target, Verdict, resolve_target, target_kind
+from app.services import reports
+from app.services.report_signing import signer_for
+from app.services.results import data_deletion, verdict_of
 
 router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
 
@@ -63,32 +68,15 @@ def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
         error=JobError(code=job.error_code, message=job.error_message or "")
         if job.error_code
         else None,
-        verdict=_verdict(job.result),
+        verdict=verdict_of(job.result),
         result=JobResult.model_validate(job.result) if job.result else None,
+        data_deletion=data_deletion(job),
         links=JobLinks(self=base, report=f"{base}/report", cancel=f"{base}:cancel"),
     )
 
 
-def _verdict(result: dict | None) -> Verdict | None:
-    found = (result or {}).get("verdict")
-    return Verdict.model_validate(found) if isinstance(found, dict) else None
-
-
-def _target(job: UnlearningJob) -> tuple[Target, bool]:
-    """The target the job is judged by, from the spec the workers run (as JobSpec.
-    resolved_target works it out, without validating the whole spec)."""
-    spec = job.spec or {}
-    stated = spec.get("target")
-    forget = spec.get("forget") or {}
-    return resolve_target(
-        Target.model_validate(stated) if stated else None,
-        target_kind(forget.get("classes"), forget.get("ids")),
-        (spec.get("search") or {}).get("retain_ratio", 0.95),
-    )
-
-
 def _version_number(session: DbSession, job: UnlearningJob) -> int:
-    version = session.get(ModelVersion, job.model_version_id)
+    version = ModelRepository(session, job.tenant_id).version_by_id(job.model_version_id)
     return version.version if version is not None else 0
 
 
@@ -105,6 +93,11 @@ def _retry_after(response: Response, job: UnlearningJob, seconds: int) -> None:
         202: {
             "description": "Accepted; Location names the job. A repeated Idempotency-Key "
             "with the same body answers with the same job."
+        },
+        409: {
+            "model": ErrorResponse,
+            "description": "A job of this model with the same forget set is under way or "
+            "has met its target; the message names it (send allow_repeat to run it again).",
         },
         **errors(*AUTH_ERRORS, 413, 422, 429),
     },
@@ -161,12 +154,7 @@ def list_jobs(
         created_after=_aware(created_after),
         created_before=_aware(created_before),
     )
-    try:
-        page = JobRepository(session, principal.tenant_id).page(
-            where, paging.page_size, paging.page_token
-        )
-    except InvalidPageToken as exc:
-        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    page = paging.page(functools.partial(JobRepository(session, principal.tenant_id).page, where))
     return ListResponse(
         items=[job_out(job, _version_number(session, job)) for job in page.items],
         next_page_token=page.next_page_token,
@@ -223,59 +211,26 @@ def cancel_job(
 @router.get(
     "/{job_id}/report",
     response_model=UnlearningReport,
-    responses=errors(*AUTH_ERRORS, 404, 422),
+    responses={
+        200: {
+            "description": "The report, signed: verify it offline with `negmerge admin report "
+            "verify FILE` or against GET /v1/report-signing-key."
+        },
+        **errors(*AUTH_ERRORS, 404, 422),
+    },
     summary="The evidence report of a job",
 )
-def get_report(job_id: uuid.UUID, principal: Reader, session: DbSession) -> UnlearningReport:
-    """Who asked and when, what was forgotten, the models' hashes, the lambda curve, the
-    metrics before and after, code version, seeds and every state change."""
-    job = service.get_job(session, principal.tenant_id, job_id)
-    events = JobRepository(session, principal.tenant_id).events(job.id)
-    base = session.get(ModelVersion, job.model_version_id)
-    result = job.result or {}
-    unlearned = result.get("model") if isinstance(result.get("model"), dict) else None
-    target, default_target = _target(job)
-    return UnlearningReport(
-        job_id=job.id,
-        state=job.state,
-        final=job.state.is_terminal,
-        requested_by=ReportRequester(
-            tenant_id=job.tenant_id,
-            api_key_id=job.created_by_key_id,
-            requested_at=job.created_at,
-            subject_reference=job.subject_reference,
-            legal_basis=job.legal_basis,
-        ),
-        forgotten=JobForgetSet(
-            dataset_id=job.forget_dataset_id,
-            count=job.forget_count,
-            manifest_sha256=job.forget_manifest_sha256,
-        ),
-        forget_selection={k: job.request["forget"].get(k) for k in ("ids", "classes")},
-        base_model=ReportModel(
-            model_id=job.model_id,
-            version=base.version if base else 0,
-            weights_sha256=base.weights_sha256 if base else "",
-        ),
-        unlearned_model=ReportModel.model_validate(unlearned) if unlearned else None,
-        **{"lambda": result.get("lambda")},
-        lambda_curve=result.get("lambda_curve"),
-        metrics=result.get("metrics"),
-        code_version=result.get("code_version"),
-        seeds=result.get("seeds"),
-        rounds=result.get("rounds"),
-        target=target,
-        default_target=default_target,
-        verdict=_verdict(result),
-        error=JobError(code=job.error_code, message=job.error_message or "")
-        if job.error_code
-        else None,
-        timeline=[
-            TimelineEvent(at=e.at, kind=e.kind, state=e.state, stage=e.stage, details=e.details)
-            for e in events
-        ],
-        request=job.request,
+def get_report(
+    job_id: uuid.UUID, principal: Reader, session: DbSession, settings: SettingsDep
+) -> Response:
+    """Who asked and when (key and tenant by name), what was forgotten, the models by name
+    and every hash, the lambda curve, kept fraction, metrics before and after with their
+    units, the verdict, the audit chain's head at the end and every state change; signed
+    (Ed25519) over its canonical JSON."""
+    body = reports.signed_report(
+        session, principal.tenant_id, job_id, signer_for(settings.report_signing_key_file)
     )
+    return Response(body, media_type="application/json")
 
 
 def _aware(moment: datetime | None) -> datetime | None:

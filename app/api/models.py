@@ -11,16 +11,21 @@ from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from app import version_store
-from app.api.common import AUTH_ERRORS, PagingDep, SettingsDep, errors
+from app.api.common import AUTH_ERRORS, DeletionReason, PagingDep, SettingsDep, errors
 from app.artifacts import store_for
 from app.auth import Principal, require
+from app.db.deletion_repositories import DeletionRequestRepository
 from app.db.models import Model, ModelVersion
-from app.db.repositories import InvalidPageToken, ModelRepository
+from app.db.repositories import ModelRepository
+from app.db.session import after_commit
 from app.dependencies import DbSession
-from app.errors import InvalidRequest, NotFound
+from app.errors import NotFound
 from app.schemas.common import ListResponse
 from app.schemas.models import ModelCreate, ModelOut, ModelVersionOut
 from app.services import models as service
+from app.services import retention
+from app.services.retention import RetentionPolicy
+from app.settings import Settings
 from app.storage import is_local, local_path
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -48,8 +53,22 @@ def model_out(model: Model) -> ModelOut:
     )
 
 
-def version_out(version: ModelVersion, parents: dict[uuid.UUID, int]) -> ModelVersionOut:
+def version_out(
+    version: ModelVersion,
+    parents: dict[uuid.UUID, int],
+    policy: RetentionPolicy,
+    carried: dict[uuid.UUID, list[uuid.UUID]] | None = None,
+) -> ModelVersionOut:
     return ModelVersionOut(
+        status=_status(version),
+        usable=retention.blocked(version, policy) is None,
+        superseded_at=version.superseded_at,
+        kept_at=version.kept_at,
+        kept_by=version.kept_by,
+        kept_reason=version.kept_reason,
+        deleted_at=version.deleted_at,
+        deleted_by=version.deleted_by,
+        deletion_reason=version.deletion_reason,
         version=version.version,
         weights_sha256=version.weights_sha256,
         size_bytes=version.size_bytes,
@@ -58,9 +77,36 @@ def version_out(version: ModelVersion, parents: dict[uuid.UUID, int]) -> ModelVe
         if version.parent_version_id
         else None,
         produced_by_job_id=version.produced_by_job_id,
+        deletion_requests=(carried or {}).get(version.id, []),
         created_at=version.created_at,
         download_url=f"/v1/models/{version.model_id}/versions/{version.version}/weights",
     )
+
+
+def versions_out(
+    session: DbSession,
+    settings: Settings,
+    repo: ModelRepository,
+    model_id: uuid.UUID,
+    only: ModelVersion | None = None,
+) -> list[ModelVersionOut]:
+    """The model's versions (or `only` one of them) as the API shows them: with their parent's
+    number, whether the tenant's retention policy lets them be used, and the requests they
+    carry."""
+    versions = repo.versions(model_id)
+    parents = {v.id: v.version for v in versions}
+    policy = retention.policy_for(session, repo.tenant_id, settings)
+    carried = DeletionRequestRepository(session, repo.tenant_id).carried_by_versions(model_id)
+    shown = versions if only is None else [only]
+    return [version_out(v, parents, policy, carried) for v in shown]
+
+
+def _status(version: ModelVersion) -> str:
+    if version.deleted_at is not None:
+        return "deleted"
+    if version.superseded_at is not None:
+        return "kept" if version.kept_at is not None else "superseded"
+    return "available"
 
 
 def _model(repo: ModelRepository, model_id: uuid.UUID) -> Model:
@@ -97,12 +143,7 @@ def register_model(
     summary="List models",
 )
 def list_models(principal: Reader, session: DbSession, paging: PagingDep) -> ListResponse[ModelOut]:
-    try:
-        page = ModelRepository(session, principal.tenant_id).page(
-            paging.page_size, paging.page_token
-        )
-    except InvalidPageToken as exc:
-        raise InvalidRequest("page_token", str(exc).split(": ", 1)[1]) from None
+    page = paging.page(ModelRepository(session, principal.tenant_id).page)
     return ListResponse(
         items=[model_out(m) for m in page.items], next_page_token=page.next_page_token
     )
@@ -125,13 +166,12 @@ def get_model(model_id: uuid.UUID, principal: Reader, session: DbSession) -> Mod
     summary="List a model's versions, oldest first",
 )
 def list_versions(
-    model_id: uuid.UUID, principal: Reader, session: DbSession
+    model_id: uuid.UUID, principal: Reader, session: DbSession, settings: SettingsDep
 ) -> ListResponse[ModelVersionOut]:
+    """Every version, deleted ones too (as tombstones, status "deleted"): the lineage."""
     repo = ModelRepository(session, principal.tenant_id)
     _model(repo, model_id)
-    versions = repo.versions(model_id)
-    parents = {v.id: v.version for v in versions}
-    return ListResponse(items=[version_out(v, parents) for v in versions])
+    return ListResponse(items=versions_out(session, settings, repo, model_id))
 
 
 @router.get(
@@ -141,14 +181,50 @@ def list_versions(
     summary="Get one version of a model",
 )
 def get_version(
-    model_id: uuid.UUID, version: VersionNumber, principal: Reader, session: DbSession
+    model_id: uuid.UUID,
+    version: VersionNumber,
+    principal: Reader,
+    session: DbSession,
+    settings: SettingsDep,
 ) -> ModelVersionOut:
     repo = ModelRepository(session, principal.tenant_id)
     found = repo.version(model_id, version)
     if found is None:
         raise NotFound(f"model {model_id} has no version {version}")
-    parents = {v.id: v.version for v in repo.versions(model_id)}
-    return version_out(found, parents)
+    return versions_out(session, settings, repo, model_id, only=found)[0]
+
+
+@router.delete(
+    "/{model_id}/versions/{version}",
+    response_model=ModelVersionOut,
+    responses=errors(*AUTH_ERRORS, 404, 409, 422),
+    summary="Delete a version's weights (a tombstone stays)",
+)
+def delete_version(
+    model_id: uuid.UUID,
+    version: VersionNumber,
+    principal: Writer,
+    session: DbSession,
+    settings: SettingsDep,
+    reason: DeletionReason = "deleted on request",
+) -> ModelVersionOut:
+    """Deletes the weights the service stores for the version (a version registered from
+    the tenant's own storage, version 1, is not the service's to delete there: it is blocked
+    instead). Versions stored as sparse deltas of it are stored dense first, so their bytes
+    and sha256 do not change. Kept, as a tombstone: the row with its sha256, size and
+    lineage (reports name it), who deleted it, when and why; the audit trail records it.
+    Its weights then answer 410 and no job can start from it. 409 while a job that has not
+    ended runs on it."""
+    repo = ModelRepository(session, principal.tenant_id)
+    _model(repo, model_id)
+    found = repo.version(model_id, version)
+    if found is None:
+        raise NotFound(f"model {model_id} has no version {version}")
+    store = store_for(settings)
+    removal = retention.delete_version(session, store, settings, found, principal.actor, reason)
+    # After the commit: the dense copies of its delta children are committed first.
+    after_commit(session, lambda: removal.delete(store))
+    return versions_out(session, settings, repo, model_id, only=found)[0]
 
 
 @router.get(
@@ -165,6 +241,11 @@ def get_version(
             "description": "A presigned URL of the weights in the object store, in Location "
             "(when the operator sets NEGMERGE_WEIGHTS_DOWNLOAD_REDIRECT)."
         },
+        410: {
+            "description": "The version was deleted (a tombstone), or is superseded: a job "
+            "unlearned from it and it still holds the data that job forgot (the tenant's "
+            "retention policy; an admin may keep it with a reason)."
+        },
         **errors(*AUTH_ERRORS, 404, 422),
     },
     summary="Download a version's weights",
@@ -179,6 +260,7 @@ def download_weights(
     found = ModelRepository(session, principal.tenant_id).version(model_id, version)
     if found is None:
         raise NotFound(f"model {model_id} has no version {version}")
+    retention.check_downloadable(session, found, settings)
     headers = {"X-Checksum-Sha256": found.weights_sha256}
     filename = f"{model_id}-v{version}.safetensors"
     store = store_for(settings)

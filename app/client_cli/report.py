@@ -58,11 +58,12 @@ def print_report(report: JSON, job: JSON) -> None:
     print_fields(
         [
             ("requested", f"{when(requested['requested_at'])} by API key "
-             f"{requested.get('api_key_id')}"),
+             f"{requested.get('api_key_name') or requested.get('api_key_id')!r} of tenant "
+             f"{requested.get('tenant_name') or requested.get('tenant_id')!r}"),
             ("subject", requested.get("subject_reference")),
             ("legal basis", requested.get("legal_basis")),
             ("forgotten", f"{forgotten['count']} samples ({chosen}) of data set "
-             f"{forgotten['dataset_id']}"),
+             f"{forgotten.get('dataset_name') or forgotten['dataset_id']!r}"),
             ("forget set", f"manifest sha256 {forgotten['manifest_sha256']}"),
             ("error", f"{error['code']}: {error['message']}" if error else None),
         ]
@@ -92,6 +93,7 @@ def print_report(report: JSON, job: JSON) -> None:
             table.add_row(str(r["round"]), merged, kept, number(r["lambda"], "g"), outcome)
         out.print(table)
     kept = result.get("kept_fraction")
+    audit, signature = report.get("audit") or {}, report.get("signature")
     print_fields(
         [
             ("lambda", number(report.get("lambda"), "g")),
@@ -104,6 +106,10 @@ def print_report(report: JSON, job: JSON) -> None:
             ("merged tau", f"sha256 {result['merged_sha256']}" if result.get("merged_sha256")
              else None),
             ("code", report.get("code_version")),
+            ("audit head", f"#{audit['head_seq_at_end']} {audit['head_hash_at_end']}"
+             if audit.get("head_hash_at_end") else None),
+            ("signature", f"{signature['algorithm']} by key {signature['key_id']} (check it: "
+             "negmerge admin report verify FILE)" if signature else None),
             ("timeline", ", ".join(f"{e['state']} {when(e['at'])}" for e in report["timeline"]
                                    if e["kind"] == "state") or None),
         ]

@@ -13,7 +13,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 
-from app.api.jobs import get_report
 from app.auth import principal_for_key
 from app.dashboard import views
 from app.dashboard.charts import lambda_curve_chart
@@ -30,9 +29,9 @@ from app.dashboard.session import (
     may_use_dashboard,
     safe_next,
 )
-from app.db.models import ApiKey, JobState, ModelVersion
+from app.db.deletion_repositories import DeletionRequestFilter, DeletionRequestRepository
+from app.db.models import JobState, UnlearningJob
 from app.db.repositories import (
-    AuditFilter,
     AuditRepository,
     InvalidPageToken,
     JobRepository,
@@ -40,7 +39,9 @@ from app.db.repositories import (
 )
 from app.dependencies import DbSession
 from app.errors import ApiError, Forbidden, NotFound, Unauthenticated
+from app.services import deletion_requests, reports
 from app.services import jobs as service
+from app.services.report_signing import signer_for
 
 AUDIT_ENTRIES_SHOWN = 200
 MODELS_IN_FILTER = 200
@@ -94,6 +95,13 @@ def _job_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise NotFound(f"unlearning job {raw} not found") from None
+
+
+def _request_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"deletion request {raw} not found") from None
 
 
 # ---- signing in and out ----------------------------------------------------------------------
@@ -175,31 +183,20 @@ def job_list(request: Request, viewer: ViewerDep, session: DbSession) -> Respons
 @pages.get("/jobs/{job_id}")
 def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSession) -> Response:
     tenant = viewer.principal.tenant_id
-    job = service.get_job(session, tenant, _job_id(job_id))
+    report = reports.build_report(session, tenant, _job_id(job_id))
+    job = service.get_job(session, tenant, report.job_id)
     result = job.result or {}
-    base = session.get(ModelVersion, job.model_version_id)
-    model = ModelRepository(session, tenant).get(job.model_id)
-    requester = session.get(ApiKey, job.created_by_key_id) if job.created_by_key_id else None
-    if requester is not None and requester.tenant_id != tenant:
-        requester = None
     audit, more_audit = [], False
     if viewer.can_read_audit:
-        trail = AuditRepository(session, tenant).page(
-            AuditFilter(resource_type="unlearning_job", resource_id=str(job.id)),
-            AUDIT_ENTRIES_SHOWN,
-            None,
-        )
-        audit, more_audit = list(reversed(trail.items)), trail.next_page_token is not None
+        audit, more_audit = _audit_trail(session, job)
     return render(
         request,
         "job.html",
         viewer=viewer,
         job=job,
+        report=report,
+        forgot=views.forgot(job),
         result=result,
-        model=model,
-        base=base,
-        unlearned=views.unlearned_model(result),
-        requester=requester,
         chart=lambda_curve_chart(
             result.get("lambda_curve"), result.get("lambda"), views.retain_ratio(job)
         ),
@@ -209,6 +206,72 @@ def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSessio
         split_size=views.split_size,
         audit=audit,
         more_audit=more_audit,
+        requests=views.request_rows(
+            session, tenant, DeletionRequestRepository(session, tenant).of_job(job.id)
+        ),
+        deletion=views.deletion_status(job),
+    )
+
+
+def _audit_trail(session: DbSession, job: UnlearningJob) -> tuple[list[views.AuditRow], bool]:
+    """Every entry of the tenant's chain from the job's first to the head at its end (the
+    newest while it runs), oldest first: seq has no gaps, so nothing reads as deleted. Rows
+    in between about other things (another job's steps) are shown too, marked."""
+    repo = AuditRepository(session, job.tenant_id)
+    first = repo.first_seq_of("unlearning_job", str(job.id))
+    if first is None:
+        return [], False
+    entries = repo.seq_range(first, job.audit_seq_at_end, AUDIT_ENTRIES_SHOWN + 1)
+    rows = [views.AuditRow(e, views.concerns_job(e, job.id)) for e in entries]
+    return rows[:AUDIT_ENTRIES_SHOWN], len(rows) > AUDIT_ENTRIES_SHOWN
+
+
+# ---- deletion requests -----------------------------------------------------------------------
+
+
+@pages.get("/requests")
+def request_list(
+    request: Request,
+    viewer: ViewerDep,
+    session: DbSession,
+    page_token: Annotated[str | None, Query(max_length=2000)] = None,
+) -> Response:
+    tenant = viewer.principal.tenant_id
+    repo = DeletionRequestRepository(session, tenant)
+    size = request.app.state.settings.page_size_default
+    problems = []
+    try:
+        page = repo.page(DeletionRequestFilter(), size, page_token or None)
+    except InvalidPageToken:
+        problems.append("That page link is no longer valid; showing the first page.")
+        page = repo.page(DeletionRequestFilter(), size, None)
+    next_url = None
+    if page.next_page_token:
+        next_url = "/dashboard/requests?" + urlencode({"page_token": page.next_page_token})
+    return render(
+        request,
+        "requests.html",
+        viewer=viewer,
+        rows=views.request_rows(session, tenant, page.items),
+        next_url=next_url,
+        problems=problems,
+    )
+
+
+@pages.get("/requests/{request_id}")
+def request_page(
+    request: Request, request_id: str, viewer: ViewerDep, session: DbSession
+) -> Response:
+    tenant = viewer.principal.tenant_id
+    found = deletion_requests.get_request(session, tenant, _request_id(request_id))
+    [row] = views.request_rows(session, tenant, [found])
+    model = ModelRepository(session, tenant).get(found.model_id)
+    return render(
+        request,
+        "request.html",
+        viewer=viewer,
+        row=row,
+        model_name=model.name if model else str(found.model_id),
     )
 
 
@@ -250,15 +313,20 @@ def job_status(
 
 
 @data.get("/jobs/{job_id}/report.json")
-def report(job_id: str, viewer: ViewerDep, session: DbSession) -> Response:
-    """The job's evidence report, as GET /v1/unlearning-jobs/{id}/report gives it."""
+def report(request: Request, job_id: str, viewer: ViewerDep, session: DbSession) -> Response:
+    """The job's signed evidence report, as GET /v1/unlearning-jobs/{id}/report gives it."""
+    settings = request.app.state.settings
     try:
-        parsed = _job_id(job_id)
-        body = get_report(parsed, viewer.principal, session)
+        body = reports.signed_report(
+            session,
+            viewer.principal.tenant_id,
+            _job_id(job_id),
+            signer_for(settings.report_signing_key_file),
+        )
     except ApiError as exc:
         return exc.response()
     return Response(
-        body.model_dump_json(by_alias=True, indent=2),
+        body,
         media_type="application/json",
         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )

@@ -1,5 +1,5 @@
 """What the pages show, worked out from rows and query strings: the job list's filters, the
-metrics table and a job's live status."""
+metrics table, a job's live status and the deletion requests' rows."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from sqlalchemy.orm import Session
 from starlette.datastructures import QueryParams
 
-from app.db.models import JobState, UnlearningJob
-from app.db.repositories import JobFilter
+from app.db.models import AuditEntry, DeletionRequest, JobState, UnlearningJob
+from app.db.repositories import DatasetRepository, JobFilter, JobRepository
+from app.schemas.deletion_requests import DeletionRequestOut
+from app.schemas.jobs import DataDeletion
+from app.services.deletion_requests import request_view
+from app.services.results import data_deletion
 
 SUBJECT_MAX = 200  # as the column and the REST API's filter
 
@@ -227,9 +232,23 @@ def retain_ratio(job: UnlearningJob) -> float | None:
     return _finite(search.get("retain_ratio")) if isinstance(search, dict) else None
 
 
-def unlearned_model(result: dict[str, Any] | None) -> dict[str, Any]:
-    model = (result or {}).get("model")
-    return model if isinstance(model, dict) else {}
+@dataclass(frozen=True)
+class AuditRow:
+    entry: AuditEntry
+    about_job: bool  # False: another resource's entry that falls in the job's range
+
+
+def concerns_job(entry: AuditEntry, job_id: uuid.UUID) -> bool:
+    """An entry about the job itself, or one it caused (the model version it added)."""
+    details = entry.details if isinstance(entry.details, dict) else {}
+    return entry.resource_id == str(job_id) or details.get("job_id") == str(job_id)
+
+
+def forgot(job: UnlearningJob) -> bool:
+    """Whether the page may say the data was forgotten: the job succeeded and met its target
+    (a cancelled, failed or not-met job only says what was requested)."""
+    verdict = verdict_of(job.result)
+    return job.state is JobState.SUCCEEDED and bool(verdict and verdict.get("met"))
 
 
 def live_status(job: UnlearningJob) -> dict[str, Any]:
@@ -247,3 +266,74 @@ def live_status(job: UnlearningJob) -> dict[str, Any]:
         "terminal": job.state.is_terminal,
         "updated_at": job.updated_at.isoformat(),
     }
+
+
+# ---- deletion requests -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeletionStatus:
+    """Whether a job's data has been deleted, at a glance: `css` picks the badge's colour."""
+
+    text: str
+    css: str
+    record: DataDeletion | None = None
+
+
+def deletion_status(job: UnlearningJob | None) -> DeletionStatus:
+    """From the job's retention record: deleted, kept (and why), or not yet."""
+    if job is None:
+        return DeletionStatus("not batched yet", "queued")
+    record = data_deletion(job)
+    if record is None:
+        if not job.state.is_terminal:
+            return DeletionStatus("job not ended", "running")
+        return DeletionStatus("deletion pending", "running")
+    if record.forget_data.deleted:
+        return DeletionStatus("data deleted", "succeeded", record)
+    return DeletionStatus("data kept", "not-met", record)
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    """A deletion request with what its page and the list show beside it."""
+
+    request: DeletionRequestOut
+    dataset_name: str
+    job: UnlearningJob | None
+    deletion: DeletionStatus
+
+    @property
+    def what(self) -> str:
+        r = self.request
+        samples = f"{r.sample_count} sample{'' if r.sample_count == 1 else 's'}"
+        return f"{', '.join(r.classes)} ({samples})" if r.classes else samples
+
+
+def request_rows(
+    session: Session, tenant_id: uuid.UUID, requests: list[DeletionRequest]
+) -> list[RequestRow]:
+    """Each request's view, its data set's name and its job's deletion status (each data set
+    and job read once)."""
+    datasets, jobs = DatasetRepository(session, tenant_id), JobRepository(session, tenant_id)
+    names: dict[uuid.UUID, str] = {}
+    found: dict[uuid.UUID, UnlearningJob | None] = {}
+    rows = []
+    for request in requests:
+        if request.dataset_id not in names:
+            dataset = datasets.get(request.dataset_id)
+            names[request.dataset_id] = dataset.name if dataset else str(request.dataset_id)
+        job = None
+        if request.job_id is not None:
+            if request.job_id not in found:
+                found[request.job_id] = jobs.get(request.job_id)
+            job = found[request.job_id]
+        rows.append(
+            RequestRow(
+                request_view(session, request),
+                names[request.dataset_id],
+                job,
+                deletion_status(job),
+            )
+        )
+    return rows

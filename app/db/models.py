@@ -66,6 +66,8 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The tenant's own retention choices (app.services.retention), over the service's defaults.
+    retention_policy: Mapped[dict[str, Any] | None] = mapped_column()
 
 
 class ApiKey(Base):
@@ -127,6 +129,16 @@ class ModelVersion(Base):
         ForeignKey("unlearning_jobs.id", use_alter=True)
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A tombstone: the row stays (lineage, reports), the bytes are gone.
+    deleted_at: Mapped[datetime | None] = mapped_column()
+    deleted_by: Mapped[str | None] = mapped_column(String(200))
+    deletion_reason: Mapped[str | None] = mapped_column(Text)
+    # A job made the next version from this one: it still holds what that job forgot, so it
+    # is neither downloaded nor used as a base unless an admin keeps it (kept_*, a reason).
+    superseded_at: Mapped[datetime | None] = mapped_column()
+    kept_at: Mapped[datetime | None] = mapped_column()
+    kept_by: Mapped[str | None] = mapped_column(String(200))
+    kept_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Dataset(Base):
@@ -151,6 +163,10 @@ class Dataset(Base):
     # the tenant's own storage.
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A tombstone: the row stays (jobs and reports name it), the stored files are gone.
+    deleted_at: Mapped[datetime | None] = mapped_column()
+    deleted_by: Mapped[str | None] = mapped_column(String(200))
+    deletion_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class UnlearningJob(Base):
@@ -179,6 +195,9 @@ class UnlearningJob(Base):
     percent: Mapped[float] = mapped_column(default=0.0)
     current_loss: Mapped[float | None] = mapped_column()
     current_images_per_second: Mapped[float | None] = mapped_column()
+    # negmerge.finetune.device_usage of that step: MiB allocated and at peak, utilisation
+    # percent where known; None on CPU.
+    current_device_usage: Mapped[dict[str, Any] | None] = mapped_column()
 
     subject_reference: Mapped[str | None] = mapped_column(String(200), index=True)
     legal_basis: Mapped[str | None] = mapped_column(String(200))
@@ -194,6 +213,16 @@ class UnlearningJob(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column()
+    # The tenant's audit chain right after the entry of the job's terminal state: the head a
+    # report cites, so a later `audit verify` shows the evidence was in the chain then.
+    audit_seq_at_end: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite")
+    )
+    audit_head_at_end: Mapped[str | None] = mapped_column(String(64))
+    # Retention (app.services.retention): None while the job runs; "pending" from the
+    # transaction that ends it, "waiting" while its forget data is in use elsewhere, "done".
+    retention_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    data_deletion: Mapped[dict[str, Any] | None] = mapped_column()  # what was deleted, when
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -375,3 +404,86 @@ class WebhookDeliveryAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)  # None and no status: still in flight
     duration_ms: Mapped[float | None] = mapped_column()
+
+
+class DeletionRequestState(enum.StrEnum):
+    PENDING = "PENDING"  # waiting for a batch (again, after its job failed or was cancelled)
+    BATCHED = "BATCHED"  # a job carries it
+    FORGOTTEN = "FORGOTTEN"  # the job SUCCEEDED and met its target
+    NOT_FORGOTTEN = "NOT_FORGOTTEN"  # the job SUCCEEDED without meeting it: not a success
+    FAILED = "FAILED"  # its jobs failed deletion_request_max_attempts times
+    CANCELLED = "CANCELLED"  # withdrawn before a job carried it
+
+
+class DeletionRequest(Base):
+    """One data subject's deletion request on a model: what to forget in which data set, its
+    due date, and the job and the model version that carry it."""
+
+    __tablename__ = "deletion_requests"
+    __table_args__ = (
+        Index("ix_deletion_requests_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_deletion_requests_model_state", "model_id", "state"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"))
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"))
+    subject_reference: Mapped[str] = mapped_column(String(200), index=True)
+    legal_basis: Mapped[str | None] = mapped_column(String(200))
+    ids: Mapped[list | None] = mapped_column()
+    classes: Mapped[list | None] = mapped_column()
+    sample_count: Mapped[int] = mapped_column(Integer)
+    state: Mapped[DeletionRequestState] = mapped_column(
+        _enum(DeletionRequestState, "deletion_request_state"),
+        default=DeletionRequestState.PENDING,
+    )
+    received_at: Mapped[datetime] = mapped_column()
+    due_at: Mapped[datetime] = mapped_column()
+    created_by_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("unlearning_jobs.id"), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # jobs that carried it
+    model_version_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("model_versions.id"), index=True
+    )
+    # Its own samples' metrics before and after, from the job's result (groups).
+    evidence: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class DeletionRequestSample(Base):
+    """What a request forgets, one row per sample (its image's sha256, so the same picture in
+    a re-uploaded data set is the same sample) or class ("class:<name>"): duplicates in a
+    model's lineage are found by these keys."""
+
+    __tablename__ = "deletion_request_samples"
+    __table_args__ = (Index("ix_deletion_request_samples_model_key", "model_id", "sample_key"),)
+
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("deletion_requests.id"), primary_key=True
+    )
+    sample_key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"))
+
+
+class DeletionPolicy(Base):
+    """How a model's pending requests become jobs: manual, count (a job once `batch_size`
+    are pending) or window (a job `window_seconds` after the oldest pending one), and the
+    settings of those jobs (an UnlearningJobCreate body without model, forget or subject)."""
+
+    __tablename__ = "deletion_policies"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    window_seconds: Mapped[int | None] = mapped_column(Integer)
+    job_template: Mapped[dict[str, Any]] = mapped_column()
+    # The key that set it: the batcher submits the policy's jobs as this key.
+    updated_by_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
+    last_batch_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -43,6 +43,10 @@ Row = TypeVar("Row")
 class InvalidPageToken(ValueError):
     """A page token that this service did not hand out."""
 
+    def __init__(self, reason: str = "not a token this service handed out") -> None:
+        super().__init__(f"page_token: {reason}")
+        self.reason = reason
+
 
 @dataclass(frozen=True)
 class Page(Generic[Row]):
@@ -59,9 +63,9 @@ def decode_page_token(token: str) -> list[str]:
     try:
         values = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise InvalidPageToken("page_token: not a token this service handed out") from None
+        raise InvalidPageToken() from None
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise InvalidPageToken("page_token: not a token this service handed out")
+        raise InvalidPageToken()
     return values
 
 
@@ -74,7 +78,7 @@ def newest_first_page(
         try:
             created_at, row_id = datetime.fromisoformat(values[0]), uuid.UUID(values[1])
         except (ValueError, IndexError):
-            raise InvalidPageToken("page_token: not a token this service handed out") from None
+            raise InvalidPageToken() from None
         # Spelled out rather than a row-value comparison: SQLite and PostgreSQL agree on it.
         stmt = stmt.where(
             or_(
@@ -141,6 +145,12 @@ class ModelRepository(TenantScoped[Model]):
         )
         return self.session.scalars(stmt).one_or_none()
 
+    def version_by_id(self, version_id: uuid.UUID) -> ModelVersion | None:
+        stmt = select(ModelVersion).where(
+            ModelVersion.tenant_id == self.tenant_id, ModelVersion.id == version_id
+        )
+        return self.session.scalars(stmt).one_or_none()
+
     def add_version(self, version: ModelVersion) -> ModelVersion:
         version.tenant_id = self.tenant_id
         self.session.add(version)
@@ -151,8 +161,13 @@ class ModelRepository(TenantScoped[Model]):
 class DatasetRepository(TenantScoped[Dataset]):
     model = Dataset
 
-    def page(self, page_size: int, page_token: str | None) -> Page[Dataset]:
-        return newest_first_page(self.session, self._select(), Dataset, page_size, page_token)
+    def page(
+        self, page_size: int, page_token: str | None, include_deleted: bool = False
+    ) -> Page[Dataset]:
+        stmt = self._select()
+        if not include_deleted:
+            stmt = stmt.where(Dataset.deleted_at.is_(None))
+        return newest_first_page(self.session, stmt, Dataset, page_size, page_token)
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,18 @@ class JobRepository(TenantScoped[UnlearningJob]):
         if where.created_before is not None:
             stmt = stmt.where(UnlearningJob.created_at < where.created_before)
         return newest_first_page(self.session, stmt, UnlearningJob, page_size, page_token)
+
+    def same_forget_set(self, model_id: uuid.UUID, manifest_sha256: str) -> list[UnlearningJob]:
+        """The model's jobs whose forget set hashes to `manifest_sha256`, newest first."""
+        stmt = (
+            self._select()
+            .where(
+                UnlearningJob.model_id == model_id,
+                UnlearningJob.forget_manifest_sha256 == manifest_sha256,
+            )
+            .order_by(UnlearningJob.created_at.desc())
+        )
+        return list(self.session.scalars(stmt))
 
     def add_event(self, event: JobEvent) -> None:
         event.tenant_id = self.tenant_id
@@ -251,12 +278,29 @@ class AuditRepository(TenantScoped[AuditEntry]):
         if page_token:
             values = decode_page_token(page_token)
             if len(values) != 1 or not values[0].isdigit():
-                raise InvalidPageToken("page_token: not a token this service handed out")
+                raise InvalidPageToken()
             stmt = stmt.where(AuditEntry.id < int(values[0]))
         rows = list(self.session.scalars(stmt.order_by(AuditEntry.id.desc()).limit(page_size + 1)))
         if len(rows) <= page_size:
             return Page(rows, None)
         return Page(rows[:page_size], encode_page_token([rows[page_size - 1].id]))
+
+    def first_seq_of(self, resource_type: str, resource_id: str) -> int | None:
+        """The seq of the first entry about a resource (None: there is none)."""
+        stmt = select(func.min(AuditEntry.seq)).where(
+            AuditEntry.tenant_id == self.tenant_id,
+            AuditEntry.resource_type == resource_type,
+            AuditEntry.resource_id == resource_id,
+        )
+        return self.session.execute(stmt).scalar_one()
+
+    def seq_range(self, first: int, last: int | None, limit: int) -> list[AuditEntry]:
+        """Every entry of the tenant's chain from seq `first` to `last` (None: the newest),
+        oldest first, at most `limit` of them."""
+        stmt = self._select().where(AuditEntry.seq >= first)
+        if last is not None:
+            stmt = stmt.where(AuditEntry.seq <= last)
+        return list(self.session.scalars(stmt.order_by(AuditEntry.seq).limit(limit)))
 
 
 class ApiKeyRepository:
@@ -275,6 +319,11 @@ class ApiKeyRepository:
 
     def get(self, key_id: uuid.UUID) -> ApiKey | None:
         return self.session.get(ApiKey, key_id)
+
+    def of_tenant(self, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey | None:
+        """The tenant's key `key_id` (revoked or not); another tenant's key is None."""
+        stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id, ApiKey.id == key_id)
+        return self.session.scalars(stmt).one_or_none()
 
     def add(self, key: ApiKey) -> ApiKey:
         self.session.add(key)
@@ -310,6 +359,17 @@ def fine_tuning_throughput(session: Session) -> float:
         UnlearningJob.state == JobState.RUNNING, UnlearningJob.stage == JobStage.FINETUNING
     )
     return float(session.execute(stmt).scalar_one())
+
+
+def fine_tuning_device_usage(session: Session) -> list[dict[str, Any]]:
+    """The device use of the jobs fine-tuning now (each one's latest step), for those that
+    reported one (CPU runs report none): operators' metrics, over all tenants."""
+    stmt = select(UnlearningJob.current_device_usage).where(
+        UnlearningJob.state == JobState.RUNNING,
+        UnlearningJob.stage == JobStage.FINETUNING,
+        UnlearningJob.current_device_usage.is_not(None),
+    )
+    return [usage for usage in session.execute(stmt).scalars() if usage]
 
 
 def count_jobs_by_state(session: Session) -> dict[str, int]:
@@ -370,12 +430,22 @@ class StepRepository:
         return self.session.execute(stmt).rowcount == 1
 
     def set_current_loss(
-        self, job_id: uuid.UUID, loss: float, now: datetime, images_per_second: float | None = None
+        self,
+        job_id: uuid.UUID,
+        loss: float,
+        now: datetime,
+        images_per_second: float | None = None,
+        device_usage: dict[str, float] | None = None,
     ) -> None:
         stmt = (
             update(UnlearningJob)
             .where(UnlearningJob.id == job_id)
-            .values(current_loss=loss, current_images_per_second=images_per_second, updated_at=now)
+            .values(
+                current_loss=loss,
+                current_images_per_second=images_per_second,
+                current_device_usage=device_usage,
+                updated_at=now,
+            )
         )
         self.session.execute(stmt)
 

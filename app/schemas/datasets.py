@@ -54,3 +54,10 @@ class DatasetOut(BaseModel):
     labels: list[str] = Field(examples=[["circle", "square", "triangle"]])
     split_counts: dict[str, int] = Field(examples=[{"train": 1050, "val": 150, "test": 300}])
     created_at: datetime
+    deleted_at: datetime | None = Field(
+        None,
+        description="A tombstone: when its stored files were deleted (the row stays, with its "
+        "hashes, because jobs and reports name it).",
+    )
+    deleted_by: str | None = None
+    deletion_reason: str | None = None

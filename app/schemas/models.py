@@ -72,10 +72,28 @@ class ModelVersionOut(BaseModel):
     )
     parent_version: int | None = Field(None, description="The version this one was made from.")
     produced_by_job_id: uuid.UUID | None = Field(None, description="The job that made it.")
+    deletion_requests: list[uuid.UUID] = Field(
+        default_factory=list, description="The deletion requests this version carries."
+    )
     created_at: datetime
     download_url: str = Field(
         examples=["/v1/models/3fa85f64-5717-4562-b3fc-2c963f66afa6/versions/2/weights"]
     )
+    status: Literal["available", "superseded", "kept", "deleted"] = Field(
+        "available",
+        description="superseded: a job unlearned from it and it still holds that job's "
+        "forget data, so it is neither downloaded (410) nor a job's base (422), unless the "
+        "tenant's retention policy keeps superseded versions; kept: superseded, but an admin "
+        "keeps it usable (kept_reason); deleted: a tombstone, its bytes are gone.",
+    )
+    usable: bool = Field(True, description="Whether it downloads and can be a job's base.")
+    superseded_at: datetime | None = None
+    kept_at: datetime | None = None
+    kept_by: str | None = None
+    kept_reason: str | None = None
+    deleted_at: datetime | None = None
+    deleted_by: str | None = None
+    deletion_reason: str | None = None
 
 
 class ModelOut(BaseModel):

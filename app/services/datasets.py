@@ -63,8 +63,8 @@ def validate_manifest(
             manifest.check_labels(classes)
         digest = hashlib.sha256()
         for sample in sorted(manifest.samples, key=lambda s: s.id):
-            image_sha256 = _image_sha256(manifest, sample, settings.max_image_pixels)
-            row = [sample.id, sample.path, sample.label, sample.split, image_sha256]
+            image_digest = image_sha256(manifest, sample, settings.max_image_pixels)
+            row = [sample.id, sample.path, sample.label, sample.split, image_digest]
             digest.update(json.dumps(row).encode() + b"\n")
     except DataError as exc:
         raise InvalidRequest(field, str(exc)) from None
@@ -72,7 +72,7 @@ def validate_manifest(
     return Validated(manifest, digest.hexdigest(), dict(splits))
 
 
-def _image_sha256(manifest: Manifest, sample, max_pixels: int) -> str:  # type: ignore[no-untyped-def]
+def image_sha256(manifest: Manifest, sample, max_pixels: int) -> str:  # type: ignore[no-untyped-def]
     """Check the sample's image size from its header, decode it (the library's checks and
     messages) and hash its bytes."""
     try:

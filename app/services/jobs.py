@@ -44,7 +44,7 @@ from app.errors import (
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit, quotas, webhooks
+from app.services import audit, quotas, retention, webhooks
 from app.services.bounds import check_job_size
 from app.settings import Settings
 from app.storage import local_path
@@ -52,9 +52,10 @@ from negmerge.data import MANIFEST_NAMES, Manifest
 from negmerge.errors import DataError, MergeError
 from negmerge.merge import get_method
 from negmerge.models import ModelSpec
-from negmerge.pipeline import DataRef, ForgetSpec, JobSpec, make_splits
+from negmerge.pipeline import DataRef, ForgetSpec, JobSpec, SampleGroup, make_splits
 
-# Which state may follow which. Workers move jobs along these edges too (issue 5).
+# Which state may follow which. The API and the workers (app.services.steps) move a job only
+# along these edges, so a late or repeated message cannot bring an ended job back to life.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING}),
@@ -88,6 +89,8 @@ def submit_job(
     idempotency_key: str | None,
     settings: Settings,
     queue: JobQueue,
+    *,
+    groups: dict[str, SampleGroup] | None = None,
 ) -> Submission:
     """Accept a deletion request as a QUEUED job (or find the one this key already made)."""
     repo = JobRepository(session, principal.tenant_id)
@@ -97,7 +100,9 @@ def submit_job(
         if existing is not None:
             return Submission(_same_request(existing, digest), created=False)
 
-    job = _resolve(session, principal, body, settings)
+    job = _resolve(session, principal, body, settings, groups or {})
+    if not body.allow_repeat:
+        _refuse_repeat(repo, job)
     if body.webhook_url is not None:
         webhooks.check_url(str(body.webhook_url), "webhook_url", settings)
     # The quotas last, with the tenant locked: the slow checks above run concurrently, the
@@ -148,6 +153,24 @@ def submit_job(
     return Submission(job, created=True)
 
 
+def _refuse_repeat(repo: JobRepository, job: UnlearningJob) -> None:
+    """A second job for the same forget set on the model's lineage, while the first is going
+    or after it met its target, would unlearn what is already gone and make another version:
+    refused, naming the first (allow_repeat asks for it anyway). A job that failed, was
+    cancelled or missed its target leaves the data unforgotten: another is welcome."""
+    for earlier in repo.same_forget_set(job.model_id, job.forget_manifest_sha256):
+        verdict = (earlier.result or {}).get("verdict") or {}
+        if not earlier.state.is_terminal or (
+            earlier.state is JobState.SUCCEEDED and verdict.get("met")
+        ):
+            done = "is under way" if not earlier.state.is_terminal else "has already forgotten it"
+            raise Conflict(
+                f"forget: job {earlier.id} on this model with the same forget set {done} "
+                f"({earlier.state.value}); GET /v1/unlearning-jobs/{earlier.id}, or send "
+                '"allow_repeat": true to unlearn it again'
+            )
+
+
 def _same_request(existing: UnlearningJob, digest: str) -> UnlearningJob:
     if existing.request_sha256 != digest:
         raise IdempotencyMismatch(
@@ -158,7 +181,11 @@ def _same_request(existing: UnlearningJob, digest: str) -> UnlearningJob:
 
 
 def _resolve(
-    session: Session, principal: Principal, body: UnlearningJobCreate, settings: Settings
+    session: Session,
+    principal: Principal,
+    body: UnlearningJobCreate,
+    settings: Settings,
+    groups: dict[str, SampleGroup],
 ) -> UnlearningJob:
     """Check the request against the tenant's models and data and the library's rules, and
     build the job row with the JobSpec the workers will run."""
@@ -172,33 +199,30 @@ def _resolve(
         raise InvalidRequest(
             "model.version", f"the model has no version {number} (latest: {model.latest_version})"
         )
+    retention.check_base(session, version, settings)
     check_same_mode(body.finetuning, version)
     datasets = DatasetRepository(session, principal.tenant_id)
-    forget_ds = datasets.get(body.forget.dataset_id)
-    if forget_ds is None:
-        raise InvalidRequest("forget.dataset_id", "no such data set")
+    forget_ds = _live_dataset(datasets, body.forget.dataset_id, "forget.dataset_id")
     retain_ds = None
     if body.retain is not None:
-        retain_ds = datasets.get(body.retain.dataset_id)
-        if retain_ds is None:
-            raise InvalidRequest("retain.dataset_id", "no such data set")
+        retain_ds = _live_dataset(datasets, body.retain.dataset_id, "retain.dataset_id")
 
-    forget_manifest = _load(forget_ds, model, "forget.dataset_id")
-    retain_manifest = _load(retain_ds, model, "retain.dataset_id") if retain_ds else None
+    forget_manifest = load_manifest(forget_ds, model, "forget.dataset_id")
+    retain_manifest = load_manifest(retain_ds, model, "retain.dataset_id") if retain_ds else None
     try:
         chosen = forget_manifest.select(ids=body.forget.ids, classes=body.forget.classes)
     except DataError as exc:
-        raise _data_problem(exc, "forget", forget_ds) from None
+        raise data_problem(exc, "forget", forget_ds) from None
     if not chosen:
         raise InvalidRequest("forget", "the forget set is empty")
 
-    spec = _job_spec(body, model, version, forget_ds, retain_ds)
+    spec = _job_spec(body, model, version, forget_ds, retain_ds, groups)
     variants = spec.variant_list()
     n = len(variants)
     try:
         splits = make_splits(spec, forget_manifest, retain_manifest or forget_manifest)
     except DataError as exc:
-        raise _data_problem(exc, "forget", forget_ds, retain_ds) from None
+        raise data_problem(exc, "forget", forget_ds, retain_ds) from None
     check_job_size(spec, len(splits["forget"]), settings)
     try:  # with escalation `more`, the last round merges every round's variants
         largest = len(spec.escalation.merged_indices(n, spec.escalation.rounds))
@@ -222,6 +246,19 @@ def _resolve(
         forget_manifest_sha256=forget_manifest.sha256(chosen),
         forget_count=len(chosen),
     )
+
+
+def _live_dataset(datasets: DatasetRepository, dataset_id: uuid.UUID, field: str) -> Dataset:
+    dataset = datasets.get(dataset_id)
+    if dataset is None:
+        raise InvalidRequest(field, "no such data set")
+    if dataset.deleted_at is not None:
+        raise InvalidRequest(
+            field,
+            f"data set {dataset.name!r} was deleted at {dataset.deleted_at.isoformat()} "
+            f"({dataset.deletion_reason}); its files are gone",
+        )
+    return dataset
 
 
 def check_same_mode(finetuning: str, version: ModelVersion) -> None:
@@ -248,7 +285,7 @@ def check_same_mode(finetuning: str, version: ModelVersion) -> None:
         )
 
 
-def _load(dataset: Dataset, model: Model, field: str) -> Manifest:
+def load_manifest(dataset: Dataset, model: Model, field: str) -> Manifest:
     try:
         manifest = Manifest.load(dataset.manifest_uri, dataset.root_uri)
         manifest.check_labels(model.classes)
@@ -271,7 +308,7 @@ def _without_paths(message: str, *datasets: Dataset | None) -> str:
     return message
 
 
-def _data_problem(exc: DataError, default_field: str, *datasets: Dataset | None) -> InvalidRequest:
+def data_problem(exc: DataError, default_field: str, *datasets: Dataset | None) -> InvalidRequest:
     """The library's DataError messages start with the part at fault ('ids: ...')."""
     message = _without_paths(str(exc), *datasets)
     head, rest = named_part(message)
@@ -282,6 +319,7 @@ def _data_problem(exc: DataError, default_field: str, *datasets: Dataset | None)
         "retain": "retain",
         "search.rule": "search.rule",
         "target": "target",
+        "groups": "forget",
     }
     if head in fields and rest:
         return InvalidRequest(fields[head], rest)
@@ -294,6 +332,7 @@ def _job_spec(
     version: ModelVersion,
     forget_ds: Dataset,
     retain_ds: Dataset | None,
+    groups: dict[str, SampleGroup],
 ) -> JobSpec:
     weights = version.weights_uri
     weights = (
@@ -327,6 +366,7 @@ def _job_spec(
             seed=body.seed,
             max_eval_samples=body.max_eval_samples,
             finetuning=body.finetuning,
+            groups=groups,
         )
     except ValidationError as exc:
         raise from_validation_error(exc) from None
@@ -404,7 +444,7 @@ def change_state(
         # A finished job is in no stage; its end's event keeps the stage it ended in (where
         # a FAILED job broke).
         job.stage = None
-    audit.record(
+    entry = audit.record(
         session,
         tenant_id=job.tenant_id,
         actor=actor,
@@ -414,8 +454,16 @@ def change_state(
         details=details,
     )
     if state.is_terminal:
-        # The outbox: the webhooks are committed (or rolled back) with the job's end.
+        # The chain's head at completion, which the report cites.
+        job.audit_seq_at_end, job.audit_head_at_end = entry.seq, entry.hash
+        # The outbox: the webhooks are committed (or rolled back) with the job's end, and
+        # so is the mark that its data is due for deletion (worker.retention).
         webhooks.enqueue_terminal(session, job, actor, now)
+        retention.job_ended(job)
+        # Imported here: deletion requests submit their jobs through this module.
+        from app.services.deletion_requests import settle_requests
+
+        settle_requests(session, job, actor, now)
 
 
 def change_stage(session: Session, job: UnlearningJob, stage: JobStage, actor: str) -> None:

@@ -14,7 +14,7 @@ from app.db.models import Model, ModelVersion
 from app.db.repositories import ModelRepository
 from app.errors import Conflict, InvalidRequest, NotFound, from_validation_error, named_part
 from app.schemas.models import ModelCreate
-from app.services import audit
+from app.services import audit, retention
 from app.settings import Settings
 from app.storage import UriNotAllowed, check_allowed, is_local, local_path, sha256_and_size
 from app.weights_check import check_weights_in_child
@@ -148,6 +148,9 @@ def add_version(
     if model is None:
         raise NotFound(f"model {model_id} not found")
     model.latest_version += 1
+    parent = session.get(ModelVersion, parent_version_id) if parent_version_id else None
+    if parent is not None and produced_by_job_id is not None:
+        retention.supersede(session, parent)
     version = repo.add_version(
         ModelVersion(
             model_id=model.id,

@@ -259,9 +259,10 @@ def complete_step(
         done = repo.count_steps(job.id, GPU_STEP_PREFIX, StepState.DONE)
         job.variants_done = done
         job.percent = 10.0 + 70.0 * done / max(job.variants_total, 1)
-        _progress_event(
-            session, job, {"variants_done": done, "variants_total": job.variants_total}, now
-        )
+        details = {"variants_done": done, "variants_total": job.variants_total}
+        if output.get("device_usage"):  # the variant's GPU memory (and utilisation)
+            details["device_usage"] = output["device_usage"]
+        _progress_event(session, job, details, now)
         # The fan-in: only the completion that makes the count reach n sees it, because
         # completions hold the job's row lock; merge's row is created only if absent. The
         # round is the one in progress: as many rounds as finalize steps have started.
@@ -384,18 +385,49 @@ def step_retry(
     return "retried"
 
 
+def variant_outputs(session: Session, job_id: uuid.UUID) -> dict[int, dict[str, Any]]:
+    """The outputs of the job's finished variants, by index."""
+    return {
+        index: s.output
+        for s in StepRepository(session).steps(job_id)
+        if (index := variant_index(s.name)) is not None
+        and s.state is StepState.DONE
+        and s.output is not None
+    }
+
+
+def merge_states(session: Session, job_id: uuid.UUID, group: int) -> dict[str, dict[str, Any]]:
+    """The current running merge state of each worker of the job in state group `group`
+    (negmerge.merge.running), by worker: the one its latest finished variant recorded, which
+    holds all the variants it finished. A fold whose step was not recorded (a worker killed,
+    a lease lost) is in none of them: its variant is folded again where it is run again."""
+    current: dict[str, dict[str, Any]] = {}
+    for output in variant_outputs(session, job_id).values():
+        state = output.get("merge_state")
+        if state is None or state["group"] != group:
+            continue
+        held = current.get(state["worker"])
+        if held is None or len(state["variants"]) > len(held["variants"]):
+            current[state["worker"]] = state
+    return current
+
+
 def renew_lease(session: Session, claim: Claim, settings: Settings) -> bool:
     until = utcnow() + timedelta(seconds=settings.step_lease_seconds)
     return StepRepository(session).renew_lease(claim.job_id, claim.step, claim.owner, until)
 
 
 def report_loss(
-    session: Session, job_id: uuid.UUID, loss: float, images_per_second: float | None = None
+    session: Session,
+    job_id: uuid.UUID,
+    loss: float,
+    images_per_second: float | None = None,
+    device_usage: dict[str, float] | None = None,
 ) -> JobState | None:
-    """Write the current fine-tuning loss and training rate; returns the job's state (the
-    cancel flag)."""
+    """Write the current fine-tuning loss, training rate and device use (None on CPU);
+    returns the job's state (the cancel flag)."""
     repo = StepRepository(session)
-    repo.set_current_loss(job_id, loss, utcnow(), images_per_second)
+    repo.set_current_loss(job_id, loss, utcnow(), images_per_second, device_usage)
     return repo.job_state(job_id)
 
 

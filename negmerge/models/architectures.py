@@ -165,11 +165,11 @@ def check_classifier(name: str, init_args: Mapping[str, Any], *, load: bool = Tr
     fit its declared parameters.
 
     With `load=False` no model code is imported (the API process validates descriptions, and
-    model code on its heap slows every later garbage collection, issue 17): a name must not
-    look like code, and the init_args of a timm model (or of one registered in this process)
-    must fit its parameters. That timm knows the name, and an entry point's own parameters,
-    are then checked where the module is built (registration's weights check in a child
-    process, the workers)."""
+    model code on its heap is walked by every later full garbage collection, in the middle
+    of requests): a name must not look like code, and the init_args of a timm model (or of
+    one registered in this process) must fit its parameters. That timm knows the name, and
+    an entry point's own parameters, are then checked where the module is built
+    (registration's weights check in a child process, the workers)."""
     if load:
         classifier_architecture(name).arguments(name, init_args)
         return

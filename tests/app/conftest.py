@@ -58,6 +58,7 @@ def settings(postgres_url: str, redis_client: redis.Redis, service_root: Path) -
         max_extracted_bytes=8 * MiB,
         max_compression_ratio=50,
         db_pool_size=10,
+        report_signing_key_file=str(service_root / "keys" / "report-signing-key.pem"),
     )
 
 
@@ -219,6 +220,8 @@ def job_body(registered: Registered, **changes: object) -> dict:
         "variants": {"preset": "tiny-classifier"},
         "subject_reference": "DSR-1",
         "legal_basis": "GDPR Art. 17",
+        # Tests submit one forget set many times; refusing repeats is tested on its own.
+        "allow_repeat": True,
     }
     body.update(changes)
     return body

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.db.models import ModelVersion, UnlearningJob
 from app.services import steps
 from app.services.models import add_version
 from app.services.results import job_result
@@ -37,6 +38,9 @@ METRICS_AFTER = {
     "mia": 71.5,
 }
 
+
+GROUP_BEFORE = {"count": 2, "acc": 100.0, "true_label_confidence": 91.5}
+GROUP_AFTER = {"count": 2, "acc": 0.0, "true_label_confidence": 12.25}
 
 SPLIT_SIZES = {"forget": 12, "forget_val": 4, "forget_test": 5, "retain": 80, "retain_val": 16,
                "test": 20, "holdout": 16}  # fmt: skip
@@ -92,11 +96,14 @@ def drive_to_success(
         with db.unit_of_work() as session:
             return steps.complete_step(session, held, output, queue)
 
-    base_sha = sha("base model state")
+    base_sha = sha("base model state")  # the worker's re-serialised working copy
+    with db.unit_of_work() as session:  # prepare hashes the base version's weights
+        row = session.get(UnlearningJob, job)
+        weights_sha = session.get(ModelVersion, row.model_version_id).weights_sha256
     original = {
         "metrics": METRICS_BEFORE,
         "base_sha256": base_sha,
-        "weights_sha256": sha("registered weights"),
+        "weights_sha256": weights_sha,
         "seconds": 0.5,
     }
     variants = complete(steps.PREPARE, original)
@@ -180,12 +187,16 @@ def drive_to_success(
             "split_sizes": SPLIT_SIZES,
             "code_version": "negmerge 0.1.0 (test)",
             "seeds": {"job": 0, "variants": [0] * len(records)},
-            "base_model": {"sha256": base_sha},
+            "base_model": {"sha256": base_sha, "weights_sha256": weights_sha},
             "variants": records,
             "round": rounds - 1,
             "rounds": summaries,
             "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
             "finetuning": spec.finetuning,
+            # Each group's own samples (a batch's deletion requests), as finalize measures them.
+            "groups": {
+                name: {"before": GROUP_BEFORE, "after": GROUP_AFTER} for name in spec.groups
+            },
         }
         result = job_result(report, model)
         summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}

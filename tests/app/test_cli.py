@@ -17,6 +17,7 @@ from tests.app.conftest import job_body
 def admin(db, settings, monkeypatch):  # type: ignore[no-untyped-def]
     """Runs `negmerge admin ARGS` against the test database."""
     monkeypatch.setenv("NEGMERGE_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("NEGMERGE_REPORT_SIGNING_KEY_FILE", settings.report_signing_key_file)
     get_settings.cache_clear()
     runner = CliRunner()
 
@@ -104,3 +105,46 @@ def test_audit_verify_detects_tampering(admin, client, registered, db, how):
         assert connection.execute(text(statement), {"chain": chain}).rowcount == 1
     broken = admin("audit", "verify", code=1)
     assert "BROKEN" in broken.output and words in broken.output
+
+
+def test_a_filed_report_verifies_offline_and_a_tampered_one_is_refused(
+    admin, app, client, registered, tmp_path
+):  # type: ignore[no-untyped-def]
+    from tests.app.jobs_driver import MET_TARGET, drive_to_success, submit
+
+    job_id = submit(client, registered, target=MET_TARGET)
+    drive_to_success(app, job_id)
+    filed = tmp_path / "report.json"
+    response = client.get(f"/v1/unlearning-jobs/{job_id}/report", headers=registered.caller.headers)
+    filed.write_bytes(response.content)  # the file exactly as downloaded
+    public_key = tmp_path / "service.pem"
+    printed = admin("report", "public-key")
+    public_key.write_text(printed.stdout)
+    assert "key id" in printed.stderr
+    assert public_key.read_text() == client.get("/v1/report-signing-key").json()["public_key_pem"]
+
+    for args in ((str(filed),), (str(filed), "--public-key", str(public_key))):
+        verified = admin("report", "verify", *args)
+        assert verified.output.startswith("valid") and job_id in verified.output
+
+    report = json.loads(filed.read_text())
+    report["requested_by"]["api_key_name"] = "someone else"
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(report, indent=2))
+    refused = admin("report", "verify", str(tampered), "--public-key", str(public_key), code=1)
+    assert "INVALID" in refused.output and "altered" in refused.output
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    other_key = admin("report", "verify", str(filed), "--public-key", str(stranger), code=1)
+    assert "not by this public key" in other_key.output
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("hello")
+    assert "not a JSON report" in admin("report", "verify", str(not_json), code=1).output

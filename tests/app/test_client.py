@@ -50,6 +50,7 @@ def job_body(model: dict, dataset: dict, **changes: object) -> dict:
         "forget": {"dataset_id": dataset["id"], "classes": ["circle"]},
         "variants": {"preset": "tiny-classifier"},
         "subject_reference": "DSR-7",
+        "allow_repeat": True,  # one forget set many times; refusing repeats: tests/app/api
     }
     return {**body, **changes}
 

@@ -213,6 +213,7 @@ def test_jobs_submit_get_list_cancel_report(negmerge, registered, tmp_path):
     report = negmerge("jobs", "report", first).stdout
     assert "Unlearning report" in report and "CANCELLED (final)" in report
     assert "classes circle" in report and "DSR-9" in report
+    assert "of data set 'shapes'" in report and "signature    Ed25519 by key" in report
     raw = json.loads(negmerge("jobs", "report", first, "--json").stdout)
     assert raw["final"] is True and raw["forget_selection"]["classes"] == ["circle"]
 
@@ -247,7 +248,7 @@ def test_wait_exits_0_when_the_target_is_met_and_5_when_it_is_not(
         ("lambda 0", MET_TARGET, [0.0]),
     ):
         body = tmp_path / f"{name}.yaml"
-        body.write_text(yaml.safe_dump({"target": target}))
+        body.write_text(yaml.safe_dump({"target": target, "allow_repeat": True}))
         job = negmerge("jobs", "submit", "-f", str(body), *job_flags(registered)).stdout.strip()
         drive_to_success(app, job, grid=grid)  # a worker's work, done here
         outcomes[name] = job
@@ -370,3 +371,28 @@ def test_admin_groups_at_top_level_make_a_key_the_client_can_use(
         run("models", "register", "--name", "m", "--api-url", service_url, "--api-key", key, code=1)
     )
     assert error.startswith("Error: 403 forbidden: ")
+
+
+def test_requests_submit_list_show(service_url, caller, registered, config_file):
+    # The group itself (`negmerge requests` once the package's entry points are installed).
+    from app.client_cli.requests import requests
+
+    model_id, dataset_id = registered
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Result:
+        result = runner.invoke(requests, [*args, "--api-url", service_url, "--api-key", caller.key])
+        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+        return result
+
+    flags = ("--model", model_id, "--dataset", dataset_id, "--id", "circle-0", "--id",
+             "circle-1", "--subject", "DSR-5", "--legal-basis", "GDPR Art. 17")  # fmt: skip
+    made = invoke("submit", *flags)
+    request_id = made.stdout.strip()
+    assert "received, due" in made.stderr
+    again = invoke("submit", *flags)
+    assert again.stdout.strip() == request_id and "duplicate" in again.stderr
+    table = invoke("list", "--state", "PENDING").stdout
+    assert request_id in table and "DSR-5" in table
+    shown = json.loads(invoke("show", request_id).stdout)
+    assert shown["state"] == "PENDING" and shown["ids"] == ["circle-0", "circle-1"]

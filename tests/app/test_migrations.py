@@ -8,6 +8,7 @@ import json
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
@@ -83,3 +84,54 @@ def test_the_embedded_default_runs_the_same_code(tmp_path, weights_file, shapes_
     args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
     assert args == [first.json()["id"], "prepare"]
     app.state.db.dispose()
+
+
+def test_0009_makes_stored_results_name_the_base_versions_weights(tmp_path):
+    """Results stored before 0009 named the worker's working copy as base_model_sha256; the
+    migration keeps it as base_copy_sha256 and names the version's weights instead."""
+    from sqlalchemy.orm import Session
+
+    from app.db.models import Dataset, Model, ModelVersion, Tenant
+
+    url = f"sqlite:///{tmp_path / 'negmerge.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    engine = create_engine(url)
+    with Session(engine) as session, session.begin():
+        tenant = Tenant(name="acme")
+        session.add(tenant)
+        session.flush()
+        model = Model(tenant_id=tenant.id, name="m", family="classifier", architecture="a",
+                      classes=["x"], spec={})  # fmt: skip
+        session.add(model)
+        session.flush()
+        version = ModelVersion(tenant_id=tenant.id, model_id=model.id, version=1,
+                               weights_uri="/w", weights_sha256="a" * 64, size_bytes=1)  # fmt: skip
+        dataset = Dataset(tenant_id=tenant.id, name="d", source="uri", manifest_uri="/m",
+                          root_uri="/", manifest_sha256="m" * 64, content_sha256="c" * 64,
+                          sample_count=1, labels=["x"], split_counts={})  # fmt: skip
+        session.add_all([version, dataset])
+        session.flush()
+        session.add(
+            UnlearningJob(
+                tenant_id=tenant.id,
+                model_id=model.id,
+                model_version_id=version.id,
+                forget_dataset_id=dataset.id,
+                variants_total=1,
+                request={},
+                spec={},
+                forget_manifest_sha256="f" * 64,
+                forget_count=1,
+                request_sha256="r" * 64,
+                result={"base_model_sha256": "b" * 64, "lambda": 0.5},
+            )  # fmt: skip
+        )
+    # Down to the revision before 0009 only: the data rows above stay valid there.
+    before = ScriptDirectory.from_config(config).get_revision("0009_evidence").down_revision
+    command.downgrade(config, before)
+    command.upgrade(config, "0009_evidence")
+    with engine.connect() as connection:
+        stored = connection.execute(select(UnlearningJob.result)).scalar_one()
+    engine.dispose()
+    assert stored == {"base_model_sha256": "a" * 64, "base_copy_sha256": "b" * 64, "lambda": 0.5}

@@ -1,4 +1,4 @@
-"""Data roots apart from the server's own files (issue 11, finding 5): a data root that
+"""Data roots apart from the server's own files: a data root that
 contains the artifact root (or lies inside it) is refused at start-up, and no shipped
 configuration has one."""
 

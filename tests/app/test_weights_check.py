@@ -2,7 +2,7 @@
 
 The API process imports torch at start-up and freezes it out of the garbage collector; model
 code imported or built later (timm, torchvision, open_clip) stays on the heap that every full
-collection walks, in the middle of requests (issue 17). These tests run the app in a fresh
+collection walks, in the middle of requests. These tests run the app in a fresh
 interpreter, because this test process has imported timm itself.
 """
 

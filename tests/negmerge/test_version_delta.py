@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from negmerge.io import file_sha256, save_file
+from negmerge.io import file_sha256, open_checkpoint, save_file
+from negmerge.sparse import SparseFile
 from negmerge.version_delta import DenseReader, materialise, materialise_to, write_delta
 
 
@@ -82,6 +83,39 @@ def test_a_chain_of_five_versions_materialises_to_the_dense_files(tmp_path):
     for n in range(1, 6):
         got = _materialised(dense[0], deltas[:n], file_sha256(dense[n]))
         assert hashlib.sha256(got).hexdigest() == file_sha256(dense[n])
+
+
+def _bits(elements: np.ndarray) -> np.ndarray:
+    """The elements' bit patterns (as unsigned integers of their width)."""
+    return elements.view(f"<u{elements.itemsize}")
+
+
+def test_a_chain_of_five_materialises_to_the_five_deltas_applied_densely(tmp_path):
+    # The other way round from streaming: every delta read whole as its dense XOR tensors
+    # (negmerge.sparse) and applied to the base's tensors one after the other.
+    tensors = _model()
+    dense = [_dense(tmp_path / "v1.safetensors", tensors, 1)]
+    deltas: list[Path] = []
+    for n in range(2, 7):
+        tensors = _unlearn(tensors, n)
+        dense.append(_dense(tmp_path / f"v{n}.safetensors", tensors, n))
+        deltas.append(_delta(dense[-2], dense[-1], tmp_path / f"v{n}.delta.safetensors", n - 1))
+    with open_checkpoint(dense[0]) as base:
+        applied = {key: _bits(base.read_array(key)).copy() for key in base.specs}
+    for delta in deltas:
+        with open_checkpoint(delta) as xor:
+            assert isinstance(xor, SparseFile)
+            for key, bits in applied.items():
+                bits ^= _bits(xor.read_array(key))
+    streamed = tmp_path / "streamed.safetensors"
+    with open(dense[0], "rb") as f:
+        materialise_to(DenseReader(f), deltas, file_sha256(dense[-1]), streamed)
+    with open_checkpoint(streamed) as got, open_checkpoint(dense[-1]) as want:
+        assert list(got.specs) == list(want.specs) == list(applied)
+        for key, bits in applied.items():
+            assert np.array_equal(_bits(got.read_array(key)), bits), key
+            assert np.array_equal(_bits(want.read_array(key)), bits), key
+    assert streamed.read_bytes() == dense[-1].read_bytes()
 
 
 def test_a_wrong_base_fails_after_the_last_block(tmp_path):

@@ -81,6 +81,12 @@ def settings(
         watchdog_interval_seconds=0.5,
         progress_interval_seconds=0.2,
         db_pool_size=4,
+        report_signing_key_file=str(root / "report-signing-key.pem"),
+        # The service's retention deletes a job's work files and blocks the version it
+        # unlearned from; these tests look into work directories and start every job from
+        # version 1. test_retention.py gives its tenant the default policy back.
+        retention_intermediates="keep",
+        retention_superseded="keep",
     )
     yield settings
     for name in (settings.queue_name, settings.gpu_queue_name):
@@ -247,6 +253,8 @@ def job_body(tenant: Tenant, **changes: object) -> dict:
         "variants": TWO_VARIANTS,
         "max_eval_samples": 64,
         "subject_reference": "DSR-7",
+        # Tests run one forget set many times; refusing repeats is tested in tests/app.
+        "allow_repeat": True,
     }
     body.update(changes)
     return body

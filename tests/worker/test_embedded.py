@@ -19,7 +19,7 @@ import pytest
 
 from app.db.session import Database
 from negmerge.fixtures import default_cache_dir
-from tests.worker.conftest import job_body, register_tenant, submit, wait_for
+from tests.worker.conftest import TERMINAL, job_body, register_tenant, submit, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,8 @@ def test_the_embedded_default_runs_a_job_end_to_end(embedded, classifier):
     with httpx.Client(base_url=base, timeout=30) as client:
         tenant = register_tenant(client, db, classifier)
         job_id = submit(client, tenant, job_body(tenant))
-        job = wait_for(client, tenant, job_id, timeout=150)
+        # Until the job's retention has run (the defaults: its intermediates are deleted).
+        job = wait_for(client, tenant, job_id, retained, timeout=150)
         assert job["state"] == "SUCCEEDED", job
         report = client.get(f"/v1/unlearning-jobs/{job_id}/report", headers=tenant.headers)
         expected = report.json()["unlearned_model"]["weights_sha256"]
@@ -92,7 +93,12 @@ def test_the_embedded_default_runs_a_job_end_to_end(embedded, classifier):
         )
         assert hashlib.sha256(weights.content).hexdigest() == expected
     db.dispose()
-    assert list((folder / "var" / "artifacts" / "jobs" / job_id).glob("model.safetensors"))
+    work = folder / "var" / "artifacts" / "jobs" / job_id
+    assert (work / "report.json").is_file() and not list(work.rglob("*.safetensors"))
+
+
+def retained(job: dict) -> bool:
+    return job["state"] in TERMINAL and job["data_deletion"] is not None
 
 
 def descendants(pid: int) -> list[int]:

@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.db.models import StepState
 from app.queue import JobQueue
+from negmerge.merge.streaming import merge_files
+from negmerge.task_vector import load_task_vector
 from tests.worker.conftest import (
     job_body,
     job_steps,
@@ -78,11 +81,22 @@ def test_a_job_runs_end_to_end_and_its_model_downloads_with_the_reported_hash(
     assert hashlib.sha256(weights.content).hexdigest() == unlearned["weights_sha256"]
     versions = client.get(f"/v1/models/{tenant.model_id}/versions", headers=tenant.headers)
     assert [v["parent_version"] for v in versions.json()["items"]] == [None, 1]
+    # The base's sha256 is its version's weights', in the job resource and the report alike
+    # (the worker's re-serialised working copy is base_copy_sha256).
+    base = client.get(f"/v1/models/{tenant.model_id}/versions/1/weights", headers=tenant.headers)
+    base_sha256 = hashlib.sha256(base.content).hexdigest()
+    assert job["result"]["base_model_sha256"] == base_sha256
+    assert report["base_model"]["weights_sha256"] == report["hashes"]["base_model_sha256"]
+    assert report["hashes"]["base_model_sha256"] == base_sha256
+    assert report["hashes"]["merged_sha256"] == job["result"]["merged_sha256"]
 
-    # Task vectors are deleted once merged (the job did not ask to keep them).
+    # Task vectors are deleted once merged (the job did not ask to keep them); with running
+    # merge storage (the default) they were never kept: each variant was folded into the
+    # worker's merge state, and the states are gone with the job.
     workdir = Path(settings.artifact_root) / "jobs" / job_id
     assert (workdir / "merged.safetensors").exists()
     assert not list(workdir.glob("variants/*.safetensors"))
+    assert not (workdir / "states").exists()
 
 
 def test_a_step_delivered_twice_has_no_second_effect(
@@ -136,7 +150,7 @@ def test_cancel_during_fine_tuning_ends_cancelled_within_seconds(client, tenant,
 
 
 def test_a_worker_killed_mid_variant_the_job_completes_with_the_same_model(
-    client, tenant, reference, db, worker, start_worker
+    client, tenant, reference, db, worker, start_worker, settings, tmp_path
 ):
     _, expected, _ = reference
     job_id = submit(client, tenant, job_body(tenant, keep_task_vectors=True))
@@ -167,3 +181,19 @@ def test_a_worker_killed_mid_variant_the_job_completes_with_the_same_model(
     # Same seed, same bytes: every task vector and the final model equal the reference's.
     assert job["result"]["task_vector_sha256"] == expected["result"]["task_vector_sha256"]
     assert job["result"]["model"]["weights_sha256"] == expected["result"]["model"]["weights_sha256"]
+
+    # Running merge storage: each variant folded once, into the state of the worker that
+    # finished it (the killed one folded nothing); the merge of those states equals the
+    # merge of the stored task vectors (kept here, as the job asked).
+    folded = [steps[f"finetune:{k}"].output["merge_state"] for k in (0, 1)]
+    last = max(folded, key=lambda state: len(state["variants"]))
+    assert sorted(last["variants"]) == [0, 1] and len({s["worker"] for s in folded}) == 1
+    workdir = Path(settings.artifact_root) / "jobs" / job_id
+    taus = sorted(str(p) for p in workdir.glob("variants/*.safetensors"))
+    merge_files("negmerge", taus, tmp_path / "baseline.safetensors")
+    running = load_task_vector(workdir / "merged.safetensors")
+    baseline = load_task_vector(tmp_path / "baseline.safetensors")
+    assert running.keys() == baseline.keys()
+    for key, value in running.items():
+        assert torch.allclose(value, baseline[key], rtol=1e-6, atol=1e-8), key
+    assert not (workdir / "states").exists()

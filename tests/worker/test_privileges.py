@@ -1,4 +1,4 @@
-"""Least privilege on the workers (issue 11): the processes that run steps have no database
+"""Least privilege on the workers: the processes that run steps have no database
 or broker credentials in their environment, and the images run as a user that is not root."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A worker never imports what a stored job names (issue 11, finding 1): a job spec written
+"""A worker never imports what a stored job names (tenant input is data): a job spec written
 before architectures became names fails its step cleanly, and nothing it names runs."""
 
 from __future__ import annotations

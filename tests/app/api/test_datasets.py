@@ -281,7 +281,7 @@ def test_unknown_model_for_the_label_check_is_422(client, caller):
     assert response.json()["error"]["fields"][0]["field"] == "model_id"
 
 
-# ---- bounded uploads (issue 11, findings 2-4) --------------------------------------------
+# ---- bounded uploads: no archive may cost the server more than its limits --------------
 
 
 @pytest.mark.parametrize(

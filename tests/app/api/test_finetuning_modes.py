@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+
+from app.services import retention
 from tests.app.conftest import job_body
 from tests.app.jobs_driver import drive_to_success
 
@@ -41,6 +44,12 @@ def test_a_lineage_keeps_one_mode(app, client, registered):
     refused(post(client, registered, model=on_linear), "version 2 is a linearized model")
     assert post(client, registered, model=on_linear, finetuning="linear").status_code == 202
 
+    # Version 1 is superseded by 2 (retention blocks it as a base): kept, for a second lineage.
+    with app.state.db.unit_of_work() as session:
+        one = retention.get_version(
+            session, registered.caller.tenant_id, uuid.UUID(registered.model_id), 1
+        )
+        retention.keep_version(session, one, "a standard lineage beside the linear one", "test")
     standard = post(client, registered, model={"id": registered.model_id, "version": 1})
     assert standard.status_code == 202, standard.text
     assert drive_to_success(app, standard.json()["id"])["model_version"] == 3

@@ -161,9 +161,10 @@ def test_a_custom_open_clip_architecture_comes_with_its_config(
 def test_architectures_that_are_import_paths_are_422_and_nothing_runs(
     client, caller, weights_file, tmp_path
 ):
-    """Issue 11, finding 1: `module:Class` was imported and called with the tenant's
-    init_args (torch.hub:load ran an uploaded hubconf.py; logging:basicConfig truncated a
-    file). Architectures are names: both are refused, naming the field and what is allowed."""
+    """Tenant input is data, never code: `module:Class` was once imported and called with the
+    tenant's init_args (torch.hub:load ran an uploaded hubconf.py; logging:basicConfig
+    truncated a file). Architectures are names: both are refused, naming the field and what
+    is allowed."""
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "hubconf.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\ndef net(): 0\n")

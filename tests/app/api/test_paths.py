@@ -1,4 +1,4 @@
-"""Paths a tenant names (issue 11, finding 5): one answer for a file outside its data roots
+"""Paths a tenant names: one answer for a file outside its data roots
 and for a missing one, so that no answer tells whether a file the tenant may not read exists;
 with `{tenant}` in a data root, each tenant reads only its own folder."""
 

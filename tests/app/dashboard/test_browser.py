@@ -146,7 +146,18 @@ def test_sign_in_then_the_list_and_a_finished_jobs_evidence(
     assert metrics.count() == len(result["metrics"]["before"]) + 2
     assert page.locator("table.metrics tr.search-row").count() == 2
     assert page.locator("[data-verdict=met]").is_visible()
-    assert page.locator("table.audit tbody tr").count() > 0
+    # Who asked, what was forgotten and the verdict, at the top of the page.
+    assert page.locator("[data-fact=summary-what]").is_visible()
+    what = page.locator("[data-fact=summary-what]").inner_text()
+    assert what.startswith("Forgot") and "2 samples" in what and "“shapes”" in what
+    assert page.locator("[data-fact=summary-who]").inner_text() == "requested by API key “test”"
+    assert page.locator("[data-fact=summary-verdict]").inner_text() == "verdict: target met"
+    assert "“test”" in page.locator("[data-fact=requester]").inner_text()
+    assert page.locator("[data-fact=dataset]").inner_text().startswith("shapes")
+    # The audit trail: consecutive entries, no gaps.
+    seqs = [int(s) for s in page.locator("table.audit tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.auditSeq)")]  # fmt: skip
+    assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert (
         result["model"]["weights_sha256"]
         in page.locator('[data-hash="unlearned-model"]').inner_text()
@@ -323,3 +334,53 @@ def test_a_phone_sees_the_whole_page_and_scrolls_the_table(
             shutil.copyfile(png, SCREENSHOTS / png.name)
     finally:
         context.close()
+
+
+def test_a_requests_and_its_jobs_pages_show_who_what_due_verdict_and_deletion(
+    page, caller, carried_requests, tmp_path: Path
+):  # type: ignore[no-untyped-def]
+    alice = carried_requests.forgotten["DSR-ALICE"]
+    sign_in(page, caller.key, "/dashboard/requests")
+    pending = page.locator(f'tr[data-request-id="{carried_requests.pending["id"]}"]')
+    assert pending.locator("[data-field=due]").inner_text() == "2026-02-05 09:00:00 UTC · overdue"
+    assert pending.locator("[data-field=deletion]").inner_text() == "not batched yet"
+    row = page.locator(f'tr[data-request-id="{alice["id"]}"]')
+    assert row.locator("td.subject").inner_text() == "DSR-ALICE"
+    assert row.locator("[data-field=what]").inner_text() == "2 samples"
+    assert row.locator("[data-field=state]").inner_text() == "FORGOTTEN"
+    assert row.locator("[data-field=deletion]").inner_text() == "data deleted"
+    list_png = tmp_path / "dashboard-requests.png"
+    page.screenshot(path=str(list_png), full_page=True)
+
+    row.locator("a").click()
+    page.wait_for_url(f"**/dashboard/requests/{alice['id']}")
+    assert page.locator("[data-fact=summary-who]").inner_text() == "Subject “DSR-ALICE”"
+    what = page.locator("[data-fact=summary-what]").inner_text()
+    assert what.startswith("asked to forget 2 samples of data set “faces”")
+    assert "overdue" not in page.locator("[data-fact=summary-due]").inner_text()
+    assert page.locator("tr[data-evidence=acc] td").all_inner_texts() == ["100.00", "0.00"]
+    assert page.locator("#deletion-heading .badge").inner_text() == "data deleted"
+    assert (
+        page.locator("[data-fact=forget-data]")
+        .inner_text()
+        .startswith("deleted: 3 samples, 3 files,")
+    )
+    request_png = tmp_path / "dashboard-request.png"
+    page.screenshot(path=str(request_png), full_page=True)
+
+    page.locator("[data-fact=job] a").click()
+    page.wait_for_url(f"**/dashboard/jobs/{carried_requests.job_id}")
+    assert page.locator("[data-fact=summary-verdict]").inner_text() == "verdict: target met"
+    carried = page.locator("table.requests tbody tr")
+    assert carried.count() == 2
+    assert sorted(carried.locator("td.subject").all_inner_texts()) == ["DSR-ALICE", "DSR-BOB"]
+    assert page.locator("#deletion-heading .badge").inner_text() == "data deleted"
+    assert page.locator("[data-fact=deleted-at]").is_visible()
+    job_png = tmp_path / "dashboard-job-requests.png"
+    page.screenshot(path=str(job_png), full_page=True)
+
+    for png in (list_png, request_png, job_png):
+        assert_png(png)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, SCREENSHOTS / png.name)
+    assert page.problems == []

@@ -241,6 +241,7 @@ def test_a_finished_jobs_page_shows_its_evidence(client, registered, caller, fin
     job_id, result = finished_job(
         search={"rule": "retain-threshold", "strategy": "grid", "retain_ratio": ratio},
         legal_basis="GDPR Art. 17(1)(b)",
+        target=MET_TARGET,
     )
     job = client.get(f"/v1/unlearning-jobs/{job_id}", headers=caller.headers).json()
     assert job["state"] == "SUCCEEDED"
@@ -286,18 +287,32 @@ def test_a_finished_jobs_page_shows_its_evidence(client, registered, caller, fin
     assert str(caller.key_id) in page
     assert f'href="/dashboard/jobs/{job_id}/report.json"' in page
 
-    # The audit trail: every entry whose resource is this job, as the audit API lists them.
-    entries = client.get(
+    # The audit trail: every entry of the chain from the job's first to its end, without a
+    # gap (the model version the job added is a "model" entry, and is shown too).
+    ours = client.get(
         "/v1/audit",
         params={"resource_type": "unlearning_job", "resource_id": job_id, "page_size": 200},
         headers=caller.headers,
     ).json()["items"]
-    assert entries
+    chain = client.get("/v1/audit", params={"page_size": 200}, headers=caller.headers).json()
+    by_seq = {e["seq"]: e for e in chain["items"]}
+    first, last = min(e["seq"] for e in ours), max(e["seq"] for e in ours)
     shown = [int(s) for s in re.findall(r'data-audit-seq="(\d+)"', page)]
-    assert shown == sorted(e["seq"] for e in entries)
-    assert {"job.created", "job.state_changed", "job.stage_changed"} <= {
-        e["action"] for e in entries
-    }
+    assert shown == list(range(first, last + 1))
+    assert {"job.created", "job.state_changed", "job.stage_changed"} <= {e["action"] for e in ours}
+    added = next(s for s in shown if by_seq[s]["action"] == "model.version_added")
+    row = page[page.index(f'data-audit-seq="{added}"') :].split("</tr>", 1)[0]
+    assert 'data-about-job="yes"' in row and "model.version_added" in row
+    # The chain's head at the end: the job's terminal entry, cited by the page and report.
+    assert by_seq[last]["action"] == "job.state_changed"
+    assert f"#{last} {by_seq[last]['hash']}" in page
+
+    # Who asked, what was forgotten, the verdict: at the top of the page.
+    summary = page[page.index("data-summary") :].split("</p>", 1)[0]
+    assert "Forgot" in summary and "2 samples" in summary and "“shapes”" in summary
+    assert "API key “test”" in summary and "verdict: target met" in summary
+    assert 'data-fact="sample-count">2<' in page and "Samples forgotten" in page
+    assert "of tenant “acme”" in page
 
 
 def test_a_missed_target_is_amber_with_its_reasons_and_a_met_one_green(
@@ -357,6 +372,20 @@ def test_the_json_report_is_the_apis_report(client, caller, finished_job):
     assert response.headers["content-type"] == "application/json"
     api = client.get(f"/v1/unlearning-jobs/{job_id}/report", headers=caller.headers)
     assert response.json() == api.json()
+
+
+def test_a_cancelled_job_says_what_was_requested_not_forgotten(client, registered, caller):
+    headers = caller.headers
+    job_id = submit(client, registered, forget={"dataset_id": registered.dataset_id,
+                                                "classes": ["circle"]})  # fmt: skip
+    assert client.post(f"/v1/unlearning-jobs/{job_id}:cancel", headers=headers).status_code == 200
+    sign_in(client, caller.key)
+    page = client.get(f"{JOBS}/{job_id}").text
+    assert "Samples forgotten" not in page and "Classes forgotten" not in page
+    assert "Samples requested" in page and 'data-fact="classes">circle<' in page
+    summary = page[page.index("data-summary") :].split("</p>", 1)[0]
+    assert "Asked to forget" in summary and "circle" in summary
+    assert "no verdict: the job cancelled" in summary
 
 
 def test_a_running_job_shows_no_curve_yet(client, registered, caller):
@@ -502,3 +531,84 @@ def test_an_escalated_job_lists_its_rounds(app, client, registered, caller):  # 
     single = submit(client, registered, target=MET_TARGET)
     drive_to_success(app, single)
     assert 'id="rounds-heading"' not in client.get(f"{JOBS}/{single}").text
+
+
+# ---- deletion requests -----------------------------------------------------------------------
+
+
+def request_row(page: str, request_id: str) -> str:
+    match = re.search(rf'<tr data-request-id="{request_id}".*?</tr>', page, re.S)
+    assert match, f"no row for request {request_id}"
+    return match.group(0)
+
+
+def test_the_request_list_shows_who_what_due_state_and_deletion(client, caller, carried_requests):
+    sign_in(client, caller.key)
+    page = client.get("/dashboard/requests")
+    assert page.status_code == 200
+    assert '<a href="/dashboard/requests">Deletion requests</a>' in page.text  # in the nav
+    alice = request_row(page.text, carried_requests.forgotten["DSR-ALICE"]["id"])
+    assert "DSR-ALICE" in alice and "2 samples" in alice and "faces" in alice
+    assert ">FORGOTTEN<" in alice and ">data deleted<" in alice and "overdue" not in alice
+    bob = request_row(page.text, carried_requests.forgotten["DSR-BOB"]["id"])
+    assert "1 sample<" in bob and ">data deleted<" in bob
+    carol = request_row(page.text, carried_requests.pending["id"])
+    # Received 5 January 2026: due a month later, long past, and nothing has settled it.
+    assert "2026-02-05 09:00:00 UTC · overdue" in re.sub(r"<[^>]+>", "", carol)
+    assert ">PENDING<" in carol and ">not batched yet<" in carol
+
+
+def test_a_requests_page_shows_its_evidence_job_version_and_deletion(
+    client, caller, carried_requests
+):
+    sign_in(client, caller.key)
+    alice = carried_requests.forgotten["DSR-ALICE"]
+    page = client.get(f"/dashboard/requests/{alice['id']}").text
+    assert "Subject “DSR-ALICE”" in page and "asked to forget 2 samples of data set “faces”" in page
+    assert "u0, u1" in page and "GDPR Art. 17" in page
+    assert f'href="/dashboard/jobs/{carried_requests.job_id}"' in page
+    assert f"version {alice['model_version']}" in page and alice["model_version"] == 2
+    before, after = alice["evidence"]["before"], alice["evidence"]["after"]
+    acc = re.search(r'<tr data-evidence="acc">.*?</tr>', page, re.S).group(0)
+    assert f"<td>{before['acc']:.2f}</td><td>{after['acc']:.2f}</td>" in acc
+    # Retention deleted the forgotten images of the uploaded data set: its job's three.
+    assert 'data-deletion="succeeded"' in page
+    assert "deleted: 3 samples, 3 files," in page
+
+    pending = client.get(f"/dashboard/requests/{carried_requests.pending['id']}").text
+    assert "not batched yet" in pending and "· overdue" in pending
+    assert "The evidence appears here once" in pending
+
+
+def test_a_jobs_page_lists_its_requests_and_its_data_deletion(client, caller, carried_requests):
+    sign_in(client, caller.key)
+    page = client.get(f"{JOBS}/{carried_requests.job_id}").text
+    for subject, request in carried_requests.forgotten.items():
+        row = request_row(page, request["id"])
+        assert subject in row and ">FORGOTTEN<" in row
+    assert carried_requests.pending["id"] not in page
+    deletion = re.search(r'<section[^>]*data-deletion="succeeded".*?</section>', page, re.S)
+    assert deletion, "no data deletion section"
+    text = deletion.group(0)
+    assert "deleted: 3 samples, 3 files," in text and "Recorded at" in text
+    # The report the page links to names the same requests, signed.
+    report = client.get(f"{JOBS}/{carried_requests.job_id}/report.json").json()
+    assert {r["subject_reference"] for r in report["requests"]} == {"DSR-ALICE", "DSR-BOB"}
+    assert report["signature"]
+
+
+def test_a_direct_jobs_page_says_it_carries_no_request(client, caller, finished_job):
+    job_id, _ = finished_job()
+    sign_in(client, caller.key)
+    page = client.get(f"{JOBS}/{job_id}").text
+    assert "None: this job was submitted directly" in page
+    assert "deletion pending" in page  # retention has not run for it yet
+
+
+def test_another_tenants_request_is_not_found(client, make_caller, carried_requests):
+    other = make_caller("globex", ("jobs:read",))
+    sign_in(client, other.key)
+    alice = carried_requests.forgotten["DSR-ALICE"]["id"]
+    assert client.get(f"/dashboard/requests/{alice}").status_code == 404
+    assert client.get("/dashboard/requests/not-a-uuid").status_code == 404
+    assert alice not in client.get("/dashboard/requests").text
