@@ -199,10 +199,10 @@ def measure(kind: str, folder: Path, n: int) -> None:
     elif kind.startswith("merge-"):  # the storage table: the same merge, stored each way
         extra = ours(pre, paths, output, hashes, layout=kind.removeprefix("merge-"))
     elif kind.startswith("apply-"):
-        from negmerge.task_vector import apply_task_vector_file
+        from negmerge.task_vector import subtract_task_vector_file
 
         vector = stored_vector(folder, kind.removeprefix("apply-"))
-        apply_task_vector_file(pre, vector, 0.5, output)
+        subtract_task_vector_file(pre, vector, 0.5, output)
     elif kind.startswith("read-"):  # every 1M-element slice, as apply reads them, no torch
         from negmerge.io import open_checkpoint
 

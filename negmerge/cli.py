@@ -139,10 +139,10 @@ def _mib(nbytes: int) -> str:
 @click.option("--output", "-o", type=FILE, required=True, help="The new model (safetensors).")
 def apply(pretrained: Path, vector: Path, scale: float, output: Path) -> None:
     """Write the unlearned model theta_pre - SCALE * tau."""
-    from negmerge.task_vector import apply_task_vector_file  # torch: only this command needs it
+    from negmerge.task_vector import subtract_task_vector_file  # torch: only this command needs it
 
     began = time.perf_counter()
-    apply_task_vector_file(pretrained, vector, scale, output)
+    subtract_task_vector_file(pretrained, vector, scale, output)
     click.echo(f"wrote {output} (lambda = {scale}) in {time.perf_counter() - began:.2f} s")
 
 

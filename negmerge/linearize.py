@@ -187,7 +187,7 @@ def apply_tangent_file(
 
     `base` is a linearized checkpoint (its deltas zero for a job on standard weights); theta0
     is copied as it is and each tangent delta moves by -scale * tau, in fp32. The linear
-    counterpart of `negmerge.task_vector.apply_task_vector_file`; returns the metadata.
+    counterpart of `negmerge.task_vector.subtract_task_vector_file`; returns the metadata.
     """
     from negmerge.io import SafetensorsWriter, open_checkpoint, refuse_overwriting
     from negmerge.task_vector import CHUNK_ELEMENTS

@@ -63,7 +63,7 @@ from negmerge.search import (
     search_lambda,
 )
 from negmerge.sparse import is_sparse
-from negmerge.task_vector import apply_task_vector, apply_task_vector_file, load_task_vector
+from negmerge.task_vector import load_task_vector, subtract_task_vector, subtract_task_vector_file
 from negmerge.variants import Variant, VariantGrid, variant_seed
 from negmerge.verdict import Target, TargetKind, judge, resolve_target, target_kind
 
@@ -471,7 +471,7 @@ class JobContext:
 
     def set_scale(self, vector: Mapping[str, torch.Tensor], lam: float) -> None:
         """Put theta_pre - lam * tau into the model, in place."""
-        apply_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
+        subtract_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
 
     def metrics(self) -> dict[str, float | None]:
         """Accuracy on every report split, and MIA-efficacy, of the model as it is now."""
@@ -788,7 +788,7 @@ def finalize(
         if ctx.model.finetuning == "linear":  # theta0 kept, the delta moves
             apply_tangent_file(wd.base, wd.merged, lam, wd.model, ctx.model.linearized_part)
         else:
-            apply_task_vector_file(wd.base, wd.merged, lam, wd.model)
+            subtract_task_vector_file(wd.base, wd.merged, lam, wd.model)
     vector = load_task_vector(wd.merged)
     # The groups' "before" is the model this job started from (lambda 0), measured here
     # rather than in prepare so that a report of any round has both from one place.

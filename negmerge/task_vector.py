@@ -47,7 +47,7 @@ def task_vector(
 
 def load_task_vector(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """A task-vector file as a mapping of torch tensors. A sparse file (negmerge.sparse) stays
-    sparse in memory and each tensor is densified only when looked up, so `apply_task_vector`,
+    sparse in memory and each tensor is densified only when looked up, so `subtract_task_vector`,
     which takes them one at a time, holds one dense tensor at most; a dense file is loaded."""
     from negmerge.sparse import SparseFile, SparseTensors
 
@@ -56,7 +56,7 @@ def load_task_vector(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return SparseTensors(path) if sparse else load_state_dict(path)
 
 
-def apply_task_vector(
+def subtract_task_vector(
     pretrained: Mapping[str, torch.Tensor],
     vector: Mapping[str, torch.Tensor],
     scale: float,
@@ -90,7 +90,7 @@ def apply_task_vector(
     return result
 
 
-def apply_task_vector_file(
+def subtract_task_vector_file(
     pretrained: str | os.PathLike,
     vector: str | os.PathLike,
     scale: float,

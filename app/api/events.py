@@ -111,17 +111,19 @@ class Message:
 
 
 @dataclass(frozen=True)
-class Look:
+class EventBatch:
     messages: list[Message]
     job_ended: bool
-    more: bool  # the batch was full: look again at once
+    more: bool  # the batch was full: read again at once
 
 
 def sse_message(event_id: int, event: str, data: str) -> bytes:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
 
 
-def look(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID, after: int) -> Look | None:
+def read_events(
+    db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID, after: int
+) -> EventBatch | None:
     """The job's events after `after`, as messages; None if the job is gone."""
     with db.unit_of_work() as session:
         # The events first, then the job: each statement sees what had committed when it ran,
@@ -151,7 +153,7 @@ def look(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID, after: int) -> L
             messages.append(
                 Message(row.id, sse_message(row.id, row.kind, data.model_dump_json()), terminal)
             )
-        return Look(messages, job.state.is_terminal, len(rows) == BATCH)
+        return EventBatch(messages, job.state.is_terminal, len(rows) == BATCH)
 
 
 async def event_stream(
@@ -162,7 +164,7 @@ async def event_stream(
     yield f"retry: {RETRY_MS}\n\n".encode()
     started = last_sent = time.monotonic()
     while True:
-        found = await anyio.to_thread.run_sync(look, db, tenant_id, job_id, after)
+        found = await anyio.to_thread.run_sync(read_events, db, tenant_id, job_id, after)
         if found is None:
             return
         for message in found.messages:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from negmerge.cli import main
 from negmerge.io import load_state_dict, open_checkpoint
 from negmerge.merge.streaming import merge_task_vectors
-from negmerge.task_vector import apply_task_vector, task_vector
+from negmerge.task_vector import subtract_task_vector, task_vector
 
 
 def run(*args: str):
@@ -54,7 +54,7 @@ def test_merge_then_apply_gives_the_unlearned_model(checkpoints, tmp_path):
     )
     assert out.exit_code == 0, out.output
     model = load_state_dict(tmp_path / "model.safetensors")
-    reference = apply_task_vector(pre, expected.tensors, 0.8)
+    reference = subtract_task_vector(pre, expected.tensors, 0.8)
     assert all(torch.equal(model[k], reference[k]) for k in reference)
 
 

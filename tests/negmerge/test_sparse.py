@@ -31,7 +31,7 @@ from negmerge.sparse import (
     convert,
     mask_nbytes,
 )
-from negmerge.task_vector import apply_task_vector, apply_task_vector_file, load_task_vector
+from negmerge.task_vector import load_task_vector, subtract_task_vector, subtract_task_vector_file
 from tests.negmerge.conftest import finetune_like, make_model_state
 
 
@@ -278,7 +278,7 @@ def test_apply_from_sparse_equals_apply_from_dense_byte_for_byte(merged_pair):
     outputs = {}
     for layout in ("sparse", "dense"):
         outputs[layout] = folder / f"model-{layout}.safetensors"
-        apply_task_vector_file(
+        subtract_task_vector_file(
             folder / "pre.safetensors", folder / f"{layout}.safetensors", 0.7, outputs[layout]
         )
     assert data_bytes(outputs["sparse"]) == data_bytes(outputs["dense"])
@@ -291,8 +291,8 @@ def test_apply_from_sparse_equals_apply_from_dense_byte_for_byte(merged_pair):
     # in memory too: the search's path, the vector held sparse
     vector = load_task_vector(folder / "sparse.safetensors")
     assert isinstance(vector, SparseTensors)
-    reference = apply_task_vector(pre, load_task_vector(folder / "dense.safetensors"), 0.7)
-    assert_bit_exact(apply_task_vector(pre, vector, 0.7), reference)
+    reference = subtract_task_vector(pre, load_task_vector(folder / "dense.safetensors"), 0.7)
+    assert_bit_exact(subtract_task_vector(pre, vector, 0.7), reference)
     assert_bit_exact(reference, load_state_dict(outputs["dense"]))
 
 

@@ -7,9 +7,9 @@ from torch import nn
 from negmerge.errors import CheckpointError
 from negmerge.io import load_state_dict, open_checkpoint, save_file
 from negmerge.task_vector import (
-    apply_task_vector,
-    apply_task_vector_file,
     check_same_layout,
+    subtract_task_vector,
+    subtract_task_vector_file,
     task_vector,
 )
 from tests.negmerge.conftest import finetune_like, make_model_state
@@ -37,7 +37,7 @@ def test_applied_vector_loads_strictly_and_carries_integer_buffers_over():
     with torch.no_grad():
         model[0].weight.add_(0.5)
     tau = task_vector(pre, model.state_dict())
-    unlearned = apply_task_vector(pre, tau, 0.3)
+    unlearned = subtract_task_vector(pre, tau, 0.3)
     fresh = small_model()
     fresh.load_state_dict(unlearned, strict=True)
     assert torch.equal(unlearned["1.num_batches_tracked"], pre["1.num_batches_tracked"])
@@ -51,7 +51,7 @@ def test_apply_in_place_writes_into_the_model_without_new_tensors():
     tau = {"0.weight": torch.ones(4, 6), "3.bias": torch.full((3,), 2.0)}
     weight_storage = model[0].weight.data_ptr()
     for scale in [0.0, 0.5, 1.0]:
-        apply_task_vector(pre, tau, scale, out=model.state_dict())
+        subtract_task_vector(pre, tau, scale, out=model.state_dict())
         assert model[0].weight.data_ptr() == weight_storage
         assert torch.allclose(model[0].weight, pre["0.weight"] - scale)
         assert torch.allclose(model[3].bias, pre["3.bias"] - 2 * scale)
@@ -60,7 +60,7 @@ def test_apply_in_place_writes_into_the_model_without_new_tensors():
 
 def test_apply_rejects_keys_the_model_lacks():
     with pytest.raises(CheckpointError, match="'ghost' is not in the pretrained model"):
-        apply_task_vector({"w": torch.zeros(2)}, {"ghost": torch.zeros(2)}, 1.0)
+        subtract_task_vector({"w": torch.zeros(2)}, {"ghost": torch.zeros(2)}, 1.0)
 
 
 def test_streamed_apply_equals_in_memory_apply(tmp_path):
@@ -68,14 +68,14 @@ def test_streamed_apply_equals_in_memory_apply(tmp_path):
     tau = task_vector(pre, finetune_like(pre, 3))
     save_file(pre, tmp_path / "pre.safetensors")
     save_file(tau, tmp_path / "tau.safetensors")
-    apply_task_vector_file(
+    subtract_task_vector_file(
         tmp_path / "pre.safetensors",
         tmp_path / "tau.safetensors",
         0.7,
         tmp_path / "out.safetensors",
     )
     streamed = load_state_dict(tmp_path / "out.safetensors")
-    in_memory = apply_task_vector(pre, tau, 0.7)
+    in_memory = subtract_task_vector(pre, tau, 0.7)
     assert streamed.keys() == in_memory.keys()
     for key in in_memory:
         assert streamed[key].dtype == pre[key].dtype
