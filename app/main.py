@@ -53,9 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
-        # Everything imported so far (torch, via the library's schemas, is millions of
-        # objects) lives as long as the process: keep it out of the cyclic collector's full
-        # passes, which otherwise stall every request in flight for tens of milliseconds.
+        # Everything imported so far (hundreds of thousands of objects, without torch: the
+        # job schema is negmerge.job_spec) lives as long as the process: keep it out of the
+        # cyclic collector's full passes, which would stall every request in flight.
         gc.freeze()
         yield
         queue.close()

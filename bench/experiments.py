@@ -46,15 +46,11 @@ from rich.table import Table
 from negmerge.fixtures import ensure_datasets, ensure_tiny_classifier
 from negmerge.fixtures.jobs import forget_class_job
 from negmerge.fixtures.tiny_clip import TinyClipFixture, build_tiny_clip
+from negmerge.job_spec import DataRef, ForgetSpec, JobSpec, MergeSpec, SearchSpec
 from negmerge.metrics import UnlearningMetrics, avg_gap
 from negmerge.models import ModelSpec
 from negmerge.pipeline import (
-    DataRef,
-    ForgetSpec,
     JobContext,
-    JobSpec,
-    MergeSpec,
-    SearchSpec,
     Workdir,
     finalize,
     finetune_variant,

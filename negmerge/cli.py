@@ -159,7 +159,8 @@ def unlearn(job: Path, workdir: Path, as_json: bool) -> None:
     """Run the unlearning JOB (YAML or JSON) end to end: fine-tune the variants, merge, search
     lambda, evaluate, judge the result against the job's target, and write the unlearned model
     and report.json into WORKDIR. Exits 0 if the target was met, 5 if not (1 on an error)."""
-    from negmerge.pipeline import JobSpec, run_unlearning
+    from negmerge.job_spec import JobSpec
+    from negmerge.pipeline import run_unlearning
 
     spec = JobSpec.from_file(job)
     with _JobProgress() as progress:

@@ -29,7 +29,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,11 +38,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from negmerge.errors import CheckpointError
 from negmerge.io import torch_dtype
+from negmerge.job_spec import Finetuning
 
 if TYPE_CHECKING:
     from negmerge.models.base import UnlearningModel
 
-Finetuning = Literal["standard", "linear"]
 DELTA_PREFIX = "tangent_delta."
 # Metadata keys of a linearized checkpoint.
 FINETUNING_KEY = "finetuning"

@@ -26,7 +26,8 @@ import fsspec
 from app.artifacts import ArtifactError, ArtifactStore
 from app.services import steps
 from negmerge.errors import NegMergeError
-from negmerge.pipeline import JobSpec, Workdir
+from negmerge.job_spec import JobSpec
+from negmerge.pipeline import Workdir
 
 _RELATIVE = Workdir(Path())  # the work directory's layout, as paths relative to it
 

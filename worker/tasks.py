@@ -47,12 +47,11 @@ from app.storage import is_local, local_path
 from negmerge.errors import DataError, NegMergeError
 from negmerge.finetune import device_usage
 from negmerge.io import file_sha256
+from negmerge.job_spec import JobSpec, describe_validation_error
 from negmerge.loading import LoaderOptions, MiB
 from negmerge.pipeline import (
     JobContext,
-    JobSpec,
     Workdir,
-    describe_validation_error,
     finalize,
     finetune_variant,
     merge_variants,

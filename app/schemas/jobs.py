@@ -20,7 +20,7 @@ from pydantic import (
 from app.db.models import DeletionRequestState, JobStage, JobState
 from app.schemas.common import Strict
 from negmerge.escalation import Escalation, RoundSummary
-from negmerge.pipeline import MergeSpec, SearchSpec
+from negmerge.job_spec import MergeSpec, SearchSpec
 from negmerge.variants import PRESETS, VariantGrid
 from negmerge.verdict import DEFAULT_TARGETS, Target, Verdict
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.errors import InvalidRequest
 from app.settings import Settings
-from negmerge.pipeline import JobSpec
+from negmerge.job_spec import JobSpec
 from negmerge.search import extended_grid
 from negmerge.variants import PRESETS, VariantGrid
 

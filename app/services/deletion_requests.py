@@ -53,7 +53,7 @@ from app.services import audit, jobs
 from app.services.datasets import image_sha256
 from app.settings import Settings
 from negmerge.errors import DataError
-from negmerge.pipeline import SampleGroup
+from negmerge.job_spec import SampleGroup
 
 log = logging.getLogger(__name__)
 

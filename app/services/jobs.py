@@ -50,9 +50,9 @@ from app.settings import Settings
 from app.storage import local_path
 from negmerge.data import MANIFEST_NAMES, Manifest
 from negmerge.errors import DataError, MergeError
+from negmerge.job_spec import DataRef, ForgetSpec, JobSpec, SampleGroup, make_splits
 from negmerge.merge import get_method
 from negmerge.models import ModelSpec
-from negmerge.pipeline import DataRef, ForgetSpec, JobSpec, SampleGroup, make_splits
 
 # Which state may follow which. The API and the workers (app.services.steps) move a job only
 # along these edges, so a late or repeated message cannot bring an ended job back to life.

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from negmerge.errors import NegMergeError
-from negmerge.models.base import UnlearningModel
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from negmerge.models.base import UnlearningModel
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,15 @@ def _first_problem(module: nn.Module, layout: dict[str, tuple[int, ...]], exc: E
         return str(exc).splitlines()[-1].strip()
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{problems[0]}{more}"
+
+
+def __getattr__(name: str) -> object:
+    # UnlearningModel needs torch; the schema (ModelSpec) must not, so it is imported on use.
+    if name == "UnlearningModel":
+        from negmerge.models.base import UnlearningModel
+
+        return UnlearningModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ModelSpec", "UnlearningModel", "check_weights", "load_linearized", "load_model"]

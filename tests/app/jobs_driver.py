@@ -16,7 +16,7 @@ from app.db.models import ModelVersion, UnlearningJob
 from app.services import steps
 from app.services.models import add_version
 from app.services.results import job_result
-from negmerge.pipeline import JobSpec
+from negmerge.job_spec import JobSpec
 from negmerge.search import Evaluation, search_lambda
 from negmerge.verdict import judge
 from tests.app.conftest import Registered, job_body

@@ -1,7 +1,8 @@
 """Registration checks weights in a child process and leaves the API process as it was.
 
-The API process imports torch at start-up and freezes it out of the garbage collector; model
-code imported or built later (timm, torchvision, open_clip) stays on the heap that every full
+The API process never imports torch (the job schema, negmerge.job_spec, is torch-free) and
+freezes what it imported at start-up out of the garbage collector; model code imported or
+built later (torch, timm, torchvision, open_clip) would stay on the heap that every full
 collection walks, in the middle of requests. These tests run the app in a fresh
 interpreter, because this test process has imported timm itself.
 """
@@ -24,7 +25,7 @@ from negmerge.models import ModelSpec
 from tests.app.conftest import CLASSES, model_body
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_CODE = ("timm", "torchvision", "open_clip")
+MODEL_CODE = ("torch", "timm", "torchvision", "open_clip")
 
 # The app as uvicorn runs it (lifespan: gc.freeze at start-up), in-process over TestClient;
 # reads {"settings", "key", "bodies"} on stdin, prints what registration left behind.

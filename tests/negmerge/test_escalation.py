@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from negmerge.escalation import Escalation
-from negmerge.pipeline import JobSpec
+from negmerge.job_spec import JobSpec
 from negmerge.variants import Variant
 
 FIRST = [Variant(epochs=3, augment="rand-m1-n1"), Variant(steps=7, augment="rand-m9-n2")]

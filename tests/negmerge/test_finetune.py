@@ -9,7 +9,8 @@ from torch import nn
 from negmerge.finetune import finetune_task_vector
 from negmerge.fixtures import ensure_tiny_classifier
 from negmerge.fixtures.jobs import forget_class_job
-from negmerge.pipeline import JobContext, JobSpec
+from negmerge.job_spec import JobSpec
+from negmerge.pipeline import JobContext
 from negmerge.variants import Variant
 
 

@@ -13,6 +13,7 @@ from negmerge.finetune import finetune_task_vector
 from negmerge.fixtures import ensure_tiny_classifier
 from negmerge.fixtures.jobs import forget_class_job
 from negmerge.io import load_state_dict, open_checkpoint, save_file
+from negmerge.job_spec import JobSpec
 from negmerge.linearize import (
     DELTA_PREFIX,
     apply_tangent_file,
@@ -21,7 +22,7 @@ from negmerge.linearize import (
     linearized_metadata,
 )
 from negmerge.models import ModelSpec, load_linearized, load_model
-from negmerge.pipeline import JobContext, JobSpec, run_unlearning
+from negmerge.pipeline import JobContext, run_unlearning
 from negmerge.variants import Variant
 
 

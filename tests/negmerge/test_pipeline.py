@@ -15,7 +15,8 @@ from negmerge.errors import CheckpointError, DataError, DivergedError, NegMergeE
 from negmerge.fixtures import ensure_tiny_classifier, ensure_tiny_clip
 from negmerge.fixtures.jobs import forget_class_job, forget_domain_job
 from negmerge.io import file_sha256, load_state_dict
-from negmerge.pipeline import JobContext, JobSpec, finetune_variant, run_unlearning
+from negmerge.job_spec import JobSpec
+from negmerge.pipeline import JobContext, finetune_variant, run_unlearning
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_bad_grids_name_the_field(grid, message):
 
 
 def _job(variants: dict, seed: int = 0):
-    from negmerge.pipeline import JobSpec
+    from negmerge.job_spec import JobSpec
 
     return JobSpec.model_validate(
         {

@@ -89,7 +89,7 @@ def test_a_stated_target_that_needs_a_test_split_is_refused_on_data_without_one(
     from negmerge.errors import DataError
     from negmerge.fixtures import ensure_tiny_classifier
     from negmerge.fixtures.jobs import forget_class_job
-    from negmerge.pipeline import JobSpec, make_splits
+    from negmerge.job_spec import JobSpec, make_splits
 
     classifier = ensure_tiny_classifier()
     rows = (classifier.dataset_root / "manifest.jsonl").read_text().splitlines()
