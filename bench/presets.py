@@ -5,11 +5,15 @@ side by side: verdicts, rounds, lambda and the metrics the verdict reads.
     .venv/bin/python bench/presets.py                          # every job, seeds 0 1 2
     .venv/bin/python bench/presets.py --jobs class --seeds 0   # the quick start's jobs only
     .venv/bin/python bench/presets.py --markdown               # a table for docs/RESULTS.md
+    .venv/bin/python bench/presets.py --jobs class --classes three seven --seeds 0 \
+        --fixture-seeds 0 1 2 3 --configs preset "preset, batch norm on batch statistics"
 
 The class jobs forget one digit of the tiny classifier (`tiny-classifier`, the quick start
 forgets "three"); the domain job forgets the shapes domain of the tiny CLIP (`tiny-clip`,
 `make demo`). Each row is a full job through `negmerge.pipeline.run_unlearning`, from a fresh
-work directory, with the default search and the default target of its kind.
+work directory, with the default search and the default target of its kind. With
+--fixture-seeds the class jobs run on tiny classifiers trained from each of those seeds, so a
+recipe is checked on several trainings, not tuned to one.
 """
 
 from __future__ import annotations
@@ -25,28 +29,39 @@ from rich.table import Table
 
 from negmerge.fixtures import ensure_tiny_classifier, ensure_tiny_clip
 from negmerge.fixtures.jobs import forget_class_job, forget_domain_job
-from negmerge.pipeline import JobSpec, run_unlearning
+from negmerge.job_spec import JobSpec
+from negmerge.pipeline import run_unlearning
 
 CLASSES = ("three", "seven", "one")
 # The preset as it is (the baseline), and with escalation (each a full configuration).
+# "variant_base" goes into the variants' base (Variant fields), the rest into the job.
 CONFIGS = {
     "preset": {},
     "preset + 2 rounds more": {"escalation": {"rounds": 2, "strategy": "more"}},
     "preset + 2 rounds longer": {"escalation": {"rounds": 2, "strategy": "longer"}},
+    # Before Variant.batch_norm: train-mode batch norm, on the forget set's batch statistics.
+    "preset, batch norm on batch statistics": {"variant_base": {"batch_norm": "batch"}},
 }
+DEFAULT_CONFIGS = list(CONFIGS)[:3]
 
 
-def jobs(which: list[str]) -> list[tuple[str, dict]]:
+def jobs(which: list[str], classes: list[str], fixture_seeds: list[int]) -> list[tuple[str, dict]]:
     found = []
     if "class" in which:
-        classifier = ensure_tiny_classifier()
-        found += [(f"class {c}", forget_class_job(classifier, c)) for c in CLASSES]
+        for fixture_seed in fixture_seeds:
+            classifier = ensure_tiny_classifier(seed=fixture_seed)
+            suffix = f" (classifier seed {fixture_seed})" if fixture_seeds != [0] else ""
+            found += [(f"class {c}{suffix}", forget_class_job(classifier, c)) for c in classes]
     if "domain" in which:
         found.append(("domain shapes", forget_domain_job(ensure_tiny_clip())))
     return found
 
 
 def run(job: dict, seed: int, config: dict) -> dict:
+    config = dict(config)
+    if base := config.pop("variant_base", None):
+        variants = job["variants"]
+        config["variants"] = {**variants, "base": {**variants.get("base", {}), **base}}
     spec = JobSpec.model_validate({**job, **config, "seed": seed})
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
@@ -68,14 +83,18 @@ def main() -> None:
     parser.add_argument(
         "--jobs", nargs="+", choices=["class", "domain"], default=["class", "domain"]
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="job seeds")
+    parser.add_argument("--classes", nargs="+", default=list(CLASSES), help="class jobs' digits")
+    parser.add_argument(
+        "--fixture-seeds", nargs="+", type=int, default=[0], help="the tiny classifiers' seeds"
+    )
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: a second thread only contends on a shared machine
 
     rows = []
-    for name, job in jobs(args.jobs):
+    for name, job in jobs(args.jobs, args.classes, args.fixture_seeds):
         for config in args.configs:
             runs = [run(job, seed, CONFIGS[config]) for seed in args.seeds]
             rows.append((name, config, runs))
