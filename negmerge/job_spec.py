@@ -32,9 +32,6 @@ from negmerge.verdict import Target, TargetKind, resolve_target, target_kind
 # standard: fine-tune the model itself; linear: its tangent model (negmerge.linearize).
 Finetuning = Literal["standard", "linear"]
 
-SEARCH_SPLITS = ("forget_val", "retain_val")
-REPORT_SPLITS = ("forget", "forget_test", "retain", "test")
-
 
 class DataRef(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -30,7 +30,6 @@ from negmerge.escalation import RoundSummary, RoundVerdict
 from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, open_checkpoint, save_file
 from negmerge.job_spec import (
-    REPORT_SPLITS,
     JobSpec,
     group_samples,
     make_splits,
@@ -51,6 +50,9 @@ from negmerge.sparse import is_sparse
 from negmerge.task_vector import load_task_vector, subtract_task_vector, subtract_task_vector_file
 from negmerge.variants import Variant
 from negmerge.verdict import judge
+
+# The splits the report gives metrics for (the search reads forget_val and retain_val).
+REPORT_SPLITS = ("forget", "forget_test", "retain", "test")
 
 
 class Progress:
