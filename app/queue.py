@@ -15,12 +15,11 @@ from pathlib import Path
 from celery import Celery
 
 from app.settings import Settings
+from app.step_table import FIRST_STEP, Queue, parse_step
 
 log = logging.getLogger(__name__)
 
 RUN_STEP_TASK = "negmerge.run_step"
-FIRST_STEP = "prepare"
-GPU_STEP_PREFIX = "finetune:"  # fine-tuning variants go to the gpu queue; the rest to the default
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
@@ -67,7 +66,10 @@ class JobQueue:
         self.gpu_queue_name = settings.gpu_queue_name
 
     def queue_for(self, step: str) -> str:
-        return self.gpu_queue_name if step.startswith(GPU_STEP_PREFIX) else self.queue_name
+        """The step's kind's queue (app.step_table); the default one for a name of no step."""
+        parsed = parse_step(step)
+        on_gpu = parsed is not None and parsed.kind.queue is Queue.GPU
+        return self.gpu_queue_name if on_gpu else self.queue_name
 
     def send_step(self, job_id: uuid.UUID, step: str = FIRST_STEP) -> None:
         self.celery.send_task(

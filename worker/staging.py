@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 
 from app.artifacts import ArtifactError, ArtifactStore
-from app.services import steps
+from app.step_table import VARIANT, VARIANTS, parse_step
 from negmerge.errors import NegMergeError
 from negmerge.job_spec import JobSpec
 from negmerge.pipeline import Workdir
@@ -47,23 +47,28 @@ def _variant_files(spec: JobSpec, index: int) -> list[str]:
 
 
 def files_of(step: str, spec: JobSpec, folded: bool = False) -> StepFiles:
-    """The step's files; `folded`: the merge combines running merge states (fetched by
-    worker.merge_states), not task vectors."""
-    index = steps.variant_index(step)
-    kind, round_ = steps.step_round(step)
-    wd = _RELATIVE.at_round(round_)
-    if step == steps.PREPARE:
-        return StepFiles([], [str(wd.base), str(wd.original)])
-    if index is not None:
-        return StepFiles([], _variant_files(spec, index))
-    if kind == steps.MERGE:
-        taus = [f for i, _ in spec.merged_variants(round_) for f in _variant_files(spec, i)]
-        return StepFiles([] if folded else taus, [str(wd.merged)])
-    if kind == steps.SEARCH:
-        return StepFiles([str(wd.merged)], [str(wd.search)])
-    if kind == steps.FINALIZE:
-        return StepFiles([str(wd.base), str(wd.merged)], [str(wd.model), str(wd.report)])
-    raise ValueError(f"unknown step {step!r}")
+    """The step's files, as its kind declares them in the step table (app.step_table);
+    `folded`: the merge combines running merge states (fetched by worker.merge_states), not
+    task vectors."""
+    parsed = parse_step(step)
+    if parsed is None:
+        raise ValueError(f"unknown step {step!r}")
+    wd = _RELATIVE.at_round(parsed.round)
+
+    def paths(names: tuple[str, ...]) -> list[str]:
+        found: list[str] = []
+        for name in names:
+            if name == VARIANT:
+                found += _variant_files(spec, parsed.number)
+            elif name == VARIANTS:
+                if not folded:
+                    merged = spec.merged_variants(parsed.round)
+                    found += [f for i, _ in merged for f in _variant_files(spec, i)]
+            else:
+                found.append(str(getattr(wd, name)))
+        return found
+
+    return StepFiles(paths(parsed.kind.reads), paths(parsed.kind.writes))
 
 
 def job_prefix(job_id: object) -> str:

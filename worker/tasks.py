@@ -1,7 +1,8 @@
 """The one task, "negmerge.run_step"(job_id, step): claim the step, run it, record it.
 
 The database row is the truth about a job; the message only names the step. A step runs only
-if this worker wins its lease (app.services.steps.claim_step); the stage itself is a function
+if this worker wins its lease (app.services.steps.claim_step); then its kind's runner (RUNNERS,
+one for each kind of the step table, app.step_table) runs it. The stage itself is a function
 of negmerge.pipeline, which writes its outputs atomically and skips what is already there, so
 a step run again after a crash redoes only unfinished work and writes the same bytes. The
 outcome and the next steps are recorded in one transaction; their messages are sent after it
@@ -43,6 +44,17 @@ from app.services import steps
 from app.services.models import add_version
 from app.services.results import job_result
 from app.settings import Settings, get_settings
+from app.step_table import (
+    FINALIZE,
+    FINETUNE,
+    MERGE,
+    PREPARE,
+    SEARCH,
+    STEPS,
+    VARIANTS,
+    Step,
+    parse_step,
+)
 from app.storage import is_local, local_path
 from negmerge.errors import DataError, NegMergeError
 from negmerge.finetune import device_usage
@@ -279,75 +291,99 @@ def loader_options(settings: Settings) -> LoaderOptions:
     )
 
 
+@dataclass(frozen=True)
+class StepRun:
+    """A claimed step ready to run: what its runner gets."""
+
+    rt: Runtime
+    claim: steps.Claim
+    step: Step  # the claim's step name, taken apart
+    root: Path  # the work directory
+    staged: StagedStep | None  # with an object store: uploads the outputs before the record
+    # A merge's running merge states and its variants' records (worker.merge_states).
+    folded: tuple[list[dict] | None, list[dict] | None] = (None, None)
+
+
+Runner = Callable[[StepRun], str]  # runs one kind of step; returns what happened (for logs)
+
+
 def run_stage(rt: Runtime, claim: steps.Claim) -> str:
-    kind, round_ = steps.step_round(claim.step)
-    folded = (None, None)  # a merge's running merge states and its variants' records
-    if kind == steps.MERGE:
+    """Run the claimed step with its kind's runner, in the job's work directory or, with an
+    object store, in a scratch folder holding the step's files."""
+    step = parse_step(claim.step)
+    if step is None:  # claim_step only hands out the step table's steps
+        raise ValueError(f"unknown step {claim.step!r}")
+    runner = RUNNERS[step.kind.name]
+    folded: tuple[list[dict] | None, list[dict] | None] = (None, None)
+    if VARIANTS in step.kind.reads:  # the variants may have been folded into merge states
         folded = merge_states.current_states(
-            rt.db.unit_of_work, claim.job_id, job_spec(claim), round_
+            rt.db.unit_of_work, claim.job_id, job_spec(claim), step.round
         )
     if not rt.store.remote:
-        return run_stage_in(rt, claim, workdir_for(rt.settings, claim.job_id), None, folded)
+        root = workdir_for(rt.settings, claim.job_id)
+        return runner(StepRun(rt, claim, step, root, None, folded))
     files = files_of(claim.step, job_spec(claim), folded[0] is not None)
     with scratch_folder(rt.settings.scratch_root, claim.job_id, claim.step) as folder:
         staged = StagedStep(rt.store, folder / "work", claim.job_id, files)
         staged.download(rt.settings.scratch_max_bytes)
-        return run_stage_in(rt, claim, staged.folder, staged, folded)
+        return runner(StepRun(rt, claim, step, staged.folder, staged, folded))
 
 
-def run_stage_in(
-    rt: Runtime,
-    claim: steps.Claim,
-    root: Path,
-    staged: StagedStep | None,
-    folded: tuple[list[dict] | None, list[dict] | None] = (None, None),
-) -> str:
-    """Run the step in work directory `root`; with an object store, `staged` uploads its
-    outputs before the step is recorded."""
-    index = steps.variant_index(claim.step)
-    kind, round_ = steps.step_round(claim.step)
-    if claim.step == steps.PREPARE:
-        output = prepare(load_context(rt, claim, root))
-    elif index is not None:
-        ctx = load_context(rt, claim, root)
-        progress = ProgressWriter(rt, claim.job_id, ctx.device)
-        output = finetune_variant(ctx, index, progress.on_step)
-        if merge_states.running_storage(rt.settings, ctx.spec):
-            keep = bool(claim.request.get("keep_task_vectors", False))
-            output = merge_states.fold(
-                rt.store, rt.db.unit_of_work, claim.job_id, ctx, output, keep
-            )
-    elif kind == steps.MERGE:
-        began = time.perf_counter()
-        ctx = load_context(rt, claim, root)
-        states, records = folded
-        if states is not None:
-            states = [
-                merge_states.local_copy(rt.store, s["path"], root, claim.job_id) for s in states
-            ]
-        output = {**merge_variants(ctx, round_, states, records), "seconds": 0.0}
-        output["seconds"] = time.perf_counter() - began
-    elif kind == steps.SEARCH:
-        progress = ProgressWriter(rt, claim.job_id)
-        output = search(load_context(rt, claim, root), progress.on_evaluation, round_)
-    elif kind == steps.FINALIZE:
-        return run_finalize(rt, claim, root, staged, round_)
-    else:  # claim_step only hands out known steps
-        raise ValueError(f"unknown step {claim.step!r}")
+def record(run: StepRun, output: dict[str, Any]) -> dict[str, Any]:
+    """Upload the step's outputs (with an object store) and record it as DONE, its next steps
+    sent; returns the output as recorded."""
+    if run.staged is not None:
+        run.staged.upload()
+        output = run.staged.to_store_uris(output)
+    with run.rt.db.unit_of_work() as session:
+        following = steps.complete_step(session, run.claim, output, run.rt.queue)
+    log.info("step %s of job %s: done; next %s", run.claim.step, run.claim.job_id, following)
+    return output
 
-    if staged is not None:
-        staged.upload()
-        output = staged.to_store_uris(output)
-    with rt.db.unit_of_work() as session:
-        following = steps.complete_step(session, claim, output, rt.queue)
-    if index is not None and "merge_state" in output:
+
+def run_prepare(run: StepRun) -> str:
+    record(run, prepare(load_context(run.rt, run.claim, run.root)))
+    return "done"
+
+
+def run_finetune(run: StepRun) -> str:
+    rt, claim = run.rt, run.claim
+    ctx = load_context(rt, claim, run.root)
+    progress = ProgressWriter(rt, claim.job_id, ctx.device)
+    output = finetune_variant(ctx, run.step.number, progress.on_step)
+    if merge_states.running_storage(rt.settings, ctx.spec):
+        keep = bool(claim.request.get("keep_task_vectors", False))
+        output = merge_states.fold(rt.store, rt.db.unit_of_work, claim.job_id, ctx, output, keep)
+    output = record(run, output)
+    if "merge_state" in output:
         merge_states.settle(rt.store, rt.db.unit_of_work, claim.job_id, output["merge_state"])
-    if kind == steps.MERGE and not _keeps_task_vectors(claim):
+    return "done"
+
+
+def run_merge(run: StepRun) -> str:
+    rt, claim = run.rt, run.claim
+    began = time.perf_counter()
+    ctx = load_context(rt, claim, run.root)
+    states, records = run.folded
+    if states is not None:
+        states = [
+            merge_states.local_copy(rt.store, s["path"], run.root, claim.job_id) for s in states
+        ]
+    output = {**merge_variants(ctx, run.step.round, states, records), "seconds": 0.0}
+    output["seconds"] = time.perf_counter() - began
+    output = record(run, output)
+    if not _keeps_task_vectors(claim):
         delete_task_vectors(rt.store, output)
-    if kind == steps.MERGE and not _merged_again(claim):
+    if not _merged_again(claim):
         group = job_spec(claim).state_group(output["variants"][-1]["index"])
         merge_states.delete_states(rt.store, claim.job_id, workdir_for_states(rt, claim), group)
-    log.info("step %s of job %s: done; next %s", claim.step, claim.job_id, following)
+    return "done"
+
+
+def run_search(run: StepRun) -> str:
+    progress = ProgressWriter(run.rt, run.claim.job_id)
+    ctx = load_context(run.rt, run.claim, run.root)
+    record(run, search(ctx, progress.on_evaluation, run.step.round))
     return "done"
 
 
@@ -375,9 +411,8 @@ def delete_task_vectors(store: ArtifactStore, merged: dict[str, Any]) -> None:
             merge_states.delete_artifact(store, record["path"])
 
 
-def run_finalize(
-    rt: Runtime, claim: steps.Claim, root: Path, staged: StagedStep | None, round_: int
-) -> str:
+def run_finalize(run: StepRun) -> str:
+    rt, claim, root, staged, round_ = run.rt, run.claim, run.root, run.staged, run.step.round
     base = local_weights(rt, claim, root)
     ctx = load_context(rt, claim, root, base)
     original = claim.outputs[steps.PREPARE]
@@ -458,6 +493,29 @@ def run_finalize(
         result["model_version"],
     )
     return "done"
+
+
+def runner_per_kind(runners: dict[str, Runner]) -> dict[str, Runner]:
+    """`runners`, checked to name every kind of the step table and nothing else: a worker
+    without a runner for some kind does not start."""
+    missing, unknown = STEPS.keys() - runners.keys(), runners.keys() - STEPS.keys()
+    if missing or unknown:
+        raise RuntimeError(
+            f"step runners: none for {sorted(missing)}; not in the step table: {sorted(unknown)}"
+        )
+    return runners
+
+
+# The function that runs each kind of step (app.step_table).
+RUNNERS = runner_per_kind(
+    {
+        PREPARE: run_prepare,
+        FINETUNE: run_finetune,
+        MERGE: run_merge,
+        SEARCH: run_search,
+        FINALIZE: run_finalize,
+    }
+)
 
 
 def store_model(

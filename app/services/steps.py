@@ -8,9 +8,10 @@ never. Whether a step runs is decided here, in the database, under the job's row
   does nothing. A message for a step nobody created (a merge before the variants are done)
   does nothing either.
 - complete: the step is DONE and the next steps' rows are created in the same transaction;
-  their messages are sent after it commits. prepare fans out one finetune:k per variant; the
-  variant whose completion makes the count of DONE variants reach n creates merge (once:
-  completions are serialised by the job's row lock, and merge's row is created only if absent).
+  their messages are sent after it commits. What follows each kind of step is declared in
+  the step table (app.step_table): prepare fans out one finetune:k per variant; the variant
+  whose completion makes the count of DONE variants reach n creates merge (once: completions
+  are serialised by the job's row lock, and merge's row is created only if absent).
 - rounds (negmerge.escalation): a finalize whose target was not met may start the next round
   (start_round): more finetune:k rows, then merge@r, search@r and finalize@r.
 - the watchdog: an expired lease (its worker died) puts the step back to PENDING and sends it
@@ -34,60 +35,33 @@ from app.db.base import utcnow
 from app.db.models import JobEvent, JobStage, JobState, JobStep, StepState, UnlearningJob
 from app.db.repositories import JobRepository, StepRepository
 from app.db.session import after_commit
-from app.queue import GPU_STEP_PREFIX, JobQueue
+from app.queue import JobQueue
 from app.services.jobs import change_stage, change_state
 from app.settings import Settings
 
+# The step names come from the step table; MERGE, PREPARE and the name helpers are imported
+# here too (the `as` marks them as such), where the worker and tests name the steps they claim.
+from app.step_table import (
+    FINALIZE,
+    FIRST_STEP,
+    SEARCH,
+    STEPS,
+    Follow,
+    Step,
+    parse_step,
+    step_name,
+    variant_index,
+)
+from app.step_table import MERGE as MERGE
+from app.step_table import PREPARE as PREPARE
+from app.step_table import finetune_step as finetune_step
+from app.step_table import round_step as round_step
+from app.step_table import stage_of as stage_of
+
 log = logging.getLogger(__name__)
 
-PREPARE, MERGE, SEARCH, FINALIZE = "prepare", "merge", "search", "finalize"
 WORKER = "worker"
 WATCHDOG = "watchdog"
-
-# Where a job is, in percent, when each step starts (fine-tuning spans 10..80; a further
-# round's variants bring it back into that span, since the work left has grown).
-PERCENT_AT = {PREPARE: 0.0, MERGE: 80.0, SEARCH: 85.0, FINALIZE: 95.0}
-ROUND_SEPARATOR = "@"
-
-
-def finetune_step(index: int) -> str:
-    """Variant `index`'s step (variants are numbered across rounds)."""
-    return f"{GPU_STEP_PREFIX}{index}"
-
-
-def round_step(kind: str, round_: int) -> str:
-    """merge, search or finalize of round `round_`: "merge" for round 0, "merge@1" after."""
-    return kind if round_ == 0 else f"{kind}{ROUND_SEPARATOR}{round_}"
-
-
-def step_round(step: str) -> tuple[str, int]:
-    """(kind, round) of a merge, search or finalize step's name; round 0 for any other."""
-    kind, _, number = step.partition(ROUND_SEPARATOR)
-    return (kind, int(number)) if number.isdigit() and number[0] != "0" else (step, 0)
-
-
-def variant_index(step: str) -> int | None:
-    """k for "finetune:k", else None."""
-    if not step.startswith(GPU_STEP_PREFIX):
-        return None
-    try:
-        return int(step[len(GPU_STEP_PREFIX) :])
-    except ValueError:
-        return None
-
-
-def stage_of(step: str) -> JobStage | None:
-    if variant_index(step) is not None:
-        return JobStage.FINETUNING
-    kind, round_ = step_round(step)
-    if round_ and kind == PREPARE:
-        return None
-    return {
-        PREPARE: JobStage.PREPARING,
-        MERGE: JobStage.MERGING,
-        SEARCH: JobStage.SEARCHING,
-        FINALIZE: JobStage.EVALUATING,
-    }.get(kind)
 
 
 def same_delivery_chain(held_by: str | None, owner: str) -> bool:
@@ -128,7 +102,8 @@ def claim_step(
     """Take the lease of step `name` of job `job_id`, or None if it is not ours to run."""
     repo = StepRepository(session)
     job = repo.lock_job(job_id)
-    if job is None or job.state.is_terminal or stage_of(name) is None:
+    parsed = parse_step(name)
+    if job is None or job.state.is_terminal or parsed is None:
         return None
     if job.state is JobState.CANCELLING:
         change_state(session, job, JobState.CANCELLED, WORKER)
@@ -136,10 +111,10 @@ def claim_step(
     now = utcnow()
     step = repo.step(job_id, name)
     if step is None:
-        if name != PREPARE:
+        if name != FIRST_STEP:
             return None  # nobody enqueued this step: a stray message
         step = repo.add_step(
-            JobStep(job_id=job_id, tenant_id=job.tenant_id, name=PREPARE, sent_at=now)
+            JobStep(job_id=job_id, tenant_id=job.tenant_id, name=FIRST_STEP, sent_at=now)
         )
     if step.state not in (StepState.PENDING, StepState.RUNNING):
         return None
@@ -162,10 +137,9 @@ def claim_step(
     step.started_at = now
     if job.state is JobState.QUEUED:
         change_state(session, job, JobState.RUNNING, WORKER)
-    stage = stage_of(name)
-    if stage is not None and job.stage is not stage:
-        change_stage(session, job, stage, WORKER)
-        job.percent = max(job.percent, PERCENT_AT.get(step_round(name)[0], job.percent))
+    if job.stage is not parsed.kind.stage:
+        change_stage(session, job, parsed.kind.stage, WORKER)
+        job.percent = max(job.percent, parsed.kind.starts_at)
     outputs = {
         s.name: s.output
         for s in repo.steps(job_id)
@@ -249,36 +223,55 @@ def complete_step(
         return []
     now = job.updated_at = utcnow()
 
-    following: list[str] = []
-    index = variant_index(claim.step)
-    kind, round_ = step_round(claim.step)
-    if claim.step == PREPARE:
-        following = [finetune_step(k) for k in range(job.variants_total)]
-        job.percent = 10.0
-    elif index is not None:
-        done = repo.count_steps(job.id, GPU_STEP_PREFIX, StepState.DONE)
+    step = _claimed(claim)
+    kind = step.kind
+    if step.variant is not None:
+        done = repo.count_steps(job.id, kind.prefix, StepState.DONE)
         job.variants_done = done
-        job.percent = 10.0 + 70.0 * done / max(job.variants_total, 1)
+        job.percent = kind.percent_after(done, job.variants_total)
         details = {"variants_done": done, "variants_total": job.variants_total}
         if output.get("device_usage"):  # the variant's GPU memory (and utilisation)
             details["device_usage"] = output["device_usage"]
         _progress_event(session, job, details, now)
+    else:
+        job.percent = max(job.percent, kind.percent_after())
+
+    following: list[str] = []
+    if kind.follow is Follow.EACH_VARIANT:
+        following = [step_name(kind.then, k) for k in range(job.variants_total)]
+    elif kind.follow is Follow.ALL_VARIANTS:
         # The fan-in: only the completion that makes the count reach n sees it, because
-        # completions hold the job's row lock; merge's row is created only if absent. The
-        # round is the one in progress: as many rounds as finalize steps have started.
-        current = round_step(MERGE, repo.count_steps(job.id, FINALIZE))
-        if done >= job.variants_total and repo.step(job.id, current) is None:
+        # completions hold the job's row lock; the next step's row is created only if absent.
+        # The round is the one in progress: as many rounds as finalize steps have started.
+        current = step_name(kind.then, repo.count_steps(job.id, STEPS[FINALIZE].prefix))
+        if job.variants_done >= job.variants_total and repo.step(job.id, current) is None:
             following = [current]
-    elif kind == MERGE:
-        following = [round_step(SEARCH, round_)]
-    elif kind == SEARCH:
-        following = [round_step(FINALIZE, round_)]
-    for name in following:
-        repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
-    if following:
-        job_id = job.id
-        after_commit(session, lambda: queue.send_steps(job_id, following))
+    elif kind.follow is Follow.SAME_ROUND:
+        following = [step_name(kind.then, step.round)]
+    _create_and_send(session, repo, job, following, now, queue)
     return following
+
+
+def _claimed(claim: Claim) -> Step:
+    step = parse_step(claim.step)
+    assert step is not None  # claim_step hands out only the step table's steps
+    return step
+
+
+def _create_and_send(
+    session: Session,
+    repo: StepRepository,
+    job: UnlearningJob,
+    names: list[str],
+    now: datetime,
+    queue: JobQueue,
+) -> None:
+    """Create the rows of steps `names` (PENDING) and send them after commit."""
+    for name in names:
+        repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
+    if names:
+        job_id = job.id
+        after_commit(session, lambda: queue.send_steps(job_id, names))
 
 
 def finish_job(
@@ -319,19 +312,17 @@ def start_round(
         return []
     now = job.updated_at = utcnow()
     job.variants_total += len(variants)
-    job.percent = 10.0 + 70.0 * job.variants_done / job.variants_total
-    change_stage(session, job, JobStage.FINETUNING, WORKER)
+    then = STEPS[_claimed(claim).kind.then]  # Follow.NEXT_ROUND: the next round's variants
+    job.percent = then.percent_after(job.variants_done, job.variants_total)
+    change_stage(session, job, then.stage, WORKER)
     _progress_event(
         session,
         job,
         {"round": round_, "variants_total": job.variants_total, "reason": reason},
         now,
     )
-    following = [finetune_step(k) for k in variants]
-    for name in following:
-        repo.add_step(JobStep(job_id=job.id, tenant_id=job.tenant_id, name=name, sent_at=now))
-    job_id = job.id
-    after_commit(session, lambda: queue.send_steps(job_id, following))
+    following = [step_name(then.name, k) for k in variants]
+    _create_and_send(session, repo, job, following, now, queue)
     return following
 
 
@@ -437,7 +428,7 @@ def lambda_evaluated(session: Session, job_id: uuid.UUID, lam: float) -> JobStat
     if job is None:
         return None
     job.lambdas_evaluated += 1
-    job.percent = min(94.0, job.percent + 1.0)
+    job.percent = min(STEPS[SEARCH].percent_after() - 1.0, job.percent + 1.0)  # below finalize
     job.updated_at = utcnow()
     _progress_event(session, job, {"lambda": lam, "lambdas_evaluated": job.lambdas_evaluated})
     return job.state
@@ -518,10 +509,12 @@ def resend_first_step(
     """A QUEUED job no worker has claimed: create its prepare row and send it again."""
     repo = StepRepository(session)
     job = repo.lock_job(job_id)
-    if job is None or job.state is not JobState.QUEUED or repo.step(job_id, PREPARE) is not None:
+    if job is None or job.state is not JobState.QUEUED or repo.step(job_id, FIRST_STEP) is not None:
         return False
-    repo.add_step(JobStep(job_id=job_id, tenant_id=job.tenant_id, name=PREPARE, sent_at=utcnow()))
-    after_commit(session, lambda: queue.send_steps(job_id, [PREPARE]))
+    repo.add_step(
+        JobStep(job_id=job_id, tenant_id=job.tenant_id, name=FIRST_STEP, sent_at=utcnow())
+    )
+    after_commit(session, lambda: queue.send_steps(job_id, [FIRST_STEP]))
     return True
 
 

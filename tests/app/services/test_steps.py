@@ -1,6 +1,7 @@
-"""The step state machine (app.services.steps) against the real PostgreSQL and Redis, without
-Celery workers: each "worker" here is a call of the functions a worker makes, in its own unit
-of work, and the messages they send are read back from the Redis lists the broker keeps.
+"""The step table (app.step_table) and the step state machine (app.services.steps) against
+the real PostgreSQL and Redis, without Celery workers: each "worker" here is a call of the
+functions a worker makes, in its own unit of work, and the messages they send are read back
+from the Redis lists the broker keeps.
 
 A job is submitted through the API (tests/app/conftest.py); its steps are then claimed,
 completed, lost, repeated and retried in the orders a real deployment can produce.
@@ -18,12 +19,14 @@ from datetime import timedelta
 import pytest
 import redis
 
+from app import step_table
 from app.db.base import utcnow
 from app.db.models import JobStage, JobState, JobStep, StepState, UnlearningJob
 from app.db.session import Database
 from app.queue import JobQueue
 from app.services import steps
 from app.settings import Settings
+from app.step_table import STEPS, Follow, Naming, Queue, parse_step, step_name
 from tests.app.jobs_driver import submit
 
 
@@ -130,18 +133,114 @@ def test_a_retry_of_the_holding_task_is_the_same_chain_and_a_redelivery_is_not()
     assert not steps.same_delivery_chain("task-a/x", "task-a/1")
 
 
-def test_step_names_map_to_their_kind_round_and_stage():
-    assert steps.round_step(steps.MERGE, 0) == "merge"
-    assert steps.round_step(steps.FINALIZE, 2) == "finalize@2"
-    assert steps.step_round("search@3") == ("search", 3)
-    assert steps.step_round("merge") == ("merge", 0)
-    assert steps.step_round("merge@03") == ("merge@03", 0)  # not a name this module makes
-    assert steps.variant_index(steps.finetune_step(7)) == 7
-    assert steps.variant_index("finetune:x") is None and steps.variant_index("merge") is None
-    assert steps.stage_of("finetune:4") is JobStage.FINETUNING
-    assert steps.stage_of("finalize@1") is JobStage.EVALUATING
-    assert steps.stage_of("prepare@1") is None  # prepare runs once
-    assert steps.stage_of("bogus") is None
+# ---- the step table ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage", "queue", "starts_at", "ends_at"),
+    [
+        (step_table.PREPARE, JobStage.PREPARING, Queue.CPU, 0.0, 10.0),
+        (step_table.FINETUNE, JobStage.FINETUNING, Queue.GPU, 10.0, 80.0),
+        (step_table.MERGE, JobStage.MERGING, Queue.CPU, 80.0, 85.0),
+        (step_table.SEARCH, JobStage.SEARCHING, Queue.CPU, 85.0, 95.0),
+        (step_table.FINALIZE, JobStage.EVALUATING, Queue.CPU, 95.0, 100.0),
+    ],
+)
+def test_each_kind_runs_in_its_stage_and_queue_over_its_share_of_the_progress(
+    kind, stage, queue, starts_at, ends_at, sent
+):
+    declared = STEPS[kind]
+    assert (declared.stage, declared.queue) == (stage, queue)
+    assert (declared.starts_at, declared.percent_after()) == (starts_at, ends_at)
+    name = step_name(kind, 1 if declared.naming is not Naming.ONCE else 0)
+    assert steps.stage_of(name) is stage
+    on_gpu = sent.queue.queue_for(name) == sent.settings.gpu_queue_name
+    assert on_gpu == (queue is Queue.GPU)
+
+
+def test_a_per_variant_kind_shares_its_progress_among_the_variants():
+    finetune = STEPS[step_table.FINETUNE]
+    assert finetune.percent_after(0, 4) == 10.0
+    assert finetune.percent_after(1, 4) == pytest.approx(27.5)
+    assert finetune.percent_after(4, 4) == 80.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "then", "follow"),
+    [
+        (step_table.PREPARE, step_table.FINETUNE, Follow.EACH_VARIANT),
+        (step_table.FINETUNE, step_table.MERGE, Follow.ALL_VARIANTS),
+        (step_table.MERGE, step_table.SEARCH, Follow.SAME_ROUND),
+        (step_table.SEARCH, step_table.FINALIZE, Follow.SAME_ROUND),
+        (step_table.FINALIZE, step_table.FINETUNE, Follow.NEXT_ROUND),
+    ],
+)
+def test_each_kind_says_what_follows_it(kind, then, follow):
+    assert (STEPS[kind].then, STEPS[kind].follow) == (then, follow)
+
+
+def test_the_steps_from_the_first_reach_every_kind_each_starting_where_the_last_ended():
+    order, kind = [], STEPS[step_table.FIRST_STEP]
+    while kind.name not in order:
+        order.append(kind.name)
+        following = STEPS[kind.then]
+        if kind.follow is not Follow.NEXT_ROUND:  # a new round goes back: its share again
+            assert following.starts_at == kind.percent_after()
+        kind = following
+    assert order == ["prepare", "finetune", "merge", "search", "finalize"]
+    assert sorted(order) == sorted(STEPS)
+    assert STEPS[order[0]].starts_at == 0.0 and STEPS[order[-1]].percent_after() == 100.0
+    assert all(k.then != step_table.FIRST_STEP for k in STEPS.values())  # it runs once
+
+
+@pytest.mark.parametrize(
+    ("kind", "number", "name", "round_", "variant"),
+    [
+        (step_table.PREPARE, 0, "prepare", 0, None),
+        (step_table.FINETUNE, 0, "finetune:0", 0, 0),
+        (step_table.FINETUNE, 12, "finetune:12", 0, 12),
+        (step_table.MERGE, 0, "merge", 0, None),
+        (step_table.SEARCH, 1, "search@1", 1, None),
+        (step_table.FINALIZE, 3, "finalize@3", 3, None),
+    ],
+)
+def test_step_names_on_the_wire_and_back(kind, number, name, round_, variant):
+    assert step_name(kind, number) == name
+    parsed = parse_step(name)
+    assert parsed is not None and parsed.kind is STEPS[kind] and parsed.name == name
+    assert (parsed.number, parsed.round, parsed.variant) == (number, round_, variant)
+    assert steps.variant_index(name) == variant
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bogus",
+        "finetune",  # a variant's step names its variant
+        "finetune:x",
+        "finetune:-1",
+        "finetune: 3",
+        "finetune:03",  # one spelling of each name
+        "merge@0",  # round 0 is "merge"
+        "merge@03",
+        "search@",
+        "finalize@x",
+        "prepare@1",  # prepare runs once
+        "prepare:1",
+        "merge:1",
+        "finetune@1",
+    ],
+)
+def test_names_of_no_step_parse_to_none_and_have_no_stage(name):
+    assert parse_step(name) is None
+    assert steps.stage_of(name) is None and steps.variant_index(name) is None
+
+
+def test_a_step_run_once_has_no_numbered_name():
+    with pytest.raises(ValueError, match="runs once"):
+        step_name(step_table.PREPARE, 1)
+    assert steps.round_step(steps.MERGE, 2) == "merge@2"
+    assert steps.finetune_step(7) == "finetune:7"
 
 
 # ---- claims and leases -----------------------------------------------------------------------
@@ -283,10 +382,12 @@ def test_a_worker_that_lost_its_lease_records_nothing(db, job_id, config, sent):
 def test_merge_search_and_finalize_follow_each_other_to_success(db, job_id, config, sent):
     run_variants(db, job_id, sent.queue, config)
     merge = claim(db, job_id, steps.MERGE, "m/0", config)
-    assert job(db, job_id).stage is JobStage.MERGING
+    found = job(db, job_id)
+    assert (found.stage, found.percent) == (JobStage.MERGING, STEPS[steps.MERGE].starts_at)
     assert complete(db, merge, sent.queue) == [steps.SEARCH]
+    assert job(db, job_id).percent == STEPS[steps.MERGE].percent_after()  # its share is done
     search = claim(db, job_id, steps.SEARCH, "s/0", config)
-    assert job(db, job_id).percent >= steps.PERCENT_AT[steps.SEARCH]
+    assert job(db, job_id).percent == STEPS[steps.SEARCH].starts_at
     assert complete(db, search, sent.queue, {"lambda": 0.5}) == [steps.FINALIZE]
     final = claim(db, job_id, steps.FINALIZE, "f/0", config)
     assert final.outputs[steps.SEARCH] == {"lambda": 0.5}  # earlier outputs come with it
