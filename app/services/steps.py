@@ -511,10 +511,7 @@ def resend_first_step(
     job = repo.lock_job(job_id)
     if job is None or job.state is not JobState.QUEUED or repo.step(job_id, FIRST_STEP) is not None:
         return False
-    repo.add_step(
-        JobStep(job_id=job_id, tenant_id=job.tenant_id, name=FIRST_STEP, sent_at=utcnow())
-    )
-    after_commit(session, lambda: queue.send_steps(job_id, [FIRST_STEP]))
+    _create_and_send(session, repo, job, [FIRST_STEP], utcnow(), queue)
     return True
 
 
