@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The server and its client (client/, a distribution of its own), both editable.
+$(STAMP): pyproject.toml client/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,service]'
+	$(BIN)/pip install --quiet -e ./client -e '.[dev,service]'
 	touch $@
 
 # Chromium for the dashboard's browser tests, from the distribution (never `playwright install`).

@@ -8,7 +8,8 @@
 4. submits a deletion request: forget the shapes domain, keep the digits (the paper's CLIP
    experiment in miniature), follows it with a progress bar, and prints the evidence and
    the verdict (the default target for a domain: forget accuracy at most half the original's);
-5. leaves the service running for the dashboard and the CLI; `make demo-stop` stops it.
+5. leaves the service running for the dashboard and `negmerge-client`; `make demo-stop`
+   stops it.
 
     python examples/demo.py [--port 8000] [--home var/demo]
     python examples/demo.py --stop
@@ -28,9 +29,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from app.client import ServiceClient, ServiceError
-from app.client_cli.progress import JobProgress
-from app.client_cli.report import print_report
+from negmerge_client import ServiceClient, ServiceError
+from negmerge_client.cli.progress import JobProgress
+from negmerge_client.cli.report import print_report
 
 out = Console(stderr=True)
 
@@ -258,7 +259,7 @@ def main() -> None:
     )
     out.print(
         f"  NEGMERGE_API_URL={base} NEGMERGE_API_KEY=$(cat {home / 'api-key'}) "
-        f"{Path(sys.executable).with_name('negmerge')} jobs list",
+        f"{Path(sys.executable).with_name('negmerge-client')} jobs list",
         soft_wrap=True,
         highlight=False,
     )

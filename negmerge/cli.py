@@ -1,6 +1,6 @@
 """The `negmerge` command. The library's own subcommands live here; the service attaches its
-subcommands (serve, jobs, models, ...) through the `negmerge.commands` entry-point group, so
-this module never imports the service. Those are loaded only when named (or listed by --help),
+subcommands (admin, serve) through the `negmerge.commands` entry-point group, so this module
+never imports the service. Those are loaded only when named (or listed by --help),
 and torch only by the commands that use it: `negmerge merge` runs without either, as importing
 torch alone takes more memory than a checkpoint of ViT-B/32 size."""
 
@@ -24,8 +24,8 @@ from negmerge.merge.streaming import merge_files
 
 stderr = Console(stderr=True)
 FILE = click.Path(dir_okay=False, path_type=Path)
-# `negmerge unlearn` (and the client's `jobs wait`) exit with this when the job ran to the end
-# but its target was not met: not a success, and not an error in the input either.
+# `negmerge unlearn` (and `negmerge-client jobs wait`) exit with this when the job ran to the
+# end but its target was not met: not a success, and not an error in the input either.
 EXIT_TARGET_NOT_MET = 5
 
 

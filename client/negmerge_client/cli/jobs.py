@@ -1,4 +1,4 @@
-"""`negmerge jobs ...`: submit deletion requests, follow them, cancel them, read the report.
+"""`negmerge-client jobs ...`: submit deletion requests, follow them, cancel them, read the report.
 
 `wait` (and `submit --wait`) exit with the job's outcome: 0 SUCCEEDED with its target met,
 5 SUCCEEDED but the target not met (it did not forget as asked), 1 FAILED (or any error),
@@ -11,11 +11,11 @@ from typing import IO, Any
 
 import click
 
-from app.client import ServiceClient, ServiceError
-from app.client_cli.bodies import load_body, read_ids, split_list
-from app.client_cli.connection import with_service
-from app.client_cli.output import print_fields, print_json, print_table, when
-from app.client_cli.progress import JobProgress
+from negmerge_client.cli.bodies import load_body, read_ids, split_list
+from negmerge_client.cli.connection import with_service
+from negmerge_client.cli.output import print_fields, print_json, print_table, when
+from negmerge_client.cli.progress import JobProgress
+from negmerge_client.client import ServiceClient, ServiceError
 
 EXIT_FAILED, EXIT_CANCELLED, EXIT_TIMEOUT, EXIT_TARGET_NOT_MET = 1, 3, 4, 5
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
@@ -267,7 +267,7 @@ def report(service: ServiceClient, job_id: str, as_json: bool) -> None:
     if as_json:
         print_json(found)
         return
-    from app.client_cli.report import print_report
+    from negmerge_client.cli.report import print_report
 
     # kept_fraction and the merged task vector's hash are in the job's result only
     print_report(found, service.get_job(job_id))

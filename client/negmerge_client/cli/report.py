@@ -1,4 +1,4 @@
-"""`negmerge jobs report` for people: who asked, what was forgotten, the before/after table,
+"""`negmerge-client jobs report` for people: who asked, what was forgotten, the before/after table,
 lambda, the kept fraction and the hashes that identify the models."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from app.client import JSON
-from app.client_cli.output import console, number, print_fields, when
+from negmerge_client.cli.output import console, number, print_fields, when
+from negmerge_client.client import JSON
 
 METRICS = {
     "forget_acc": "forget accuracy (Acc D_f)",

@@ -1,4 +1,4 @@
-"""Where the client commands find the service, and `negmerge config`.
+"""Where the client commands find the service, and `negmerge-client config`.
 
 Precedence: the --api-url / --api-key flags, then NEGMERGE_API_URL / NEGMERGE_API_KEY, then
 the TOML file at $NEGMERGE_CONFIG or ~/.config/negmerge/config.toml, then the default URL.
@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from app.client import DEFAULT_API_URL
+from negmerge_client.client import DEFAULT_API_URL
 
 KEYS = {
     "api_url": "The service's base URL, e.g. https://negmerge.example.com.",

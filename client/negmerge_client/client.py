@@ -1,4 +1,4 @@
-"""A small HTTP client for the NegMerge REST API (/v1), used by the `negmerge` client commands
+"""A small HTTP client for the NegMerge REST API (/v1), used by the `negmerge-client` command
 and by scripts. It needs only httpx: nothing from the server side is imported.
 
     with ServiceClient("http://127.0.0.1:8000", api_key) as service:

@@ -1,6 +1,6 @@
-"""The `negmerge` client commands (jobs, models, datasets, config, and the admin groups at top
-level) driven through click against a real service over HTTP. No workers run here, so jobs
-stay QUEUED unless they are cancelled."""
+"""The `negmerge-client` command (jobs, models, datasets, requests, config) driven through
+click against a real service over HTTP. No workers run here, so jobs stay QUEUED unless they
+are cancelled."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from app.client import ServiceClient
-from app.settings import get_settings
-from negmerge.cli import main
+from negmerge_client import ServiceClient
+from negmerge_client.cli import main
 from tests.app.conftest import ARCHITECTURE, CLASSES, model_body
 from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, drive_to_success
-from tests.app.live_service import free_port, service_url_fixture  # noqa: F401
-from tests.app.test_client import zip_dataset
+from tests.client.live_service import free_port
+from tests.client.test_client import zip_dataset
 
 MISSING_JOB = "00000000-0000-0000-0000-000000000000"
 
@@ -36,7 +35,7 @@ def config_file(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def run(config_file):  # type: ignore[no-untyped-def]
-    """run(*args, code=0, env=None): `negmerge ARGS`, checking the exit code."""
+    """run(*args, code=0, env=None): `negmerge-client ARGS`, checking the exit code."""
     runner = CliRunner()
 
     def invoke(*args: str, code: int = 0, env: dict[str, str] | None = None) -> Result:
@@ -49,7 +48,7 @@ def run(config_file):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def negmerge(run, service_url, caller):  # type: ignore[no-untyped-def]
+def negmerge_client(run, service_url, caller):  # type: ignore[no-untyped-def]
     """Like `run`, with --api-url and --api-key of the live service and the caller's key."""
 
     def invoke(*args: str, code: int = 0) -> Result:
@@ -85,8 +84,8 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
-def test_models_register_list_versions_download(negmerge, weights_file, tmp_path):
-    model_id = negmerge(
+def test_models_register_list_versions_download(negmerge_client, weights_file, tmp_path):
+    model_id = negmerge_client(
         "models",
         "register",
         "--name",
@@ -102,46 +101,52 @@ def test_models_register_list_versions_download(negmerge, weights_file, tmp_path
         "--image-size",
         "32",
     ).stdout.strip()
-    listed = json.loads(negmerge("models", "list", "--json").stdout)
+    listed = json.loads(negmerge_client("models", "list", "--json").stdout)
     assert [(m["id"], m["classes"]) for m in listed] == [(model_id, CLASSES)]
-    table = negmerge("models", "list").stdout
+    table = negmerge_client("models", "list").stdout
     assert model_id in table and "shapes-net" in table and "v1" in table
 
     sha256 = hashlib.sha256(weights_file.read_bytes()).hexdigest()
-    assert sha256 in negmerge("models", "versions", model_id).stdout
-    (version,) = json.loads(negmerge("models", "versions", model_id, "--json").stdout)
+    assert sha256 in negmerge_client("models", "versions", model_id).stdout
+    (version,) = json.loads(negmerge_client("models", "versions", model_id, "--json").stdout)
     assert version["weights_sha256"] == sha256
 
-    downloaded = negmerge("models", "download", model_id, "-o", str(tmp_path))
+    downloaded = negmerge_client("models", "download", model_id, "-o", str(tmp_path))
     path = tmp_path / f"{model_id}-v1.safetensors"
     assert downloaded.stdout.strip() == str(path)
     assert "sha256 verified" in downloaded.stderr
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
     # A folder that does not exist yet, written as the README does: "./weights/".
-    into = negmerge("models", "download", model_id, "-o", f"{tmp_path}/weights/")
+    into = negmerge_client("models", "download", model_id, "-o", f"{tmp_path}/weights/")
     path = tmp_path / "weights" / f"{model_id}-v1.safetensors"
     assert into.stdout.strip() == str(path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
     # A file name is a file.
-    named = negmerge("models", "download", model_id, "-o", str(tmp_path / "base.safetensors"))
+    named = negmerge_client(
+        "models", "download", model_id, "-o", str(tmp_path / "base.safetensors")
+    )
     assert named.stdout.strip() == str(tmp_path / "base.safetensors")
 
 
-def test_models_register_from_a_yaml_body_with_a_flag_on_top(negmerge, weights_file, tmp_path):
+def test_models_register_from_a_yaml_body_with_a_flag_on_top(
+    negmerge_client, weights_file, tmp_path
+):
     body_file = tmp_path / "model.yaml"
     body_file.write_text(yaml.safe_dump(model_body(weights_file, name="from-yaml")))
-    result = negmerge("models", "register", "-f", str(body_file), "--name", "renamed", "--json")
+    result = negmerge_client(
+        "models", "register", "-f", str(body_file), "--name", "renamed", "--json"
+    )
     assert json.loads(result.stdout)["name"] == "renamed"
     # the same name again: the service's 409, in one line
     error = one_line_error(
-        negmerge("models", "register", "-f", str(body_file), "--name", "renamed", code=1)
+        negmerge_client("models", "register", "-f", str(body_file), "--name", "renamed", code=1)
     )
     assert error.startswith("Error: 409 conflict: name:") and "renamed" in error
 
 
 def test_download_that_does_not_match_its_sha256_keeps_nothing(
-    negmerge, service, weights_file, data_root, tmp_path
+    negmerge_client, service, weights_file, data_root, tmp_path
 ):
     weights = data_root / "weights" / f"cli-tampered-{tmp_path.name}.safetensors"
     weights.write_bytes(weights_file.read_bytes())
@@ -149,15 +154,17 @@ def test_download_that_does_not_match_its_sha256_keeps_nothing(
     weights.write_bytes(weights_file.read_bytes() + b"\0")  # changed after registration
     out = tmp_path / "out"
     out.mkdir()
-    error = one_line_error(negmerge("models", "download", model["id"], "-o", str(out), code=1))
+    error = one_line_error(
+        negmerge_client("models", "download", model["id"], "-o", str(out), code=1)
+    )
     assert "sha256" in error and "nothing was kept" in error
     assert list(out.iterdir()) == []
     weights.unlink()
 
 
-def test_datasets_register_and_upload(negmerge, registered, shapes_dir, tmp_path):
+def test_datasets_register_and_upload(negmerge_client, registered, shapes_dir, tmp_path):
     model_id, _ = registered
-    registered_id = negmerge(
+    registered_id = negmerge_client(
         "datasets",
         "register",
         "--name",
@@ -167,21 +174,21 @@ def test_datasets_register_and_upload(negmerge, registered, shapes_dir, tmp_path
         "--model",
         model_id,
     ).stdout.strip()
-    upload = negmerge("datasets", "upload", str(zip_dataset(tmp_path)), "--name", "uploaded")
+    upload = negmerge_client("datasets", "upload", str(zip_dataset(tmp_path)), "--name", "uploaded")
     uploaded_id = upload.stdout.strip()
     assert "18 samples" in upload.stderr
-    listed = {d["id"]: d for d in json.loads(negmerge("datasets", "list", "--json").stdout)}
+    listed = {d["id"]: d for d in json.loads(negmerge_client("datasets", "list", "--json").stdout)}
     assert {registered_id, uploaded_id} <= set(listed)
     assert listed[uploaded_id]["source"] == "upload"
     assert listed[registered_id]["labels"] == CLASSES
-    assert "uploaded" in negmerge("datasets", "list").stdout
+    assert "uploaded" in negmerge_client("datasets", "list").stdout
 
 
-def test_jobs_submit_get_list_cancel_report(negmerge, registered, tmp_path):
+def test_jobs_submit_get_list_cancel_report(negmerge_client, registered, tmp_path):
     model_id, dataset_id = registered
     flags = (*job_flags(registered), "--subject-reference", "DSR-9")
-    first = negmerge("jobs", "submit", *flags, "--idempotency-key", "once").stdout.strip()
-    again = negmerge("jobs", "submit", *flags, "--idempotency-key", "once").stdout.strip()
+    first = negmerge_client("jobs", "submit", *flags, "--idempotency-key", "once").stdout.strip()
+    again = negmerge_client("jobs", "submit", *flags, "--idempotency-key", "once").stdout.strip()
     assert again == first
 
     ids = tmp_path / "ids.txt"
@@ -196,49 +203,51 @@ def test_jobs_submit_get_list_cancel_report(negmerge, registered, tmp_path):
             }
         )
     )
-    second = negmerge("jobs", "submit", "-f", str(body), "--forget-ids-file", str(ids), "--json")
+    second = negmerge_client(
+        "jobs", "submit", "-f", str(body), "--forget-ids-file", str(ids), "--json"
+    )
     second = json.loads(second.stdout)
     assert second["forget"]["count"] == 2 and second["state"] == "QUEUED"
 
-    shown = negmerge("jobs", "get", first).stdout
+    shown = negmerge_client("jobs", "get", first).stdout
     assert first in shown and "QUEUED" in shown and "DSR-9" in shown and "6 samples" in shown
-    assert json.loads(negmerge("jobs", "get", first, "--json").stdout)["id"] == first
-    listed = json.loads(negmerge("jobs", "list", "--json").stdout)
+    assert json.loads(negmerge_client("jobs", "get", first, "--json").stdout)["id"] == first
+    listed = json.loads(negmerge_client("jobs", "list", "--json").stdout)
     assert [j["id"] for j in listed] == [second["id"], first]
-    assert len(json.loads(negmerge("jobs", "list", "--limit", "1", "--json").stdout)) == 1
+    assert len(json.loads(negmerge_client("jobs", "list", "--limit", "1", "--json").stdout)) == 1
 
-    assert negmerge("jobs", "cancel", first).stdout.strip() == f"job {first} CANCELLED"
-    table = negmerge("jobs", "list", "--state", "CANCELLED").stdout
+    assert negmerge_client("jobs", "cancel", first).stdout.strip() == f"job {first} CANCELLED"
+    table = negmerge_client("jobs", "list", "--state", "CANCELLED").stdout
     assert first in table and second["id"] not in table
-    report = negmerge("jobs", "report", first).stdout
+    report = negmerge_client("jobs", "report", first).stdout
     assert "Unlearning report" in report and "CANCELLED (final)" in report
     assert "classes circle" in report and "DSR-9" in report
     assert "of data set 'shapes'" in report and "signature    Ed25519 by key" in report
-    raw = json.loads(negmerge("jobs", "report", first, "--json").stdout)
+    raw = json.loads(negmerge_client("jobs", "report", first, "--json").stdout)
     assert raw["final"] is True and raw["forget_selection"]["classes"] == ["circle"]
 
-    error = one_line_error(negmerge("jobs", "cancel", first, code=1))
+    error = one_line_error(negmerge_client("jobs", "cancel", first, code=1))
     assert error.startswith("Error: 409 conflict: ")
 
 
-def test_submit_names_the_field_at_fault(negmerge, registered, tmp_path):
-    result = negmerge("jobs", "submit", *job_flags(registered, forget="x"), code=1)
+def test_submit_names_the_field_at_fault(negmerge_client, registered, tmp_path):
+    result = negmerge_client("jobs", "submit", *job_flags(registered, forget="x"), code=1)
     error = one_line_error(result)
     assert error.startswith("Error: 422 invalid_request: forget.classes") and "'x'" in error
     broken = tmp_path / "job.yaml"
     broken.write_text("model: [unclosed\n")
-    assert "job.yaml" in negmerge("jobs", "submit", "-f", str(broken), code=2).stderr
+    assert "job.yaml" in negmerge_client("jobs", "submit", "-f", str(broken), code=2).stderr
 
 
-def test_wait_on_a_cancelled_job_exits_non_zero(negmerge, registered):
-    job = negmerge("jobs", "submit", *job_flags(registered)).stdout.strip()
-    negmerge("jobs", "cancel", job)
-    error = one_line_error(negmerge("jobs", "wait", job, "--timeout", "30", code=3))
+def test_wait_on_a_cancelled_job_exits_non_zero(negmerge_client, registered):
+    job = negmerge_client("jobs", "submit", *job_flags(registered)).stdout.strip()
+    negmerge_client("jobs", "cancel", job)
+    error = one_line_error(negmerge_client("jobs", "wait", job, "--timeout", "30", code=3))
     assert error == f"Error: job {job} was CANCELLED"
 
 
 def test_wait_exits_0_when_the_target_is_met_and_5_when_it_is_not(
-    app, negmerge, registered, tmp_path
+    app, negmerge_client, registered, tmp_path
 ):  # type: ignore[no-untyped-def]
     model_id, dataset_id = registered
     outcomes = {}
@@ -249,30 +258,36 @@ def test_wait_exits_0_when_the_target_is_met_and_5_when_it_is_not(
     ):
         body = tmp_path / f"{name}.yaml"
         body.write_text(yaml.safe_dump({"target": target, "allow_repeat": True}))
-        job = negmerge("jobs", "submit", "-f", str(body), *job_flags(registered)).stdout.strip()
+        job = negmerge_client(
+            "jobs", "submit", "-f", str(body), *job_flags(registered)
+        ).stdout.strip()
         drive_to_success(app, job, grid=grid)  # a worker's work, done here
         outcomes[name] = job
 
-    met = negmerge("jobs", "wait", outcomes["met"], "--timeout", "30")
+    met = negmerge_client("jobs", "wait", outcomes["met"], "--timeout", "30")
     assert "SUCCEEDED, met: forget accuracy 25.00" in met.stdout and "version 2" in met.stdout
 
-    missed = one_line_error(negmerge("jobs", "wait", outcomes["missed"], "--timeout", "30", code=5))
+    missed = one_line_error(
+        negmerge_client("jobs", "wait", outcomes["missed"], "--timeout", "30", code=5)
+    )
     assert "SUCCEEDED but its target was NOT MET" in missed
     assert "forget accuracy 25.00 (must be <= 0)" in missed
 
     unchanged = one_line_error(
-        negmerge("jobs", "wait", outcomes["lambda 0"], "--timeout", "30", code=5)
+        negmerge_client("jobs", "wait", outcomes["lambda 0"], "--timeout", "30", code=5)
     )
     assert "no new version" in unchanged and "nothing was forgotten" in unchanged
 
-    shown = negmerge("jobs", "get", outcomes["missed"]).stdout
+    shown = negmerge_client("jobs", "get", outcomes["missed"]).stdout
     assert "NOT MET: forget accuracy 25.00 (must be <= 0)" in shown
-    report = negmerge("jobs", "report", outcomes["missed"]).stdout
+    report = negmerge_client("jobs", "report", outcomes["missed"]).stdout
     assert "target       forget_acc_max 0" in report and "NOT MET" in report
     assert "NO  forget test accuracy 40.00 (must be <= 0)" in report
 
 
-def test_submit_and_wait_follows_the_job_until_it_is_cancelled(negmerge, service, registered):
+def test_submit_and_wait_follows_the_job_until_it_is_cancelled(
+    negmerge_client, service, registered
+):
     def cancel_queued() -> None:
         for job in service.list_jobs("QUEUED"):
             service.cancel_job(job["id"])
@@ -280,7 +295,7 @@ def test_submit_and_wait_follows_the_job_until_it_is_cancelled(negmerge, service
     canceller = threading.Timer(1.5, cancel_queued)  # someone cancels it while we wait
     canceller.start()
     try:
-        result = negmerge(
+        result = negmerge_client(
             "jobs", "submit", *job_flags(registered), "--wait", "--timeout", "30", code=3
         )
     finally:
@@ -291,19 +306,21 @@ def test_submit_and_wait_follows_the_job_until_it_is_cancelled(negmerge, service
     assert lines[-1].endswith("was CANCELLED")
 
 
-def test_wait_gives_up_after_its_timeout(negmerge, registered):
-    job = negmerge("jobs", "submit", *job_flags(registered)).stdout.strip()
-    result = negmerge("jobs", "wait", job, "--timeout", "0.5", code=4)
+def test_wait_gives_up_after_its_timeout(negmerge_client, registered):
+    job = negmerge_client("jobs", "submit", *job_flags(registered)).stdout.strip()
+    result = negmerge_client("jobs", "wait", job, "--timeout", "0.5", code=4)
     assert result.stderr.strip().splitlines()[-1].endswith(f"job {job} is still QUEUED after 0.5 s")
 
 
-def test_bad_key_unknown_job_and_service_down_are_one_line_errors(run, negmerge, service_url):
+def test_bad_key_unknown_job_and_service_down_are_one_line_errors(
+    run, negmerge_client, service_url
+):
     error = one_line_error(
         run("jobs", "list", "--api-url", service_url, "--api-key", "nmk_nope", code=1)
     )
     assert error.startswith("Error: 401 unauthenticated: ")
 
-    error = one_line_error(negmerge("jobs", "get", MISSING_JOB, code=1))
+    error = one_line_error(negmerge_client("jobs", "get", MISSING_JOB, code=1))
     assert error.startswith("Error: 404 not_found: ") and MISSING_JOB in error
 
     down = f"http://127.0.0.1:{free_port()}"
@@ -348,23 +365,11 @@ def test_config_precedence_flags_then_environment_then_file(
     )
 
 
-def test_admin_groups_at_top_level_make_a_key_the_client_can_use(
-    run,
-    service_url,
-    settings,
-    monkeypatch,
-    db,
-):
-    monkeypatch.setenv("NEGMERGE_DATABASE_URL", settings.database_url)
-    get_settings.cache_clear()
-    try:
-        run("tenants", "create", "initech")
-        assert "initech" in run("tenants", "list").stdout
-        created = run("keys", "create", "--tenant", "initech", "--scopes", "jobs:read", "--json")
-        key = json.loads(created.stdout)["key"]
-        assert "initech" in run("admin", "tenants", "list").stdout  # still there
-    finally:
-        get_settings.cache_clear()
+def test_a_key_made_by_negmerge_admin_works_for_the_client(admin, run, service_url):
+    admin("tenants", "create", "initech")
+    assert "initech" in admin("tenants", "list").stdout
+    created = admin("keys", "create", "--tenant", "initech", "--scopes", "jobs:read", "--json")
+    key = json.loads(created.stdout)["key"]
     listed = run("jobs", "list", "--json", "--api-url", service_url, "--api-key", key)
     assert json.loads(listed.stdout) == []
     error = one_line_error(
@@ -373,26 +378,16 @@ def test_admin_groups_at_top_level_make_a_key_the_client_can_use(
     assert error.startswith("Error: 403 forbidden: ")
 
 
-def test_requests_submit_list_show(service_url, caller, registered, config_file):
-    # The group itself (`negmerge requests` once the package's entry points are installed).
-    from app.client_cli.requests import requests
-
+def test_requests_submit_list_show(negmerge_client, registered):
     model_id, dataset_id = registered
-    runner = CliRunner()
-
-    def invoke(*args: str) -> Result:
-        result = runner.invoke(requests, [*args, "--api-url", service_url, "--api-key", caller.key])
-        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-        return result
-
     flags = ("--model", model_id, "--dataset", dataset_id, "--id", "circle-0", "--id",
              "circle-1", "--subject", "DSR-5", "--legal-basis", "GDPR Art. 17")  # fmt: skip
-    made = invoke("submit", *flags)
+    made = negmerge_client("requests", "submit", *flags)
     request_id = made.stdout.strip()
     assert "received, due" in made.stderr
-    again = invoke("submit", *flags)
+    again = negmerge_client("requests", "submit", *flags)
     assert again.stdout.strip() == request_id and "duplicate" in again.stderr
-    table = invoke("list", "--state", "PENDING").stdout
+    table = negmerge_client("requests", "list", "--state", "PENDING").stdout
     assert request_id in table and "DSR-5" in table
-    shown = json.loads(invoke("show", request_id).stdout)
+    shown = json.loads(negmerge_client("requests", "show", request_id).stdout)
     assert shown["state"] == "PENDING" and shown["ids"] == ["circle-0", "circle-1"]

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from app.client import ServiceClient, ServiceError
-from app.client_cli.config import resolve
+from negmerge_client.cli.config import resolve
+from negmerge_client.client import ServiceClient, ServiceError
 
 
 def with_service(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,4 +1,4 @@
-"""`negmerge models ...`: register base models, list them and their versions, download
+"""`negmerge-client models ...`: register base models, list them and their versions, download
 weights (checked against the sha256 the service reports)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import IO, Any
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from app.client import ServiceClient
-from app.client_cli.bodies import load_body, split_list
-from app.client_cli.connection import with_service
-from app.client_cli.output import console, print_json, print_table, size, when
+from negmerge_client.cli.bodies import load_body, split_list
+from negmerge_client.cli.connection import with_service
+from negmerge_client.cli.output import console, print_json, print_table, size, when
+from negmerge_client.client import ServiceClient
 
 
 @click.group()

@@ -1,5 +1,5 @@
-"""app.client.ServiceClient against a real service over HTTP (uvicorn in a thread). No workers
-run here, so jobs stay QUEUED unless they are cancelled."""
+"""negmerge_client.ServiceClient against a real service over HTTP (uvicorn in a thread). No
+workers run here, so jobs stay QUEUED unless they are cancelled."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from app.client import ServiceClient, ServiceError
+from negmerge_client import ServiceClient, ServiceError
 from tests.app.conftest import CLASSES, model_body, write_dataset
-from tests.app.live_service import free_port, service_url_fixture  # noqa: F401
+from tests.client.live_service import free_port
 
 
 @pytest.fixture

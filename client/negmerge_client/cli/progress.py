@@ -1,4 +1,4 @@
-"""A job's progress on stderr while `negmerge jobs wait` polls it: a rich bar on a terminal
+"""A job's progress on stderr while `negmerge-client jobs wait` polls it: a rich bar on a terminal
 (stage, variants done/n, lambdas evaluated, percent), one line a change elsewhere (logs)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from app.client import JSON, TERMINAL_STATES
-from app.client_cli.output import console
+from negmerge_client.cli.output import console
+from negmerge_client.client import JSON, TERMINAL_STATES
 
 
 class JobProgress:

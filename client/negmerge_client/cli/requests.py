@@ -1,12 +1,12 @@
-"""`negmerge requests ...`: send, list and show data subjects' deletion requests."""
+"""`negmerge-client requests ...`: send, list and show data subjects' deletion requests."""
 
 from __future__ import annotations
 
 import click
 
-from app.client import ServiceClient
-from app.client_cli.connection import with_service
-from app.client_cli.output import print_json, print_table, when
+from negmerge_client.cli.connection import with_service
+from negmerge_client.cli.output import print_json, print_table, when
+from negmerge_client.client import ServiceClient
 
 
 @click.group()

@@ -1,4 +1,4 @@
-"""`negmerge datasets ...`: register a data set by manifest URI, or upload an archive."""
+"""`negmerge-client datasets ...`: register a data set by manifest URI, or upload an archive."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from app.client import JSON, ServiceClient
-from app.client_cli.connection import with_service
-from app.client_cli.output import print_json, print_table, when
+from negmerge_client.cli.connection import with_service
+from negmerge_client.cli.output import print_json, print_table, when
+from negmerge_client.client import JSON, ServiceClient
 
 
 @click.group()
