@@ -26,8 +26,8 @@ from typing import Any
 
 from app.artifacts import ArtifactStore
 from app.db.base import utcnow
-from app.db.models import Dataset, ModelVersion, StepState, UnlearningJob
-from app.db.repositories import StepRepository
+from app.db.models import StepState, UnlearningJob
+from app.db.repositories import DatasetRepository, JobRepository, ModelRepository, StepRepository
 from app.db.session import Database
 from app.services import audit, retention
 from app.services.datasets import validate_manifest
@@ -119,7 +119,9 @@ def apply_retention(
     superseded = plan.get("superseded")
     if superseded and superseded.get("delete"):
         with db.unit_of_work() as session:
-            version = session.get(ModelVersion, uuid.UUID(superseded["version_id"]))
+            version = ModelRepository(session, job.tenant_id).version_by_id(
+                uuid.UUID(superseded["version_id"])
+            )
             removal = (
                 retention.delete_version(
                     session,
@@ -136,8 +138,8 @@ def apply_retention(
         removal.delete(store)
     if dataset_id is not None:
         with db.unit_of_work() as session:
-            job = session.get(UnlearningJob, job_id)
-            dataset = session.get(Dataset, uuid.UUID(dataset_id))
+            job = JobRepository(session, job.tenant_id).get(job_id)
+            dataset = DatasetRepository(session, job.tenant_id).get(uuid.UUID(dataset_id))
             forget_files = retention.forget_files(store, job, dataset)
         for key in forget_files.keys:
             store.delete(key)
@@ -187,7 +189,7 @@ def _plan(session, store: ArtifactStore, settings: Settings, job: UnlearningJob)
         }
     plan["intermediates"] = intermediates
 
-    dataset = session.get(Dataset, job.forget_dataset_id)
+    dataset = DatasetRepository(session, job.tenant_id).get(job.forget_dataset_id)
     forget = earlier.get("forget_data")
     if forget is None or forget.get("waiting"):
         reason = retention.forget_reason(job, policy, dataset)
@@ -223,7 +225,7 @@ def _superseded_plan(session, job: UnlearningJob, policy) -> dict | None:  # typ
     model = (job.result or {}).get("model")
     if policy.superseded != "delete" or not isinstance(model, dict):
         return None
-    parent = session.get(ModelVersion, job.model_version_id)
+    parent = ModelRepository(session, job.tenant_id).version_by_id(job.model_version_id)
     if parent is None or parent.deleted_at is not None or parent.kept_at is not None:
         return None
     plan = {"version_id": str(parent.id), "version": parent.version,
@@ -239,7 +241,7 @@ def _record(session, settings: Settings, job: UnlearningJob, found) -> str:  # t
     now = utcnow()
     forget = plan["forget_data"]
     if found is not None:
-        dataset = session.get(Dataset, found.dataset.id)
+        dataset = DatasetRepository(session, job.tenant_id).get(found.dataset.id)
         if found.remaining.samples:
             checked = validate_manifest(found.remaining, settings, None, "dataset")
             retention.updated_counts(dataset, found.remaining, checked.content_sha256,
@@ -305,16 +307,10 @@ def _record(session, settings: Settings, job: UnlearningJob, found) -> str:  # t
 
 def due_jobs(db: Database, limit: int = 50) -> list[uuid.UUID]:
     """Jobs whose retention is pending or waiting."""
-    from sqlalchemy import select
-
     with db.unit_of_work() as session:
-        stmt = (
-            select(UnlearningJob.id)
-            .where(UnlearningJob.retention_state.in_([retention.PENDING, retention.WAITING]))
-            .order_by(UnlearningJob.finished_at)
-            .limit(limit)
+        return StepRepository(session).by_retention_state(
+            [retention.PENDING, retention.WAITING], limit
         )
-        return list(session.scalars(stmt))
 
 
 def apply_due(db: Database, store: ArtifactStore, settings: Settings) -> dict[str, int]:

@@ -37,7 +37,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import version_store
 from app.artifacts import ArtifactError, ArtifactStore, store_for
-from app.db.models import JobState, ModelVersion, UnlearningJob
+from app.db.models import JobState, ModelVersion
+from app.db.repositories import JobRepository, ModelRepository
 from app.db.session import Database
 from app.queue import RUN_STEP_TASK, JobQueue
 from app.services import steps
@@ -273,8 +274,12 @@ def _base_folder(rt: Runtime, job_id: uuid.UUID) -> Path:
 def _base_sha256(rt: Runtime, claim: steps.Claim) -> str:
     """The sha256 of the job's base version (its materialised weights)."""
     with rt.db.unit_of_work() as session:
-        job = session.get(UnlearningJob, claim.job_id)
-        version = session.get(ModelVersion, job.model_version_id) if job else None
+        job = JobRepository(session, claim.tenant_id).get(claim.job_id)
+        version = (
+            ModelRepository(session, claim.tenant_id).version_by_id(job.model_version_id)
+            if job
+            else None
+        )
     if version is None:
         raise ArtifactError(f"job {claim.job_id}: its base version is gone")
     return version.weights_sha256

@@ -2,9 +2,11 @@
 every statement by it, so a service cannot reach another tenant's rows by mistake.
 
 The exceptions, named as such: `ApiKeyRepository.find_by_hash` (authentication happens before
-the tenant is known), `TenantRepository` (used by administrators' commands) and
-`StepRepository` (the workers and the watchdog act for the system: a message names a job by
-id only; what they write for a tenant goes through that tenant's repositories).
+the tenant is known), `TenantRepository` (used by administrators' commands, and to read one
+tenant's own settings by its id), `AuditChainRepository` (scoped to one audit chain, which is
+a tenant's or the system's) and `StepRepository` (the workers and the watchdog act for the
+system: a message names a job by id only; what they write for a tenant goes through that
+tenant's repositories).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, bindparam, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import (
+    TERMINAL_STATES,
     ApiKey,
+    AuditChainHead,
     AuditEntry,
     Dataset,
     JobEvent,
@@ -212,6 +217,25 @@ class JobRepository(TenantScoped[UnlearningJob]):
         )
         return list(self.session.scalars(stmt))
 
+    def active_using_dataset(self, dataset_id: uuid.UUID) -> list[UnlearningJob]:
+        """The jobs that have not ended and forget from, or retain on, the data set."""
+        stmt = self._select().where(
+            UnlearningJob.state.not_in(list(TERMINAL_STATES)),
+            or_(
+                UnlearningJob.forget_dataset_id == dataset_id,
+                UnlearningJob.retain_dataset_id == dataset_id,
+            ),
+        )
+        return list(self.session.scalars(stmt))
+
+    def active_using_version(self, version_id: uuid.UUID) -> list[UnlearningJob]:
+        """The jobs that have not ended and run on the model version as their base."""
+        stmt = self._select().where(
+            UnlearningJob.state.not_in(list(TERMINAL_STATES)),
+            UnlearningJob.model_version_id == version_id,
+        )
+        return list(self.session.scalars(stmt))
+
     def add_event(self, event: JobEvent) -> None:
         event.tenant_id = self.tenant_id
         self.session.add(event)
@@ -303,6 +327,49 @@ class AuditRepository(TenantScoped[AuditEntry]):
         return list(self.session.scalars(stmt.order_by(AuditEntry.seq).limit(limit)))
 
 
+class AuditChainRepository:
+    """One audit chain (a tenant's, or the system's: see app.services.audit): its head and its
+    entries. Built for one chain, so that an append or a verification never reads another's."""
+
+    def __init__(self, session: Session, chain: str) -> None:
+        self.session = session
+        self.chain = chain
+
+    def lock_head(self, genesis_hash: str) -> AuditChainHead:
+        """The chain's head, locked until the transaction ends (so that the chain never forks);
+        a chain without one gets one at seq 0 with `genesis_hash`."""
+        stmt = (
+            select(AuditChainHead)
+            .where(AuditChainHead.chain == self.chain)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        head = self.session.scalars(stmt).one_or_none()
+        if head is not None:
+            return head
+        try:
+            with self.session.begin_nested():  # two first appends may race to create the head
+                head = AuditChainHead(chain=self.chain, seq=0, hash=genesis_hash)
+                self.session.add(head)
+        except IntegrityError:
+            head = self.session.scalars(stmt).one()
+        return head
+
+    def head(self) -> AuditChainHead | None:
+        return self.session.get(AuditChainHead, self.chain)
+
+    def entries(self) -> Iterator[AuditEntry]:
+        """Every entry of the chain, oldest first, read a thousand at a time."""
+        stmt = select(AuditEntry).where(AuditEntry.chain == self.chain).order_by(AuditEntry.seq)
+        return iter(self.session.scalars(stmt.execution_options(yield_per=1000)))
+
+
+def audit_chains(session: Session) -> set[str]:
+    """Every audit chain that has a head or an entry: administrators' verification."""
+    chains = set(session.scalars(select(AuditChainHead.chain)))
+    return chains | set(session.scalars(select(AuditEntry.chain).distinct()))
+
+
 class ApiKeyRepository:
     """API keys. Looking one up by its hash is the one query made before the tenant is known."""
 
@@ -332,7 +399,8 @@ class ApiKeyRepository:
 
 
 class TenantRepository:
-    """Tenants themselves: administrators' commands only."""
+    """Tenants themselves: administrators' commands, and one tenant's own settings read by its
+    id (e.g. its retention policy)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -378,6 +446,12 @@ def count_jobs_by_state(session: Session) -> dict[str, int]:
     return {state.value: count for state, count in session.execute(stmt)}
 
 
+def try_transaction_lock(session: Session, key: int) -> bool:
+    """Take PostgreSQL's advisory lock `key` until the transaction ends, if no other
+    transaction holds it: True if taken."""
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(key))))
+
+
 class StepRepository:
     """Jobs by id and their steps, for the workers and the watchdog (not tenant-scoped: see
     the module's docstring)."""
@@ -394,6 +468,16 @@ class StepRepository:
     def job_state(self, job_id: uuid.UUID) -> JobState | None:
         stmt = select(UnlearningJob.state).where(UnlearningJob.id == job_id)
         return self.session.scalars(stmt).one_or_none()
+
+    def by_retention_state(self, states: Sequence[str], limit: int) -> list[uuid.UUID]:
+        """Jobs whose retention is in one of `states`, the earliest finished first."""
+        stmt = (
+            select(UnlearningJob.id)
+            .where(UnlearningJob.retention_state.in_(list(states)))
+            .order_by(UnlearningJob.finished_at)
+            .limit(limit)
+        )
+        return list(self.session.scalars(stmt))
 
     def step(self, job_id: uuid.UUID, name: str) -> JobStep | None:
         stmt = select(JobStep).where(JobStep.job_id == job_id, JobStep.name == name)

@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import AuditChainHead, AuditEntry
+from app.db.models import AuditEntry
+from app.db.repositories import AuditChainRepository, audit_chains
 
 GENESIS_HASH = "0" * 64
 SYSTEM_CHAIN = "system"
@@ -67,7 +66,7 @@ def record(
 ) -> AuditEntry:
     """Append one entry to the tenant's chain (in the caller's transaction)."""
     chain = chain_of(tenant_id)
-    head = _lock_head(session, chain)
+    head = AuditChainRepository(session, chain).lock_head(GENESIS_HASH)
     entry = AuditEntry(
         chain=chain,
         seq=head.seq + 1,
@@ -88,25 +87,6 @@ def record(
     return entry
 
 
-def _lock_head(session: Session, chain: str) -> AuditChainHead:
-    stmt = (
-        select(AuditChainHead)
-        .where(AuditChainHead.chain == chain)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    head = session.scalars(stmt).one_or_none()
-    if head is not None:
-        return head
-    try:
-        with session.begin_nested():  # two first appends may race to create the head
-            head = AuditChainHead(chain=chain, seq=0, hash=GENESIS_HASH)
-            session.add(head)
-    except IntegrityError:
-        head = session.scalars(stmt).one()
-    return head
-
-
 @dataclass(frozen=True)
 class ChainReport:
     chain: str
@@ -123,8 +103,8 @@ def verify_chain(session: Session, chain: str) -> ChainReport:
     """Recompute every hash and link of `chain`, and compare its end with the head."""
     problems: list[str] = []
     expected_seq, prev_hash, count = 1, GENESIS_HASH, 0
-    stmt = select(AuditEntry).where(AuditEntry.chain == chain).order_by(AuditEntry.seq)
-    for entry in session.scalars(stmt.execution_options(yield_per=1000)):
+    rows = AuditChainRepository(session, chain)
+    for entry in rows.entries():
         count += 1
         where = f"chain {chain} seq {entry.seq} (id {entry.id})"
         if entry.seq != expected_seq:
@@ -134,7 +114,7 @@ def verify_chain(session: Session, chain: str) -> ChainReport:
         if entry_hash(entry) != entry.hash:
             problems.append(f"{where}: content does not match its hash: the row was edited")
         expected_seq, prev_hash = entry.seq + 1, entry.hash
-    head = session.get(AuditChainHead, chain)
+    head = rows.head()
     if head is None:
         if count:
             problems.append(f"chain {chain}: its head is missing")
@@ -148,7 +128,5 @@ def verify_chain(session: Session, chain: str) -> ChainReport:
 
 def verify_all(session: Session) -> Iterator[ChainReport]:
     """Verify every chain that has a head or an entry."""
-    chains = set(session.scalars(select(AuditChainHead.chain)))
-    chains |= set(session.scalars(select(AuditEntry.chain).distinct()))
-    for chain in sorted(chains):
+    for chain in sorted(audit_chains(session)):
         yield verify_chain(session, chain)

@@ -113,7 +113,7 @@ def submit_job(
         existing = repo.get_by_idempotency_key(idempotency_key)
         if existing is not None:
             return Submission(_same_request(existing, digest), created=False)
-    base = session.get(ModelVersion, job.model_version_id)
+    base = ModelRepository(session, principal.tenant_id).version_by_id(job.model_version_id)
     quotas.admit_job(session, tenant, base.size_bytes if base else 0, settings)
     job.idempotency_key = idempotency_key
     job.request_sha256 = digest

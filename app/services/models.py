@@ -148,7 +148,7 @@ def add_version(
     if model is None:
         raise NotFound(f"model {model_id} not found")
     model.latest_version += 1
-    parent = session.get(ModelVersion, parent_version_id) if parent_version_id else None
+    parent = repo.version_by_id(parent_version_id) if parent_version_id else None
     if parent is not None and produced_by_job_id is not None:
         retention.supersede(session, parent)
     version = repo.add_version(

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app import version_store
@@ -45,6 +44,7 @@ from app.db.models import (
     Tenant,
     UnlearningJob,
 )
+from app.db.repositories import JobRepository, ModelRepository, TenantRepository
 from app.errors import Conflict, Gone, InvalidRequest, NotFound
 from app.services import audit
 from app.settings import Settings
@@ -52,7 +52,6 @@ from negmerge.data import Manifest
 from negmerge.errors import DataError
 
 PENDING, WAITING, DONE = "pending", "waiting", "done"
-ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)
 
 
 class RetentionPolicy(BaseModel):
@@ -75,7 +74,7 @@ def default_policy(settings: Settings) -> RetentionPolicy:
 
 def policy_for(session: Session, tenant_id: uuid.UUID, settings: Settings) -> RetentionPolicy:
     """The tenant's policy: its own choices over the service's defaults."""
-    tenant = session.get(Tenant, tenant_id)
+    tenant = TenantRepository(session).get(tenant_id)
     own = (tenant.retention_policy if tenant else None) or {}
     return default_policy(settings).model_copy(
         update=RetentionPolicy(**own).model_dump(include=set(own))
@@ -175,24 +174,11 @@ def keep_version(session: Session, version: ModelVersion, reason: str, actor: st
 
 
 def active_jobs_using_dataset(session: Session, dataset: Dataset) -> list[UnlearningJob]:
-    stmt = select(UnlearningJob).where(
-        UnlearningJob.tenant_id == dataset.tenant_id,
-        UnlearningJob.state.in_(ACTIVE_STATES),
-        or_(
-            UnlearningJob.forget_dataset_id == dataset.id,
-            UnlearningJob.retain_dataset_id == dataset.id,
-        ),
-    )
-    return list(session.scalars(stmt))
+    return JobRepository(session, dataset.tenant_id).active_using_dataset(dataset.id)
 
 
 def active_jobs_using_version(session: Session, version: ModelVersion) -> list[UnlearningJob]:
-    stmt = select(UnlearningJob).where(
-        UnlearningJob.tenant_id == version.tenant_id,
-        UnlearningJob.state.in_(ACTIVE_STATES),
-        UnlearningJob.model_version_id == version.id,
-    )
-    return list(session.scalars(stmt))
+    return JobRepository(session, version.tenant_id).active_using_version(version.id)
 
 
 def in_use(jobs: list[UnlearningJob]) -> str:
@@ -290,12 +276,8 @@ def delete_version(
         )
     siblings = [
         v
-        for v in session.scalars(
-            select(ModelVersion).where(
-                ModelVersion.model_id == version.model_id, ModelVersion.deleted_at.is_(None)
-            )
-        )
-        if v.id != version.id
+        for v in ModelRepository(session, version.tenant_id).versions(version.model_id)
+        if v.deleted_at is None and v.id != version.id
     ]
     own_key = store.key_of(version.weights_uri)
     ours = own_key is not None and own_key.startswith("models/")
@@ -438,8 +420,6 @@ def updated_counts(dataset: Dataset, remaining: Manifest, content_sha256: str, f
 
 
 def get_version(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID, number: int):  # type: ignore[no-untyped-def]
-    from app.db.repositories import ModelRepository
-
     found = ModelRepository(session, tenant_id).version(model_id, number)
     if found is None:
         raise NotFound(f"model {model_id} has no version {number}")

@@ -17,8 +17,9 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from app.db.repositories import try_transaction_lock
 
 
 @contextmanager
@@ -27,8 +28,7 @@ def upload_slot(session: Session, tenant_id: uuid.UUID, limit: int) -> Iterator[
     holds nothing) if all are taken."""
     if session.get_bind().dialect.name == "postgresql":
         yield any(
-            session.scalar(select(func.pg_try_advisory_xact_lock(_lock_key(tenant_id, slot))))
-            for slot in range(limit)
+            try_transaction_lock(session, _lock_key(tenant_id, slot)) for slot in range(limit)
         )  # held until the transaction ends, after this block
         return
     with _local.take(tenant_id, limit) as taken:
