@@ -1,4 +1,4 @@
-"""The webhook deliverer: sends the outbox's due deliveries (see app.services.webhooks).
+"""The webhook deliverer: sends the outbox's due deliveries (see app.services.webhook_delivery).
 
 The watchdog runs it at the end of each pass, so the worker deployment and `negmerge serve`
 deliver webhooks with nothing more to start. Each attempt is three steps: claim (a short
@@ -22,8 +22,8 @@ import httpx
 from standardwebhooks import Webhook
 
 from app.db.session import Database
-from app.services import webhooks
-from app.services.webhooks import AttemptOutcome, ClaimedDelivery
+from app.services import webhook_delivery
+from app.services.webhook_delivery import AttemptOutcome, ClaimedDelivery
 from app.settings import Settings
 from app.ssrf import UnsafeUrl, vet_url
 
@@ -90,12 +90,12 @@ def deliver_due(db: Database, settings: Settings) -> Counter:
     done: Counter = Counter()
     for _ in range(settings.webhook_batch_size):
         with db.unit_of_work() as session:
-            claimed = webhooks.claim_next(session, settings)
+            claimed = webhook_delivery.claim_next(session, settings)
         if claimed is None:
             break
         outcome = send(claimed, settings)
         with db.unit_of_work() as session:
-            what = webhooks.record_attempt(session, claimed, outcome, settings)
+            what = webhook_delivery.record_attempt(session, claimed, outcome, settings)
         done[f"webhook_{what}"] += 1
         if not outcome.delivered:
             log.warning(

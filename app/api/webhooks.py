@@ -34,7 +34,7 @@ from app.schemas.webhooks import (
     WebhookMessage,
 )
 from app.services import jobs as job_service
-from app.services import webhooks as service
+from app.services import webhook_delivery, webhook_endpoints
 
 router = APIRouter(tags=["webhooks"])
 
@@ -60,7 +60,7 @@ def delivery_out(
     pending = delivery.state is DeliveryState.PENDING
     return WebhookDeliveryOut(
         id=delivery.id,
-        webhook_id=service.webhook_id(delivery.id),
+        webhook_id=webhook_delivery.webhook_id(delivery.id),
         job_id=delivery.job_id,
         endpoint_id=delivery.endpoint_id,
         url=delivery.url,
@@ -106,7 +106,7 @@ def create_endpoint(
     """The URL receives a signed POST whenever one of the tenant's jobs ends (SUCCEEDED, FAILED
     or CANCELLED). A URL whose host resolves to a private, loopback, link-local, multicast,
     reserved or unspecified address is refused (422 naming `url`)."""
-    endpoint = service.create_endpoint(
+    endpoint = webhook_endpoints.create_endpoint(
         session, principal, str(body.url), body.description, settings
     )
     response.headers["Location"] = f"{ENDPOINTS}/{endpoint.id}"
@@ -137,7 +137,7 @@ def list_endpoints(
 def get_endpoint(
     endpoint_id: uuid.UUID, principal: Admin, session: DbSession
 ) -> WebhookEndpointOut:
-    return endpoint_out(service.get_endpoint(session, principal.tenant_id, endpoint_id))
+    return endpoint_out(webhook_endpoints.get_endpoint(session, principal.tenant_id, endpoint_id))
 
 
 @router.delete(
@@ -150,7 +150,7 @@ def get_endpoint(
 def delete_endpoint(endpoint_id: uuid.UUID, principal: Admin, session: DbSession) -> Response:
     """It receives nothing more; its deliveries still waiting to be sent are given up. Its
     delivery log stays readable through the jobs' webhook-deliveries."""
-    service.delete_endpoint(session, principal, endpoint_id)
+    webhook_endpoints.delete_endpoint(session, principal, endpoint_id)
     return Response(status_code=204)
 
 
@@ -163,10 +163,10 @@ def delete_endpoint(endpoint_id: uuid.UUID, principal: Admin, session: DbSession
 def list_endpoint_deliveries(
     endpoint_id: uuid.UUID, principal: Admin, session: DbSession, paging: PagingDep
 ) -> ListResponse[WebhookDeliveryOut]:
-    endpoint = service.get_endpoint(session, principal.tenant_id, endpoint_id)
+    endpoint = webhook_endpoints.get_endpoint(session, principal.tenant_id, endpoint_id)
     deliveries = WebhookDeliveryRepository(session, principal.tenant_id)
     page = paging.page(functools.partial(deliveries.page_for_endpoint, endpoint.id))
-    pairs = service.deliveries_with_attempts(session, principal.tenant_id, page.items)
+    pairs = webhook_delivery.deliveries_with_attempts(session, principal.tenant_id, page.items)
     return ListResponse(
         items=[delivery_out(d, a) for d, a in pairs], next_page_token=page.next_page_token
     )
@@ -186,7 +186,7 @@ def list_job_deliveries(
     each with its attempt log: when, the HTTP status or the error, and how long it took."""
     job = job_service.get_job(session, principal.tenant_id, job_id)
     deliveries = WebhookDeliveryRepository(session, principal.tenant_id).for_job(job.id)
-    pairs = service.deliveries_with_attempts(session, principal.tenant_id, deliveries)
+    pairs = webhook_delivery.deliveries_with_attempts(session, principal.tenant_id, deliveries)
     return ListResponse(items=[delivery_out(d, a) for d, a in pairs])
 
 
@@ -199,7 +199,9 @@ def list_job_deliveries(
 def get_signing_secret(principal: Admin, session: DbSession) -> SigningSecretOut:
     """Messages to the webhook_url given with a job are signed with this tenant-wide secret
     (made on first use). Endpoints registered under /v1/webhook-endpoints have their own."""
-    return _secret_out(service.signing_secret(session, principal.tenant_id, principal.actor))
+    return _secret_out(
+        webhook_endpoints.signing_secret(session, principal.tenant_id, principal.actor)
+    )
 
 
 @router.post(
@@ -213,7 +215,7 @@ def rotate_signing_secret(
 ) -> SigningSecretOut:
     """A new secret signs from now on; the previous one adds a second signature until
     previous_secret_expires_at, so receivers can switch without losing a message."""
-    return _secret_out(service.rotate_signing_secret(session, principal, settings))
+    return _secret_out(webhook_endpoints.rotate_signing_secret(session, principal, settings))
 
 
 def _secret_out(row: WebhookSigningSecret) -> SigningSecretOut:

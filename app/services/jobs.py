@@ -44,7 +44,7 @@ from app.errors import (
 from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit, quotas, retention, webhooks
+from app.services import audit, quotas, retention, webhook_endpoints, webhook_outbox
 from app.services.bounds import check_job_size
 from app.settings import Settings
 from app.storage import local_path
@@ -104,7 +104,7 @@ def submit_job(
     if not body.allow_repeat:
         _refuse_repeat(repo, job)
     if body.webhook_url is not None:
-        webhooks.check_url(str(body.webhook_url), "webhook_url", settings)
+        webhook_endpoints.check_url(str(body.webhook_url), "webhook_url", settings)
     # The quotas last, with the tenant locked: the slow checks above run concurrently, the
     # counting one submission at a time. A request with this key may have committed while
     # this one waited for the lock: it is answered, not counted again.
@@ -458,7 +458,7 @@ def change_state(
         job.audit_seq_at_end, job.audit_head_at_end = entry.seq, entry.hash
         # The outbox: the webhooks are committed (or rolled back) with the job's end, and
         # so is the mark that its data is due for deletion (worker.retention).
-        webhooks.enqueue_terminal(session, job, actor, now)
+        webhook_outbox.enqueue_terminal(session, job, actor, now)
         retention.job_ended(job)
         # Imported here: deletion requests submit their jobs through this module.
         from app.services.deletion_requests import settle_requests

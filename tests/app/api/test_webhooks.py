@@ -20,7 +20,7 @@ from app.auth import Principal
 from app.db.base import utcnow
 from app.db.models import AuditEntry, DeliveryState, JobState, UnlearningJob, WebhookDelivery
 from app.services import jobs as job_service
-from app.services import webhooks
+from app.services import webhook_delivery
 from tests.app.api.test_events import Driver, submit
 from worker.watchdog import run_once
 from worker.webhooks import deliver_due
@@ -193,14 +193,14 @@ def test_backoff_doubles_up_to_its_cap(settings):
     tuned = settings.model_copy(
         update={"webhook_retry_base_seconds": 30.0, "webhook_retry_max_seconds": 200.0}
     )
-    assert [webhooks.backoff_seconds(n, tuned) for n in (1, 2, 3, 4, 5)] == [
+    assert [webhook_delivery.backoff_seconds(n, tuned) for n in (1, 2, 3, 4, 5)] == [
         30.0,
         60.0,
         120.0,
         200.0,
         200.0,
     ]
-    assert webhooks.backoff_seconds(5000, tuned) == 200.0  # no float overflow, however many
+    assert webhook_delivery.backoff_seconds(5000, tuned) == 200.0  # no float overflow, however many
 
 
 def test_an_endpoint_gets_every_job_end_signed_with_its_own_secret(
@@ -351,14 +351,14 @@ def test_two_deliverers_never_claim_the_same_attempt(client, registered, db, loo
     first = db.sessions()
     second = db.sessions()
     try:
-        claimed = webhooks.claim_next(first, loopback_allowed)
+        claimed = webhook_delivery.claim_next(first, loopback_allowed)
         assert claimed is not None and claimed.attempt == 1
         # The first holds the row's lock: the second skips it instead of waiting for it.
-        assert webhooks.claim_next(second, loopback_allowed) is None
+        assert webhook_delivery.claim_next(second, loopback_allowed) is None
         second.rollback()
         first.commit()
         # Committed, the claim moved the row's next attempt past this one's end.
-        assert webhooks.claim_next(second, loopback_allowed) is None
+        assert webhook_delivery.claim_next(second, loopback_allowed) is None
     finally:
         first.close()
         second.close()
@@ -433,7 +433,7 @@ def test_the_payload_is_stored_once_and_sent_byte_for_byte(
     cancel(client, registered.caller, job["id"])
     with db.unit_of_work() as session:
         row = session.scalars(select(WebhookDelivery)).one()
-        claimed = webhooks.claim_next(session, loopback_allowed)
+        claimed = webhook_delivery.claim_next(session, loopback_allowed)
     assert claimed is not None and claimed.webhook_id == f"msg_{row.id.hex}"
     assert json.loads(claimed.body) == row.payload
     assert set(row.payload) == {"type", "timestamp", "data"}
@@ -455,7 +455,8 @@ def test_an_attempt_whose_deliverer_died_is_made_again_and_logged_as_unfinished(
     job = submit(client, registered, webhook_url=receiver.url)
     cancel(client, registered.caller, job["id"])
     with db.unit_of_work() as session:
-        lost = webhooks.claim_next(session, loopback_allowed)  # ... and then the process died
+        # ... and then the process died
+        lost = webhook_delivery.claim_next(session, loopback_allowed)
     assert lost is not None
     assert deliver_due(db, loopback_allowed) == {}  # its claim has not lapsed yet
     with db.unit_of_work() as session:
