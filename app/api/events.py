@@ -32,7 +32,7 @@ from app.db.session import Database
 from app.dependencies import DbSession
 from app.schemas.events import JobStreamEvent
 from app.schemas.jobs import JobProgress
-from app.services import jobs as service
+from app.services import job_states
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
@@ -231,7 +231,7 @@ def stream_job_events(
 ) -> EventStreamResponse:
     """Streams every event of the job from the start (or after Last-Event-ID), then new ones
     as they happen, and ends when the job has ended. Unlike polling GET, it misses no step."""
-    job = service.get_job(session, principal.tenant_id, job_id)  # another tenant's: 404
+    job = job_states.get_job(session, principal.tenant_id, job_id)  # another tenant's: 404
     after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
     stream = event_stream(request.app.state.db, principal.tenant_id, job.id, after, settings)
     return EventStreamResponse(

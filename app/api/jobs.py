@@ -34,8 +34,7 @@ from app.schemas.jobs import (
     UnlearningJobOut,
     UnlearningReport,
 )
-from app.services import jobs as service
-from app.services import reports
+from app.services import job_states, job_submission, reports
 from app.services.report_signing import signer_for
 from app.services.results import data_deletion, verdict_of
 
@@ -122,7 +121,9 @@ def submit_job(
 ) -> UnlearningJobOut:
     """Validates the request against the model, the data and the method, and queues the job.
     Nothing is done in the request itself: workers carry the job out."""
-    submission = service.submit_job(session, principal, body, idempotency_key, settings, queue)
+    submission = job_submission.submit_job(
+        session, principal, body, idempotency_key, settings, queue
+    )
     job = submission.job
     response.headers["Location"] = f"/v1/unlearning-jobs/{job.id}"
     if not submission.created:
@@ -203,7 +204,7 @@ def cancel_job(
 ) -> UnlearningJobOut:
     """A queued job is CANCELLED at once; a running one becomes CANCELLING and ends
     CANCELLED when its worker stops. A job that has ended answers 409."""
-    job = service.cancel_job(session, principal, job_id)
+    job = job_states.cancel_job(session, principal, job_id)
     _retry_after(response, job, settings.retry_after_seconds)
     return job_out(job, _version_number(session, job))
 

@@ -33,8 +33,7 @@ from app.schemas.webhooks import (
     WebhookEndpointOut,
     WebhookMessage,
 )
-from app.services import jobs as job_service
-from app.services import webhook_delivery, webhook_endpoints
+from app.services import job_states, webhook_delivery, webhook_endpoints
 
 router = APIRouter(tags=["webhooks"])
 
@@ -184,7 +183,7 @@ def list_job_deliveries(
 ) -> ListResponse[WebhookDeliveryOut]:
     """One delivery per target (the job's webhook_url, each endpoint) once the job has ended,
     each with its attempt log: when, the HTTP status or the error, and how long it took."""
-    job = job_service.get_job(session, principal.tenant_id, job_id)
+    job = job_states.get_job(session, principal.tenant_id, job_id)
     deliveries = WebhookDeliveryRepository(session, principal.tenant_id).for_job(job.id)
     pairs = webhook_delivery.deliveries_with_attempts(session, principal.tenant_id, deliveries)
     return ListResponse(items=[delivery_out(d, a) for d, a in pairs])

@@ -39,8 +39,7 @@ from app.db.repositories import (
 )
 from app.dependencies import DbSession
 from app.errors import ApiError, Forbidden, NotFound, Unauthenticated
-from app.services import deletion_requests, reports
-from app.services import jobs as service
+from app.services import deletion_requests, job_states, reports
 from app.services.report_signing import signer_for
 
 AUDIT_ENTRIES_SHOWN = 200
@@ -184,7 +183,7 @@ def job_list(request: Request, viewer: ViewerDep, session: DbSession) -> Respons
 def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSession) -> Response:
     tenant = viewer.principal.tenant_id
     report = reports.build_report(session, tenant, _job_id(job_id))
-    job = service.get_job(session, tenant, report.job_id)
+    job = job_states.get_job(session, tenant, report.job_id)
     result = job.result or {}
     audit, more_audit = [], False
     if viewer.can_read_audit:
@@ -286,7 +285,7 @@ def cancel(
     check_form(request, viewer, csrf_token)
     if not viewer.can_cancel:
         raise Forbidden("this API key lacks the scope jobs:write: it can only read")
-    job = service.cancel_job(session, viewer.principal, _job_id(job_id))
+    job = job_states.cancel_job(session, viewer.principal, _job_id(job_id))
     return RedirectResponse(f"/dashboard/jobs/{job.id}", status_code=303)
 
 

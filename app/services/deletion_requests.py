@@ -49,7 +49,7 @@ from app.schemas.deletion_requests import (
     RequestEvidence,
 )
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit, jobs
+from app.services import audit, job_submission
 from app.services.datasets import image_sha256
 from app.settings import Settings
 from negmerge.errors import DataError
@@ -87,7 +87,7 @@ def create_request(
     dataset = DatasetRepository(session, principal.tenant_id).get(body.dataset_id)
     if dataset is None:
         raise InvalidRequest("dataset_id", "no such data set")
-    manifest = jobs.load_manifest(dataset, model, "dataset_id")
+    manifest = job_submission.load_manifest(dataset, model, "dataset_id")
     if body.ids is not None and len(set(body.ids)) > settings.deletion_request_max_samples:
         raise InvalidRequest(
             "ids", f"more than {settings.deletion_request_max_samples} samples in one request"
@@ -165,7 +165,7 @@ def create_request(
 
 def _data_problem(exc: DataError, dataset) -> InvalidRequest:  # type: ignore[no-untyped-def]
     """The jobs' reading of a library error, with this body's field names (no `forget.`)."""
-    problem = jobs.data_problem(exc, "ids", dataset).fields[0]
+    problem = job_submission.data_problem(exc, "ids", dataset).fields[0]
     return InvalidRequest(problem.field.removeprefix("forget."), problem.problem)
 
 
@@ -453,7 +453,7 @@ def _submit(
     # The same requests at the same attempt give the same key: a second batcher's submission
     # is answered with the first one's job.
     key = hashlib.sha256("\n".join(f"{r.id}:{r.attempts}" for r in group).encode()).hexdigest()
-    submission = jobs.submit_job(
+    submission = job_submission.submit_job(
         session, principal, body, f"deletion-batch:{key}", settings, queue, groups=groups
     )
     job = submission.job
@@ -470,7 +470,7 @@ def _submit(
 
 
 def settle_requests(session: Session, job: UnlearningJob, actor: str, now: datetime) -> None:
-    """Bring the requests `job` carries to its end (jobs.change_state calls this when the job
+    """Bring the requests `job` carries to its end (job_states.change_state calls this when the job
     reaches a terminal state, in the same transaction): FORGOTTEN or NOT_FORGOTTEN with their
     own evidence and the version that carries them, or back to PENDING."""
     repo = DeletionRequestRepository(session, job.tenant_id)

@@ -39,7 +39,7 @@ from app.schemas.jobs import (
 )
 from app.services import audit
 from app.services.deletion_requests import requests_of_job
-from app.services.jobs import get_job
+from app.services.job_states import get_job
 from app.services.report_signing import ReportSigner
 from app.services.results import data_deletion, verdict_of
 from negmerge.verdict import Target, resolve_target, target_kind

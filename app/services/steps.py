@@ -36,7 +36,7 @@ from app.db.models import JobEvent, JobStage, JobState, JobStep, StepState, Unle
 from app.db.repositories import JobRepository, StepRepository
 from app.db.session import after_commit
 from app.queue import JobQueue
-from app.services.jobs import change_stage, change_state
+from app.services.job_states import change_stage, change_state
 from app.settings import Settings
 
 # The step names come from the step table; MERGE, PREPARE and the name helpers are imported

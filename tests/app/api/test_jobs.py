@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text
 from app.auth import Principal
 from app.db.models import AuditEntry, UnlearningJob
 from app.schemas.jobs import UnlearningJobCreate
-from app.services.jobs import submit_job
+from app.services.job_submission import submit_job
 from tests.app.conftest import job_body
 from tests.app.jobs_driver import drive_to_success
 

@@ -19,8 +19,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from app.auth import Principal
 from app.db.base import utcnow
 from app.db.models import AuditEntry, DeliveryState, JobState, UnlearningJob, WebhookDelivery
-from app.services import jobs as job_service
-from app.services import webhook_delivery
+from app.services import job_states, webhook_delivery
 from tests.app.api.test_events import Driver, submit
 from worker.watchdog import run_once
 from worker.webhooks import deliver_due
@@ -330,7 +329,7 @@ def test_a_rolled_back_end_of_a_job_creates_no_delivery(
     caller = registered.caller
     principal = Principal(caller.tenant_id, caller.key_id, frozenset({"admin"}))
     with pytest.raises(RuntimeError, match="after the cancel"), db.unit_of_work() as session:
-        ended = job_service.cancel_job(session, principal, uuid.UUID(job["id"]))
+        ended = job_states.cancel_job(session, principal, uuid.UUID(job["id"]))
         assert ended.state is JobState.CANCELLED
         session.flush()
         assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 1

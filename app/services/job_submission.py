@@ -1,9 +1,9 @@
-"""Unlearning jobs: accepting a deletion request, and the state machine workers drive.
+"""Accepting an unlearning job: a deletion request, checked and queued.
 
 A request is validated completely before it is accepted (the model, the data, the forget
 set, the variant grid, the merge method's parameters), using the library's own rules, so a
 job that is QUEUED can run. Its first step is sent to the broker only after the row is
-committed.
+committed. From there the job moves by app.services.job_states.
 """
 
 from __future__ import annotations
@@ -13,38 +13,25 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
-from app.db.base import utcnow
-from app.db.models import (
-    Dataset,
-    JobEvent,
-    JobStage,
-    JobState,
-    Model,
-    ModelVersion,
-    UnlearningJob,
-)
+from app.db.models import Dataset, JobEvent, JobState, Model, ModelVersion, UnlearningJob
 from app.db.repositories import DatasetRepository, JobRepository, ModelRepository
 from app.db.session import after_commit
 from app.errors import (
     Conflict,
     IdempotencyMismatch,
     InvalidRequest,
-    NotFound,
     from_validation_error,
     named_part,
-    without_reprs,
 )
-from app.observability import STAGE_SECONDS
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
-from app.services import audit, quotas, retention, webhook_endpoints, webhook_outbox
+from app.services import audit, quotas, retention, webhook_endpoints
 from app.services.bounds import check_job_size
 from app.settings import Settings
 from app.storage import local_path
@@ -53,21 +40,6 @@ from negmerge.errors import DataError, MergeError
 from negmerge.job_spec import DataRef, ForgetSpec, JobSpec, SampleGroup, make_splits
 from negmerge.merge import get_method
 from negmerge.models import ModelSpec
-
-# Which state may follow which. The API and the workers (app.services.steps) move a job only
-# along these edges, so a late or repeated message cannot bring an ended job back to life.
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING}),
-    JobState.CANCELLING: frozenset({JobState.CANCELLED, JobState.FAILED, JobState.SUCCEEDED}),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-}
-
-
-class InvalidTransition(Conflict):
-    pass
 
 
 def request_sha256(body: UnlearningJobCreate) -> str:
@@ -370,131 +342,3 @@ def _job_spec(
         )
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-
-
-def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> UnlearningJob:
-    job = JobRepository(session, tenant_id).get(job_id)
-    if job is None:
-        raise NotFound(f"unlearning job {job_id} not found")
-    return job
-
-
-def cancel_job(session: Session, principal: Principal, job_id: uuid.UUID) -> UnlearningJob:
-    """Best effort: a QUEUED job is CANCELLED at once; a RUNNING one becomes CANCELLING and
-    its worker stops at the next check. Cancelling a cancelling job changes nothing."""
-    repo = JobRepository(session, principal.tenant_id)
-    job = repo.get(job_id, for_update=True)
-    if job is None:
-        raise NotFound(f"unlearning job {job_id} not found")
-    if job.state is JobState.CANCELLING:
-        return job
-    if job.state.is_terminal:
-        raise Conflict(f"state: the job has already ended ({job.state.value})")
-    job.cancel_requested_at = utcnow()
-    audit.record(
-        session,
-        tenant_id=principal.tenant_id,
-        actor=principal.actor,
-        action="job.cancel_requested",
-        resource_type="unlearning_job",
-        resource_id=job.id,
-        details={"state": job.state.value},
-    )
-    target = JobState.CANCELLED if job.state is JobState.QUEUED else JobState.CANCELLING
-    change_state(session, job, target, principal.actor)
-    return job
-
-
-def change_state(
-    session: Session,
-    job: UnlearningJob,
-    state: JobState,
-    actor: str,
-    *,
-    error: tuple[str, str] | None = None,
-    result: dict[str, Any] | None = None,
-) -> None:
-    """Move `job` to `state` along an allowed edge, recording the event and the audit entry."""
-    if state not in TRANSITIONS[job.state]:
-        raise InvalidTransition(f"state: cannot go from {job.state.value} to {state.value}")
-    previous, now = job.state, utcnow()
-    job.state = state
-    job.updated_at = now
-    if state is JobState.RUNNING and job.started_at is None:
-        job.started_at = now
-    if state.is_terminal:
-        job.finished_at = now
-        if job.stage is not None:
-            _observe_stage(session, job, now)
-    if error is not None:
-        # The one place a job's error text is written: what every reader of it shows.
-        job.error_code, job.error_message = error[0], without_reprs(error[1])
-    if result is not None:
-        job.result = result
-    details: dict[str, Any] = {"from": previous.value, "to": state.value}
-    if error is not None:
-        details["error_code"] = error[0]
-    verdict = (result or {}).get("verdict")
-    if isinstance(verdict, dict):  # the end's event (SSE, timeline, audit) says the outcome
-        details["verdict"] = {"met": verdict.get("met"), "reason": verdict.get("reason")}
-    JobRepository(session, job.tenant_id).add_event(
-        JobEvent(job_id=job.id, kind="state", state=state, stage=job.stage, details=details, at=now)
-    )
-    if state.is_terminal:
-        # A finished job is in no stage; its end's event keeps the stage it ended in (where
-        # a FAILED job broke).
-        job.stage = None
-    entry = audit.record(
-        session,
-        tenant_id=job.tenant_id,
-        actor=actor,
-        action="job.state_changed",
-        resource_type="unlearning_job",
-        resource_id=job.id,
-        details=details,
-    )
-    if state.is_terminal:
-        # The chain's head at completion, which the report cites.
-        job.audit_seq_at_end, job.audit_head_at_end = entry.seq, entry.hash
-        # The outbox: the webhooks are committed (or rolled back) with the job's end, and
-        # so is the mark that its data is due for deletion (worker.retention).
-        webhook_outbox.enqueue_terminal(session, job, actor, now)
-        retention.job_ended(job)
-        # Imported here: deletion requests submit their jobs through this module.
-        from app.services.deletion_requests import settle_requests
-
-        settle_requests(session, job, actor, now)
-
-
-def change_stage(session: Session, job: UnlearningJob, stage: JobStage, actor: str) -> None:
-    """Enter `stage` (workers call this); the time spent in the previous one is measured."""
-    now = utcnow()
-    if job.stage is not None:
-        _observe_stage(session, job, now)
-    job.stage = stage
-    job.updated_at = now
-    JobRepository(session, job.tenant_id).add_event(
-        JobEvent(job_id=job.id, kind="stage", state=job.state, stage=stage, details={}, at=now)
-    )
-    audit.record(
-        session,
-        tenant_id=job.tenant_id,
-        actor=actor,
-        action="job.stage_changed",
-        resource_type="unlearning_job",
-        resource_id=job.id,
-        details={"stage": stage.value},
-    )
-
-
-def _observe_stage(session: Session, job: UnlearningJob, now) -> None:  # type: ignore[no-untyped-def]
-    started = next(
-        (
-            e.at
-            for e in reversed(JobRepository(session, job.tenant_id).events(job.id))
-            if e.kind == "stage" and e.stage == job.stage
-        ),
-        None,
-    )
-    if started is not None and job.stage is not None:
-        STAGE_SECONDS.labels(job.stage.value).observe((now - started).total_seconds())
