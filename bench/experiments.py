@@ -43,23 +43,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from negmerge.context import JobContext
 from negmerge.fixtures import ensure_datasets, ensure_tiny_classifier
 from negmerge.fixtures.jobs import forget_class_job
 from negmerge.fixtures.tiny_clip import TinyClipFixture, build_tiny_clip
 from negmerge.job_spec import DataRef, ForgetSpec, JobSpec, MergeSpec, SearchSpec
 from negmerge.metrics import UnlearningMetrics, avg_gap
 from negmerge.models import ModelSpec
-from negmerge.pipeline import (
-    JobContext,
-    Workdir,
-    finalize,
-    finetune_variant,
-    merge_variants,
-    prepare,
-    search,
-)
+from negmerge.pipeline import finalize, finetune_variant, merge_variants, prepare, search
 from negmerge.search import RULES, Evaluation, search_lambda
 from negmerge.variants import VariantGrid
+from negmerge.workdir import Workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "var" / "bench-experiments"

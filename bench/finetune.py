@@ -359,8 +359,8 @@ def grid_variants(experiment: int, steps: int, n: int):
 def grid_base_steps(experiment: int, seed: int, work: Path) -> int:
     """Steps per variant at factor 1."""
     from bench.experiments import class_deletion_spec
+    from negmerge.context import JobContext
     from negmerge.loading import steps_per_epoch
-    from negmerge.pipeline import JobContext
     from negmerge.variants import PRESETS
 
     if experiment == 1:

@@ -3,12 +3,13 @@
     evaluate the original -> fine-tune n variants -> merge -> search lambda -> evaluate
         -> judge against the target (negmerge.verdict) -> store (not at lambda 0)
 
-Each stage writes its output into the work directory atomically and a re-run skips what is
-there, so a crash or a kill costs only the stage that was running (finished variants are not
-trained again). The stages are separate functions so that workers can run them as separate
-tasks; `run_unlearning` runs them all in one process.
+Each stage writes its output into the work directory (negmerge.workdir) atomically and a
+re-run skips what is there, so a crash or a kill costs only the stage that was running
+(finished variants are not trained again). The stages are separate functions so that workers
+can run them as separate tasks; `run_unlearning` runs them all in one process.
 
-The job's schema and its data splits are negmerge.job_spec's.
+The job's schema and its data splits are negmerge.job_spec's; what every stage loads once
+(the model, the data, the evaluations) is negmerge.context's.
 """
 
 from __future__ import annotations
@@ -16,43 +17,23 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
-from negmerge.data import Manifest, Sample
+from negmerge.context import JobContext, forget_set
 from negmerge.errors import DivergedError, NegMergeError
 from negmerge.escalation import RoundSummary, RoundVerdict
-from negmerge.evaluate import EvalSet, evaluate_accuracy, predict
 from negmerge.io import file_sha256, open_checkpoint, save_file
-from negmerge.job_spec import (
-    JobSpec,
-    group_samples,
-    make_splits,
-)
+from negmerge.job_spec import JobSpec
 from negmerge.linearize import apply_tangent_file, linearized_metadata
-from negmerge.loading import DecodedImages, LoaderOptions, decoded_key
 from negmerge.merge.running import combine_states, fold_task_vector, write_merged
 from negmerge.merge.streaming import merge_files
-from negmerge.metrics import accuracy, mia_efficacy, true_label_probabilities
-from negmerge.models import load_model
-from negmerge.models.base import UnlearningModel
-from negmerge.search import (
-    Evaluation,
-    SearchResult,
-    search_lambda,
-)
+from negmerge.search import Evaluation, SearchResult, search_lambda
 from negmerge.sparse import is_sparse
-from negmerge.task_vector import load_task_vector, subtract_task_vector, subtract_task_vector_file
-from negmerge.variants import Variant
+from negmerge.task_vector import load_task_vector, subtract_task_vector_file
 from negmerge.verdict import judge
-
-# The splits the report gives metrics for (the search reads forget_val and retain_val).
-REPORT_SPLITS = ("forget", "forget_test", "retain", "test")
+from negmerge.workdir import Workdir, write_json_atomic
 
 
 class Progress:
@@ -65,229 +46,6 @@ class Progress:
     def variant_done(self, index: int, n: int) -> None: ...
 
     def lambda_evaluated(self, lam: float, evaluation: Evaluation) -> None: ...
-
-
-@dataclass
-class Workdir:
-    """Where a job keeps its stages' outputs. The base model, the original's metrics and the
-    variants are the job's; the merged vector, the search, the model and the report are a
-    round's (round 0 at the top, later ones under rounds/<r>/)."""
-
-    root: Path
-    round: int = 0
-
-    def __post_init__(self) -> None:
-        self.root = Path(self.root)
-
-    def at_round(self, round_: int) -> Workdir:
-        return Workdir(self.root, round_)
-
-    @property
-    def _own(self) -> Path:
-        return self.root if self.round == 0 else self.root / "rounds" / str(self.round)
-
-    job = property(lambda self: self.root / "job.json")
-    base = property(lambda self: self.root / "base.safetensors")
-    original = property(lambda self: self.root / "original.json")
-    merged = property(lambda self: self._own / "merged.safetensors")
-    search = property(lambda self: self._own / "search.json")
-    model = property(lambda self: self._own / "model.safetensors")
-    report = property(lambda self: self._own / "report.json")
-    # The forget set decoded at the model's input size, shared by the variants; deleted
-    # once they are merged.
-    decoded = property(lambda self: self.root / "decoded.safetensors")
-
-    def variant(self, index: int, variant: Variant) -> Path:
-        return self.root / "variants" / f"{index:03d}-{variant.key()}.safetensors"
-
-    def state(self, group: int, name: str) -> Path:
-        """A running merge state of state group `group` (JobSpec.state_group)."""
-        return self.root / "states" / str(group) / f"{name}.safetensors"
-
-    def claim(self, spec: JobSpec) -> None:
-        """Create the work directory for `spec`, or check that it already belongs to it. One
-        that holds another job but none of its outputs (an attempt that failed before its
-        first stage, e.g. on a typo in the job file) is taken over."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        wanted = json.loads(spec.model_dump_json())
-        if self.job.exists():
-            held = json.loads(self.job.read_text())
-            if held == wanted:
-                return  # the same job: resume it
-            outputs = [p for p in self.root.rglob("*") if p.is_file() and p != self.job]
-            if outputs:
-                raise NegMergeError(self._held_by_another(held, wanted))
-        write_json_atomic(self.job, wanted)
-
-    def _held_by_another(self, held: dict, wanted: dict) -> str:
-        changed = sorted(
-            key for key in held.keys() | wanted.keys() if held.get(key) != wanted.get(key)
-        )
-        return (
-            f"{self.root} holds the outputs of another job (its job differs in: "
-            f"{', '.join(changed)}). To resume that job, run the job it was started with, "
-            f"which is kept there: negmerge unlearn {self.job} --workdir {self.root}. "
-            f"To run this one from the start, give another --workdir, or delete {self.root}"
-        )
-
-
-@dataclass
-class JobContext:
-    """What every stage needs, loaded once per process: the model and the data splits."""
-
-    spec: JobSpec
-    workdir: Workdir
-    model: UnlearningModel
-    device: str
-    forget_manifest: Manifest
-    retain_manifest: Manifest
-    splits: dict[str, list[Sample]]
-    pretrained: dict[str, torch.Tensor]  # the tau keys' original values
-    loader: LoaderOptions = field(default_factory=LoaderOptions)
-    _eval_sets: dict[str, EvalSet] = field(default_factory=dict)
-    _decoded: DecodedImages | None = None
-
-    @classmethod
-    def load(
-        cls, spec: JobSpec, workdir: str | os.PathLike, loader: LoaderOptions | None = None
-    ) -> JobContext:
-        device = resolve_device(spec.device)
-        model = load_model(spec.model, device, spec.finetuning)
-        forget_manifest = Manifest.load(spec.forget.dataset, spec.forget.root)
-        retain_ref = spec.retain or spec.forget
-        retain_manifest = (
-            forget_manifest
-            if spec.retain is None
-            else Manifest.load(retain_ref.dataset, retain_ref.root)
-        )
-        forget_manifest.check_labels(model.classes)
-        retain_manifest.check_labels(model.classes)
-        splits = make_splits(spec, forget_manifest, retain_manifest)
-        state = model.module.state_dict()
-        pretrained = {key: state[key].detach().clone() for key in model.tau_keys}
-        return cls(
-            spec,
-            Workdir(Path(workdir)),
-            model,
-            device,
-            forget_manifest,
-            retain_manifest,
-            splits,
-            pretrained,
-            loader or LoaderOptions(),
-        )
-
-    def decoded_forget_set(self) -> DecodedImages:
-        """The forget set decoded and resized once per job: kept in this process and in the
-        work directory, where the variants fine-tuned by other processes find it."""
-        if self._decoded is None:
-            from negmerge.finetune import prepare_images
-
-            samples = self.splits["forget"]
-            bound = self.loader.decoded_cache_bytes
-            key = decoded_key(samples, self.model.train_pipeline(None).prepare, bound)
-            path = self.workdir.decoded
-            self._decoded = DecodedImages.load(path, key) if path.exists() else None
-            if self._decoded is None:
-                self._decoded = prepare_images(
-                    self.model, self.forget_manifest, samples, self.loader, self.device
-                )
-                if self._decoded.arrays:
-                    self._decoded.save(path, key)
-        return self._decoded
-
-    def manifest_for(self, split: str) -> Manifest:
-        return self.forget_manifest if split.startswith("forget") else self.retain_manifest
-
-    def eval_set(self, split: str) -> EvalSet:
-        if split not in self._eval_sets:
-            self._eval_sets[split] = EvalSet.build(
-                split,
-                self.model,
-                self.manifest_for(split),
-                self.splits[split],
-                self.spec.max_eval_samples,
-                self.spec.seed,
-            )
-        return self._eval_sets[split]
-
-    def accuracy(self, split: str) -> float | None:
-        data = self.eval_set(split)
-        if not len(data):
-            return None
-        return evaluate_accuracy(self.model, data, self.device, self.spec.eval_batch_size)
-
-    def accuracy_and_confidence(self, split: str) -> tuple[float, float]:
-        """Accuracy and mean true-label probability (both percent), from one forward pass."""
-        data = self.eval_set(split)
-        logits = predict(self.model, data, self.device, self.spec.eval_batch_size)
-        confidence = float(true_label_probabilities(logits, data.labels).mean()) * 100
-        return accuracy(logits, data.labels), confidence
-
-    def group_metrics(self) -> dict[str, dict[str, float | int | None]]:
-        """Each group's accuracy and mean true-label confidence (percent) over its samples in
-        the forget set (every split: all of them are the subject's data), as the model is now."""
-        found: dict[str, dict[str, float | int | None]] = {}
-        forgotten = {s.id for s in _forget_set(self)}
-        for name, group in self.spec.groups.items():
-            chosen = group_samples(self.forget_manifest, name, group)  # checked in make_splits
-            samples = [s for s in chosen if s.id in forgotten]
-            key = f"group:{name}"
-            if key not in self._eval_sets:
-                self._eval_sets[key] = EvalSet.build(
-                    key,
-                    self.model,
-                    self.forget_manifest,
-                    samples,
-                    self.spec.max_eval_samples,
-                    self.spec.seed,
-                )
-            data = self._eval_sets[key]
-            if not len(data):
-                found[name] = {"count": 0, "acc": None, "true_label_confidence": None}
-                continue
-            logits = predict(self.model, data, self.device, self.spec.eval_batch_size)
-            confidence = float(true_label_probabilities(logits, data.labels).mean()) * 100
-            found[name] = {
-                "count": len(data),
-                "acc": accuracy(logits, data.labels),
-                "true_label_confidence": confidence,
-            }
-        return found
-
-    def set_scale(self, vector: Mapping[str, torch.Tensor], lam: float) -> None:
-        """Put theta_pre - lam * tau into the model, in place."""
-        subtract_task_vector(self.pretrained, vector, lam, out=self.model.module.state_dict())
-
-    def metrics(self) -> dict[str, float | None]:
-        """Accuracy on every report split, and MIA-efficacy, of the model as it is now."""
-        # One forward pass a split: accuracy and the MIA feature come from the same logits.
-        data = {s: self.eval_set(s) for s in REPORT_SPLITS}
-        logits = {
-            s: predict(self.model, d, self.device, self.spec.eval_batch_size)
-            for s, d in data.items()
-            if len(d)
-        }
-        result: dict[str, float | None] = {
-            f"{s}_acc": accuracy(logits[s], data[s].labels) if s in logits else None
-            for s in REPORT_SPLITS
-        }
-        result["mia"] = None
-        if all(s in logits for s in ("retain", "forget", "test")):
-            retain, forget, test = (
-                true_label_probabilities(logits[s], data[s].labels)
-                for s in ("retain", "forget", "test")
-            )
-            result["mia"] = mia_efficacy(retain, forget, test)
-        return result
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NegMergeError("device: cuda was asked for, but no CUDA device is available")
-    return device
 
 
 # ---- stages ---------------------------------------------------------------------------------
@@ -307,8 +65,8 @@ def prepare(ctx: JobContext) -> dict:
         "metrics": ctx.metrics(),
         "base_sha256": file_sha256(wd.base),
         "weights_sha256": file_sha256(ctx.spec.model.weights) if ctx.spec.model.weights else None,
-        "forget_manifest_sha256": ctx.forget_manifest.sha256(_forget_set(ctx)),
-        "forget_count": len(_forget_set(ctx)),
+        "forget_manifest_sha256": ctx.forget_manifest.sha256(forget_set(ctx)),
+        "forget_count": len(forget_set(ctx)),
         "split_sizes": {name: len(samples) for name, samples in ctx.splits.items()},
         "seconds": time.perf_counter() - began,
     }
@@ -645,17 +403,6 @@ def run_unlearning(
             return report
         round_, earlier = report["escalation"]["next_round"], report["rounds"]
         progress.stage(f"round {round_}")
-
-
-def _forget_set(ctx: JobContext) -> list[Sample]:
-    return ctx.forget_manifest.select(ids=ctx.spec.forget.ids, classes=ctx.spec.forget.classes)
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # writers may race
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def code_version() -> str:

@@ -1,7 +1,7 @@
 """Forgetting targets and the verdict: did the unlearned model forget what was asked?
 
 A job's target is a few bounds on the metrics the pipeline already measures (see
-`negmerge.pipeline.JobContext.metrics`), all in percent:
+`negmerge.context.JobContext.metrics`), all in percent:
 
     forget_acc_max   every forget split's accuracy is at most this
     forget_drop_min  every forget split's accuracy fell by at least this share of its original

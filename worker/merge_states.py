@@ -33,9 +33,10 @@ import billiard.process
 from app.artifacts import ArtifactStore
 from app.services import steps
 from app.settings import Settings
+from negmerge.context import JobContext
 from negmerge.job_spec import JobSpec
 from negmerge.merge.running import supports_running
-from negmerge.pipeline import JobContext, fold_variant
+from negmerge.pipeline import fold_variant
 from worker.staging import job_prefix, store_errors
 
 

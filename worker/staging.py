@@ -1,6 +1,6 @@
 """A step's files when the artifact root is an object store: staged through local scratch.
 
-The pipeline's stages read and write a work directory (negmerge.pipeline.Workdir). With an
+The pipeline's stages read and write a work directory (negmerge.workdir.Workdir). With an
 object store, each step gets a fresh scratch folder as that work directory: the files the
 step reads, and those of its outputs already stored (a step run again after a crash skips
 them, as it does on a shared file system), are downloaded and checked against their recorded
@@ -27,7 +27,7 @@ from app.artifacts import ArtifactError, ArtifactStore
 from app.step_table import VARIANT, VARIANTS, parse_step
 from negmerge.errors import NegMergeError
 from negmerge.job_spec import JobSpec
-from negmerge.pipeline import Workdir
+from negmerge.workdir import Workdir
 
 _RELATIVE = Workdir(Path())  # the work directory's layout, as paths relative to it
 

@@ -57,20 +57,14 @@ from app.step_table import (
     parse_step,
 )
 from app.storage import is_local, local_path
+from negmerge.context import JobContext
 from negmerge.errors import DataError, NegMergeError
 from negmerge.finetune import device_usage
 from negmerge.io import file_sha256
 from negmerge.job_spec import JobSpec, describe_validation_error
 from negmerge.loading import LoaderOptions, MiB
-from negmerge.pipeline import (
-    JobContext,
-    Workdir,
-    finalize,
-    finetune_variant,
-    merge_variants,
-    prepare,
-    search,
-)
+from negmerge.pipeline import finalize, finetune_variant, merge_variants, prepare, search
+from negmerge.workdir import Workdir
 from worker import merge_states
 from worker.celery_app import app
 from worker.retention import apply_retention

@@ -22,7 +22,7 @@ from negmerge.verdict import judge
 from tests.app.conftest import Registered, job_body
 
 OWNER = "dashboard-test-worker/0"
-# The split metrics a worker measures (negmerge.pipeline JobContext.metrics), before and after.
+# The split metrics a worker measures (negmerge.context JobContext.metrics), before and after.
 METRICS_BEFORE = {
     "forget_acc": 100.0,
     "forget_test_acc": 50.0,

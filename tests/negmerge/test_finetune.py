@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from negmerge.context import JobContext
 from negmerge.finetune import finetune_task_vector
 from negmerge.fixtures import ensure_tiny_classifier
 from negmerge.fixtures.jobs import forget_class_job
 from negmerge.job_spec import JobSpec
-from negmerge.pipeline import JobContext
 from negmerge.variants import Variant
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from negmerge.context import JobContext
 from negmerge.errors import NegMergeError
 from negmerge.finetune import finetune_task_vector
 from negmerge.fixtures import ensure_tiny_classifier
@@ -22,7 +23,7 @@ from negmerge.linearize import (
     linearized_metadata,
 )
 from negmerge.models import ModelSpec, load_linearized, load_model
-from negmerge.pipeline import JobContext, run_unlearning
+from negmerge.pipeline import run_unlearning
 from negmerge.variants import Variant
 
 

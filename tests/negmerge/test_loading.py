@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from negmerge.context import JobContext
 from negmerge.errors import DataError
 from negmerge.finetune import finetune_task_vector, prepare_images
 from negmerge.fixtures import ensure_tiny_classifier
@@ -15,7 +16,7 @@ from negmerge.fixtures.jobs import forget_class_job
 from negmerge.io import load_state_dict
 from negmerge.job_spec import JobSpec
 from negmerge.loading import EpochBatches, LoaderOptions, TrainingImages
-from negmerge.pipeline import JobContext, finetune_variant, merge_variants
+from negmerge.pipeline import finetune_variant, merge_variants
 from negmerge.variants import Variant
 
 # Both random parts of the pipeline: torch's (crop, flip) and Python's and NumPy's (RandAugment).

@@ -11,12 +11,13 @@ import yaml
 from click.testing import CliRunner
 
 from negmerge.cli import main
+from negmerge.context import JobContext
 from negmerge.errors import CheckpointError, DataError, DivergedError, NegMergeError
 from negmerge.fixtures import ensure_tiny_classifier, ensure_tiny_clip
 from negmerge.fixtures.jobs import forget_class_job, forget_domain_job
 from negmerge.io import file_sha256, load_state_dict
 from negmerge.job_spec import JobSpec
-from negmerge.pipeline import JobContext, finetune_variant, run_unlearning
+from negmerge.pipeline import finetune_variant, run_unlearning
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from tests.app.jobs_driver import MET_TARGET, MISSED_TARGET, OWNER, drive_to_suc
 from tests.negmerge.test_version_delta import _model, _unlearn
 from worker.retention import apply_due, apply_retention
 
-# What a work directory holds when a job ends (negmerge.pipeline.Workdir): weights files go,
+# What a work directory holds when a job ends (negmerge.workdir.Workdir): weights files go,
 # the JSON records stay.
 WEIGHTS = ["base.safetensors", "variants/000-a.safetensors", "variants/001-b.safetensors",
            "merged.safetensors", "model.safetensors", "decoded.safetensors",
