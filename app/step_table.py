@@ -25,7 +25,7 @@ PREPARE, FINETUNE, MERGE, SEARCH, FINALIZE = "prepare", "finetune", "merge", "se
 FIRST_STEP = PREPARE  # sent when a job is submitted; nothing follows into it
 
 # Files a step reads or writes that are not one of the round's work-directory files
-# (negmerge.pipeline.Workdir's attributes, the others named in the table):
+# (negmerge.workdir.Workdir's attributes, the others named in the table):
 VARIANT = "variant"  # the step's own variant: its task vector and the vector's record
 VARIANTS = "variants"  # the task vectors the round merges (or the running merge states)
 

@@ -7,7 +7,7 @@ import pytest
 
 from app.step_table import STEPS, VARIANT, VARIANTS, Naming, step_name
 from negmerge.job_spec import JobSpec
-from negmerge.pipeline import Workdir
+from negmerge.workdir import Workdir
 from worker.staging import files_of
 from worker.tasks import RUNNERS, runner_per_kind
 
