@@ -29,6 +29,7 @@ from app.db.base import utcnow
 from app.db.models import StepState, UnlearningJob
 from app.db.repositories import DatasetRepository, JobRepository, ModelRepository, StepRepository
 from app.db.session import Database
+from app.schemas.results import JobResult
 from app.services import audit, retention
 from app.services.datasets import validate_manifest
 from app.settings import Settings
@@ -222,14 +223,15 @@ def _plan(session, store: ArtifactStore, settings: Settings, job: UnlearningJob)
 
 
 def _superseded_plan(session, job: UnlearningJob, policy) -> dict | None:  # type: ignore[no-untyped-def]
-    model = (job.result or {}).get("model")
-    if policy.superseded != "delete" or not isinstance(model, dict):
+    result = JobResult.of(job.result)
+    model = result.model if result else None
+    if policy.superseded != "delete" or model is None:
         return None
     parent = ModelRepository(session, job.tenant_id).version_by_id(job.model_version_id)
     if parent is None or parent.deleted_at is not None or parent.kept_at is not None:
         return None
     plan = {"version_id": str(parent.id), "version": parent.version,
-            "by_version": model.get("version"), "delete": True}  # fmt: skip
+            "by_version": model.version, "delete": True}  # fmt: skip
     users = [j for j in retention.active_jobs_using_version(session, parent) if j.id != job.id]
     if users:
         plan.update(delete=False, waiting=True, reason=f"waiting: {retention.in_use(users)}")

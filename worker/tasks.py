@@ -37,10 +37,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import version_store
 from app.artifacts import ArtifactError, ArtifactStore, store_for
-from app.db.models import JobState, ModelVersion
+from app.db.models import JobState
 from app.db.repositories import JobRepository, ModelRepository
 from app.db.session import Database
 from app.queue import RUN_STEP_TASK, JobQueue
+from app.schemas.results import StoredVersion
 from app.services import steps
 from app.services.models import add_version
 from app.services.results import job_result
@@ -454,7 +455,7 @@ def run_finalize(run: StepRun) -> str:
         if report["model"] is not None:
             sha256 = report["model"]["sha256"]
             source = Path(report["model"]["path"])
-            parent = session.get(ModelVersion, job.model_version_id)
+            parent = ModelRepository(session, job.tenant_id).version_by_id(job.model_version_id)
             on_parent = None
             if parent is not None and ctx.spec.finetuning != "linear":
                 # A linearized checkpoint's tensors are not its parent's: always dense.
@@ -473,12 +474,12 @@ def run_finalize(run: StepRun) -> str:
                 actor=steps.WORKER,
                 finetuning=ctx.spec.finetuning,
             )
-            model = {
-                "model_id": str(job.model_id),
-                "version": version.version,
-                "version_id": str(version.id),
-                "weights_sha256": sha256,
-            }
+            model = StoredVersion(
+                model_id=job.model_id,
+                version=version.version,
+                version_id=version.id,
+                weights_sha256=sha256,
+            )
         result = job_result(report, model)
         steps.finish_job(session, claim, summary, result)
     if not claim.request.get("keep_task_vectors", False):
@@ -488,8 +489,8 @@ def run_finalize(run: StepRun) -> str:
     log.info(
         "job %s: SUCCEEDED, target %s, model version %s",
         claim.job_id,
-        "met" if verdict["met"] else "NOT met",
-        result["model_version"],
+        "met" if result.met else "NOT met",
+        result.model.version if result.model else None,
     )
     return "done"
 

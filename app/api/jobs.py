@@ -29,14 +29,14 @@ from app.schemas.jobs import (
     JobLinks,
     JobModelRef,
     JobProgress,
-    JobResult,
     UnlearningJobCreate,
     UnlearningJobOut,
     UnlearningReport,
 )
+from app.schemas.results import JobResult
 from app.services import job_states, job_submission, reports
 from app.services.report_signing import signer_for
-from app.services.results import data_deletion, verdict_of
+from app.services.results import data_deletion
 
 router = APIRouter(prefix="/v1/unlearning-jobs", tags=["unlearning jobs"])
 
@@ -46,6 +46,7 @@ Reader = Annotated[Principal, Depends(require(*JOB_READERS))]
 
 def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
     base = f"/v1/unlearning-jobs/{job.id}"
+    result = JobResult.of(job.result)
     return UnlearningJobOut(
         id=job.id,
         state=job.state,
@@ -67,8 +68,8 @@ def job_out(job: UnlearningJob, version: int) -> UnlearningJobOut:
         error=JobError(code=job.error_code, message=job.error_message or "")
         if job.error_code
         else None,
-        verdict=verdict_of(job.result),
-        result=JobResult.model_validate(job.result) if job.result else None,
+        verdict=result.verdict if result else None,
+        result=result,
         data_deletion=data_deletion(job),
         links=JobLinks(self=base, report=f"{base}/report", cancel=f"{base}:cancel"),
     )

@@ -39,6 +39,7 @@ from app.db.repositories import (
 )
 from app.dependencies import DbSession
 from app.errors import ApiError, Forbidden, NotFound, Unauthenticated
+from app.schemas.results import JobResult
 from app.services import deletion_requests, job_states, reports
 from app.services.report_signing import signer_for
 
@@ -184,7 +185,7 @@ def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSessio
     tenant = viewer.principal.tenant_id
     report = reports.build_report(session, tenant, _job_id(job_id))
     job = job_states.get_job(session, tenant, report.job_id)
-    result = job.result or {}
+    result = JobResult.of(job.result) or JobResult()  # an unfinished job's: empty
     audit, more_audit = [], False
     if viewer.can_read_audit:
         audit, more_audit = _audit_trail(session, job)
@@ -197,12 +198,13 @@ def job_page(request: Request, job_id: str, viewer: ViewerDep, session: DbSessio
         forgot=views.forgot(job),
         result=result,
         chart=lambda_curve_chart(
-            result.get("lambda_curve"), result.get("lambda"), views.retain_ratio(job)
+            [p.model_dump(by_alias=True) for p in result.lambda_curve],
+            result.lambda_,
+            views.retain_ratio(job),
         ),
-        curve=result.get("lambda_curve") or [],
+        curve=result.lambda_curve,
         metrics=views.metric_rows(result),
-        verdict=views.verdict_of(result),
-        split_size=views.split_size,
+        verdict=result.verdict,
         audit=audit,
         more_audit=more_audit,
         requests=views.request_rows(

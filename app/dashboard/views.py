@@ -17,8 +17,10 @@ from app.db.models import AuditEntry, DeletionRequest, JobState, UnlearningJob
 from app.db.repositories import DatasetRepository, JobFilter, JobRepository
 from app.schemas.deletion_requests import DeletionRequestOut
 from app.schemas.jobs import DataDeletion
+from app.schemas.results import JobResult
 from app.services.deletion_requests import request_view
 from app.services.results import data_deletion
+from negmerge.verdict import Verdict
 
 SUBJECT_MAX = 200  # as the column and the REST API's filter
 
@@ -150,22 +152,13 @@ def _finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _size(sizes: Any, split: str | None) -> int | None:
-    value = sizes.get(split) if isinstance(sizes, dict) and split else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def metric_rows(result: dict[str, Any] | None) -> list[MetricRow]:
+def metric_rows(result: JobResult) -> list[MetricRow]:
     """Before and after, one row per metric: the known ones in a fixed order, then any other
     the workers reported, then the λ search's validation-split numbers at λ = 0 and at the
     chosen λ (the chart's), so that the table and the chart can be read side by side."""
-    result = result or {}
-    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
-    before = metrics.get("before") or result.get("metrics_before") or {}
-    after = metrics.get("after") or result.get("metrics_after") or {}
-    if not isinstance(before, dict) or not isinstance(after, dict):
+    if result.metrics is None:
         return []
-    sizes = result.get("split_sizes")
+    before, after, sizes = result.metrics.before, result.metrics.after, result.split_sizes
     keys = [k for k in METRIC_LABELS if k in before or k in after]
     keys += sorted((set(before) | set(after)) - set(METRIC_LABELS))
     rows = [
@@ -174,31 +167,25 @@ def metric_rows(result: dict[str, Any] | None) -> list[MetricRow]:
             METRIC_LABELS.get(key, key.replace("_", " ")),
             _finite(before.get(key)),
             _finite(after.get(key)),
-            _size(sizes, METRIC_SPLITS.get(key)),
+            sizes.get(METRIC_SPLITS.get(key, "")),
         )
         for key in keys
     ]
-    curve = [r for r in result.get("lambda_curve") or [] if isinstance(r, dict)]
-    chosen = _finite(result.get("lambda"))
-    at_zero = next((r for r in curve if _finite(r.get("lambda")) == 0.0), None)
-    at_chosen = next((r for r in curve if _finite(r.get("lambda")) == chosen), None)
+    at_zero = next((p for p in result.lambda_curve if p.lambda_ == 0.0), None)
+    at_chosen = next((p for p in result.lambda_curve if p.lambda_ == result.lambda_), None)
     if at_zero is not None and at_chosen is not None:
         for key, (split, label) in SEARCH_LABELS.items():
             rows.append(
                 MetricRow(
                     f"search_{key}",
                     label,
-                    _finite(at_zero.get(key)),
-                    _finite(at_chosen.get(key)),
-                    _size(sizes, split),
+                    _finite(getattr(at_zero, key)),
+                    _finite(getattr(at_chosen, key)),
+                    sizes.get(split),
                     search=True,
                 )
             )
     return rows
-
-
-def split_size(result: dict[str, Any] | None, split: str) -> int | None:
-    return _size((result or {}).get("split_sizes"), split)
 
 
 @dataclass(frozen=True)
@@ -213,17 +200,17 @@ class Outcome:
 def outcome(job: UnlearningJob) -> Outcome:
     if job.state is not JobState.SUCCEEDED:
         return Outcome(job.state.value, job.state.value.lower())
-    verdict = verdict_of(job.result)
+    verdict = verdict_of(job)
     if verdict is None:
         return Outcome("SUCCEEDED · no verdict", "unjudged")
-    if verdict.get("met"):
+    if verdict.met:
         return Outcome("SUCCEEDED · target met", "succeeded")
     return Outcome("SUCCEEDED · target not met", "not-met")
 
 
-def verdict_of(result: dict[str, Any] | None) -> dict[str, Any] | None:
-    verdict = (result or {}).get("verdict")
-    return verdict if isinstance(verdict, dict) else None
+def verdict_of(job: UnlearningJob) -> Verdict | None:
+    result = JobResult.of(job.result)
+    return result.verdict if result else None
 
 
 def retain_ratio(job: UnlearningJob) -> float | None:
@@ -247,8 +234,8 @@ def concerns_job(entry: AuditEntry, job_id: uuid.UUID) -> bool:
 def forgot(job: UnlearningJob) -> bool:
     """Whether the page may say the data was forgotten: the job succeeded and met its target
     (a cancelled, failed or not-met job only says what was requested)."""
-    verdict = verdict_of(job.result)
-    return job.state is JobState.SUCCEEDED and bool(verdict and verdict.get("met"))
+    verdict = verdict_of(job)
+    return job.state is JobState.SUCCEEDED and verdict is not None and verdict.met
 
 
 def live_status(job: UnlearningJob) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pydantic import (
 
 from app.db.models import DeletionRequestState, JobStage, JobState
 from app.schemas.common import Strict
+from app.schemas.results import BeforeAfter, JobResult, LambdaPoint, Seeds
 from negmerge.escalation import Escalation, RoundSummary
 from negmerge.job_spec import MergeSpec, SearchSpec
 from negmerge.variants import PRESETS, VariantGrid
@@ -180,32 +181,6 @@ class JobProgress(BaseModel):
 class JobError(BaseModel):
     code: str = Field(examples=["data_error"])
     message: str = Field(examples=["sample 'img-7': not a readable image"])
-
-
-class JobResult(BaseModel):
-    """Written by the workers when the job succeeds."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model_version: int | None = Field(None, description="The new version of the model.")
-    lambda_: float | None = Field(None, alias="lambda")
-    kept_fraction: float | None = None
-    merged_bytes: int | None = Field(
-        None, description="Size of the stored merged task vector (sparse unless dense is smaller)."
-    )
-    merged_dense_bytes: int | None = Field(
-        None, description="What the merged task vector's tensors would take stored dense."
-    )
-    metrics_before: dict[str, float | None] | None = None
-    metrics_after: dict[str, float | None] | None = None
-    verdict: Verdict | None = Field(
-        None, description="Whether the target was met (absent for jobs from before verdicts)."
-    )
-    groups: dict[str, dict[str, Any]] | None = Field(
-        None,
-        description="A batch's deletion requests, by id: each one's own samples' count, "
-        "accuracy and mean true-label confidence (percent), before and after.",
-    )
 
 
 class JobModelRef(BaseModel):
@@ -432,10 +407,10 @@ class UnlearningReport(BaseModel):
     lambda_: float | None = Field(None, alias="lambda")
     kept_fraction: float | None = Field(None, description="Of task-vector elements, 0-1.")
     hashes: ReportHashes
-    lambda_curve: list[dict[str, Any]] | None = Field(
+    lambda_curve: list[LambdaPoint] | None = Field(
         None, description="The lambda search's evaluations, on the validation splits."
     )
-    metrics: dict[str, Any] | None = Field(
+    metrics: BeforeAfter | None = Field(
         None,
         description="before / after, on the report splits (forget, forget_test, retain, "
         "test), and MIA; in percent (see units).",
@@ -445,7 +420,7 @@ class UnlearningReport(BaseModel):
     default_target: bool | None = Field(None, description="True: the kind's default.")
     verdict: Verdict | None = None
     code_version: str | None = None
-    seeds: dict[str, Any] | None = None
+    seeds: Seeds | None = None
     rounds: list[RoundSummary] | None = Field(
         None,
         description="Every round the job ran (more than one when escalation was allowed and "

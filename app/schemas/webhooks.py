@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import AnyHttpUrl, BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from app.db.models import DeliveryState, JobState
 from app.schemas.common import Strict
+from app.schemas.results import JobResult, StoredVersion
+from negmerge.verdict import Verdict
 
 SECRET_DESCRIPTION = (
     "The Standard Webhooks signing secret (whsec_ and base64): verify each message with it, "
@@ -52,11 +54,29 @@ class SigningSecretOut(BaseModel):
 
 
 class WebhookJobResult(BaseModel):
-    model_config = {"extra": "allow"}
+    """The job's result in brief (GET the job for all of it: app.schemas.results.JobResult)."""
 
-    model_version: int | None = None
+    model_config = ConfigDict(populate_by_name=True)
+
+    model: StoredVersion | None = Field(None, description="The new version; none at lambda 0.")
+    model_version: int | None = Field(None, description="model.version, for receivers' ease.")
     lambda_: float | None = Field(None, alias="lambda")
     kept_fraction: float | None = None
+    metrics_after: dict[str, float | None] | None = Field(
+        None, description="The unlearned model's metrics (the job's result.metrics.after)."
+    )
+    verdict: Verdict | None = None
+
+    @classmethod
+    def of(cls, result: JobResult) -> WebhookJobResult:
+        return cls(
+            model=result.model,
+            model_version=result.model.version if result.model else None,
+            lambda_=result.lambda_,
+            kept_fraction=result.kept_fraction,
+            metrics_after=result.metrics.after if result.metrics else None,
+            verdict=result.verdict,
+        )
 
 
 class WebhookVerdict(BaseModel):

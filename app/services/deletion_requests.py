@@ -49,6 +49,7 @@ from app.schemas.deletion_requests import (
     RequestEvidence,
 )
 from app.schemas.jobs import UnlearningJobCreate
+from app.schemas.results import JobResult
 from app.services import audit, job_submission
 from app.services.datasets import image_sha256
 from app.settings import Settings
@@ -479,17 +480,17 @@ def settle_requests(session: Session, job: UnlearningJob, actor: str, now: datet
     ]
     if not carried:
         return
-    result = job.result or {}
-    model = result.get("model") if isinstance(result.get("model"), dict) else None
-    met = bool((result.get("verdict") or {}).get("met"))
-    groups = result.get("groups") or {}
+    result = JobResult.of(job.result)
+    model = result.model if result else None
+    met = result is not None and result.met
     for request in carried:
         if job.state is JobState.SUCCEEDED:
-            request.evidence = groups.get(str(request.id))
-            request.model_version_id = uuid.UUID(model["version_id"]) if model else None
+            evidence = result.groups.get(str(request.id)) if result else None
+            request.evidence = evidence.model_dump(mode="json") if evidence else None
+            request.model_version_id = model.version_id if model else None
             state = DeletionRequestState.FORGOTTEN if met else DeletionRequestState.NOT_FORGOTTEN
             details = {"job_id": str(job.id), "verdict_met": met,
-                       "model_version": model["version"] if model else None}  # fmt: skip
+                       "model_version": model.version if model else None}  # fmt: skip
         else:  # FAILED or CANCELLED: the data is still in the model, the request still owed
             state = DeletionRequestState.PENDING
             details = {"job_id": str(job.id), "job_state": job.state.value}

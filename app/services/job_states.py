@@ -17,6 +17,7 @@ from app.db.models import JobEvent, JobStage, JobState, UnlearningJob
 from app.db.repositories import JobRepository
 from app.errors import Conflict, NotFound, without_reprs
 from app.observability import STAGE_SECONDS
+from app.schemas.results import JobResult
 from app.services import audit, retention, webhook_outbox
 from app.services.deletion_requests import settle_requests
 
@@ -76,7 +77,7 @@ def change_state(
     actor: str,
     *,
     error: tuple[str, str] | None = None,
-    result: dict[str, Any] | None = None,
+    result: JobResult | None = None,
 ) -> None:
     """Move `job` to `state` along an allowed edge, recording the event and the audit entry."""
     if state not in TRANSITIONS[job.state]:
@@ -94,13 +95,13 @@ def change_state(
         # The one place a job's error text is written: what every reader of it shows.
         job.error_code, job.error_message = error[0], without_reprs(error[1])
     if result is not None:
-        job.result = result
+        job.result = result.to_json()
     details: dict[str, Any] = {"from": previous.value, "to": state.value}
     if error is not None:
         details["error_code"] = error[0]
-    verdict = (result or {}).get("verdict")
-    if isinstance(verdict, dict):  # the end's event (SSE, timeline, audit) says the outcome
-        details["verdict"] = {"met": verdict.get("met"), "reason": verdict.get("reason")}
+    if result is not None and result.verdict is not None:
+        # The end's event (SSE, timeline, audit) says the outcome.
+        details["verdict"] = {"met": result.verdict.met, "reason": result.verdict.reason}
     JobRepository(session, job.tenant_id).add_event(
         JobEvent(job_id=job.id, kind="state", state=state, stage=job.stage, details=details, at=now)
     )

@@ -31,6 +31,7 @@ from app.errors import (
 )
 from app.queue import FIRST_STEP, JobQueue
 from app.schemas.jobs import UnlearningJobCreate
+from app.schemas.results import JobResult
 from app.services import audit, quotas, retention, webhook_endpoints
 from app.services.bounds import check_job_size
 from app.settings import Settings
@@ -131,9 +132,9 @@ def _refuse_repeat(repo: JobRepository, job: UnlearningJob) -> None:
     refused, naming the first (allow_repeat asks for it anyway). A job that failed, was
     cancelled or missed its target leaves the data unforgotten: another is welcome."""
     for earlier in repo.same_forget_set(job.model_id, job.forget_manifest_sha256):
-        verdict = (earlier.result or {}).get("verdict") or {}
+        result = JobResult.of(earlier.result)
         if not earlier.state.is_terminal or (
-            earlier.state is JobState.SUCCEEDED and verdict.get("met")
+            earlier.state is JobState.SUCCEEDED and result is not None and result.met
         ):
             done = "is under way" if not earlier.state.is_terminal else "has already forgotten it"
             raise Conflict(

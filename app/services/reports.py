@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -37,11 +38,12 @@ from app.schemas.jobs import (
     TimelineEvent,
     UnlearningReport,
 )
+from app.schemas.results import JobResult
 from app.services import audit
 from app.services.deletion_requests import requests_of_job
 from app.services.job_states import get_job
 from app.services.report_signing import ReportSigner
-from app.services.results import data_deletion, verdict_of
+from app.services.results import data_deletion
 from negmerge.verdict import Target, resolve_target, target_kind
 
 
@@ -50,9 +52,9 @@ class ReportContext:
     session: Session
     job: UnlearningJob
 
-    @property
-    def result(self) -> dict[str, Any]:
-        return self.job.result or {}
+    @cached_property
+    def result(self) -> JobResult | None:
+        return JobResult.of(self.job.result)
 
     @property
     def models(self) -> ModelRepository:
@@ -147,8 +149,10 @@ def _models(ctx: ReportContext) -> dict[str, Any]:
     model = ctx.models.get(job.model_id)
     name = model.name if model else None
     base = ctx.models.version_by_id(job.model_version_id)
-    stored = ctx.result.get("model") if isinstance(ctx.result.get("model"), dict) else None
-    unlearned = ReportModel.model_validate({**stored, "model_name": name}) if stored else None
+    stored = ctx.result.model if ctx.result else None
+    unlearned = (
+        ReportModel.model_validate({**stored.model_dump(), "model_name": name}) if stored else None
+    )
     return {
         "base_model": ReportModel(
             model_id=job.model_id,
@@ -165,17 +169,16 @@ def _models(ctx: ReportContext) -> dict[str, Any]:
 def _hashes(ctx: ReportContext) -> dict[str, Any]:
     """As the job resource's result has them (the base's: its version's until there is one)."""
     result, job = ctx.result, ctx.job
-    stored = result.get("model") if isinstance(result.get("model"), dict) else {}
-    base = result.get("base_model_sha256")
+    base = result.base_model_sha256 if result else None
     if base is None:
         version = ctx.models.version_by_id(job.model_version_id)
         base = version.weights_sha256 if version else None
     hashes = ReportHashes(
         forget_manifest_sha256=job.forget_manifest_sha256,
         base_model_sha256=base,
-        task_vector_sha256=result.get("task_vector_sha256"),
-        merged_sha256=result.get("merged_sha256"),
-        unlearned_model_sha256=stored.get("weights_sha256"),
+        task_vector_sha256=result.task_vector_sha256 if result else None,
+        merged_sha256=result.merged_sha256 if result else None,
+        unlearned_model_sha256=result.model.weights_sha256 if result and result.model else None,
     )
     return {"hashes": hashes}
 
@@ -184,17 +187,19 @@ def _hashes(ctx: ReportContext) -> dict[str, Any]:
 def _outcome(ctx: ReportContext) -> dict[str, Any]:
     result = ctx.result
     target, default_target = _target(ctx.job)
+    found = {"target": target, "default_target": default_target}
+    if result is None:  # the job has not finished: the rest is null
+        return found
     return {
-        "lambda": result.get("lambda"),
-        "kept_fraction": result.get("kept_fraction"),
-        "lambda_curve": result.get("lambda_curve"),
-        "metrics": result.get("metrics"),
-        "code_version": result.get("code_version"),
-        "seeds": result.get("seeds"),
-        "rounds": result.get("rounds"),
-        "target": target,
-        "default_target": default_target,
-        "verdict": verdict_of(result),
+        **found,
+        "lambda": result.lambda_,
+        "kept_fraction": result.kept_fraction,
+        "lambda_curve": result.lambda_curve,
+        "metrics": result.metrics,
+        "code_version": result.code_version,
+        "seeds": result.seeds,
+        "rounds": result.rounds,
+        "verdict": result.verdict,
     }
 
 

@@ -46,6 +46,7 @@ from app.db.models import (
 )
 from app.db.repositories import JobRepository, ModelRepository, TenantRepository
 from app.errors import Conflict, Gone, InvalidRequest, NotFound
+from app.schemas.results import JobResult
 from app.services import audit
 from app.settings import Settings
 from negmerge.data import Manifest
@@ -386,9 +387,8 @@ def forget_reason(
     """Why the forget data is not deleted, or None: delete it."""
     if policy.forget_data == "keep":
         return "kept: the tenant's retention policy keeps forget data"
-    if job.state is not JobState.SUCCEEDED or not ((job.result or {}).get("verdict") or {}).get(
-        "met"
-    ):
+    result = JobResult.of(job.result)
+    if job.state is not JobState.SUCCEEDED or result is None or not result.met:
         return (
             f"kept: the job ended {job.state.value} without meeting its target, so the data "
             "was not forgotten; it stays for a new request (DELETE /v1/datasets/{id} deletes it)"

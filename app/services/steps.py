@@ -36,6 +36,7 @@ from app.db.models import JobEvent, JobStage, JobState, JobStep, StepState, Unle
 from app.db.repositories import JobRepository, StepRepository
 from app.db.session import after_commit
 from app.queue import JobQueue
+from app.schemas.results import JobResult
 from app.services.job_states import change_stage, change_state
 from app.settings import Settings
 
@@ -275,7 +276,7 @@ def _create_and_send(
 
 
 def finish_job(
-    session: Session, claim: Claim, output: dict[str, Any], result: dict[str, Any]
+    session: Session, claim: Claim, output: dict[str, Any], result: JobResult
 ) -> UnlearningJob | None:
     """Record finalize as DONE and the job as SUCCEEDED with `result` (the caller has added
     the model version in the same transaction). None if the lease was lost."""

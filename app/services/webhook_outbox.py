@@ -14,7 +14,6 @@ Functions here change rows and never commit, like every service.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -24,6 +23,8 @@ from sqlalchemy.orm import Session
 from app.db.base import new_id
 from app.db.models import DeliveryState, JobState, UnlearningJob, WebhookDelivery
 from app.db.webhook_repositories import WebhookDeliveryRepository, WebhookEndpointRepository
+from app.schemas.results import JobResult
+from app.schemas.webhooks import WebhookJobData, WebhookJobResult, WebhookMessage, WebhookVerdict
 from app.services.webhook_endpoints import signing_secret
 
 EVENT_TYPES = {
@@ -39,8 +40,9 @@ TARGET_NOT_MET = "unlearning_job.target_not_met"
 def event_type(job: UnlearningJob) -> str:
     """The message type of `job`'s end: by state, and target_not_met for a SUCCEEDED job
     whose verdict is not met."""
-    verdict = (job.result or {}).get("verdict")
-    if job.state is JobState.SUCCEEDED and isinstance(verdict, dict) and not verdict.get("met"):
+    result = JobResult.of(job.result)
+    judged = result is not None and result.verdict is not None
+    if job.state is JobState.SUCCEEDED and judged and not result.met:
         return TARGET_NOT_MET
     return EVENT_TYPES[job.state]
 
@@ -48,40 +50,23 @@ def event_type(job: UnlearningJob) -> str:
 def event_payload(job: UnlearningJob, at: datetime) -> dict[str, Any]:
     """The message: {type, timestamp, data: {id, state, verdict, result or error, links}}."""
     base = f"/v1/unlearning-jobs/{job.id}"
-    result = job.result or {}
-    summary = (
-        {
-            "model": result.get("model"),
-            "model_version": result.get("model_version"),
-            "lambda": result.get("lambda"),
-            "kept_fraction": result.get("kept_fraction"),
-            "metrics_after": result.get("metrics_after"),
-            "verdict": result.get("verdict"),
-        }
-        if job.result
-        else None
-    )
+    result = JobResult.of(job.result)
+    verdict = result.verdict if result else None
     error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
-    data = {
-        "id": str(job.id),
-        "state": job.state.value,
-        "subject_reference": job.subject_reference,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "verdict": _verdict_summary(result.get("verdict")),
-        "result": summary,
-        "error": error,
-        "links": {"self": base, "report": f"{base}/report", "events": f"{base}/events"},
-    }
-    # Round-tripped through JSON: what is stored is exactly what is sent.
-    message = {"type": event_type(job), "timestamp": at.isoformat(), "data": data}
-    return json.loads(json.dumps(message, default=str))
-
-
-def _verdict_summary(verdict: Any) -> dict[str, Any] | None:
-    """met and reason up front; the checks and the target are in data.result.verdict."""
-    if not isinstance(verdict, dict):
-        return None
-    return {"met": verdict.get("met"), "reason": verdict.get("reason")}
+    data = WebhookJobData(
+        id=job.id,
+        state=job.state,
+        subject_reference=job.subject_reference,
+        finished_at=job.finished_at,
+        # met and reason up front; the checks and the target are in data.result.verdict.
+        verdict=WebhookVerdict(met=verdict.met, reason=verdict.reason) if verdict else None,
+        result=WebhookJobResult.of(result) if result else None,
+        error=error,
+        links={"self": base, "report": f"{base}/report", "events": f"{base}/events"},
+    )
+    # As JSON: what is stored is exactly what is sent.
+    message = WebhookMessage(type=event_type(job), timestamp=at, data=data)
+    return message.model_dump(mode="json", by_alias=True)
 
 
 def enqueue_terminal(

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.db.models import ModelVersion, UnlearningJob
+from app.schemas.results import StoredVersion
 from app.services import steps
 from app.services.models import add_version
 from app.services.results import job_result
@@ -163,12 +164,12 @@ def drive_to_success(
                 actor=steps.WORKER,
                 finetuning=spec.finetuning,
             )
-            model = {
-                "model_id": str(row.model_id),
-                "version": version.version,
-                "version_id": str(version.id),
-                "weights_sha256": unlearned_sha,
-            }
+            model = StoredVersion(
+                model_id=row.model_id,
+                version=version.version,
+                version_id=version.id,
+                weights_sha256=unlearned_sha,
+            )
         metrics = {"before": METRICS_BEFORE, "after": METRICS_AFTER}
         # As the pipeline's finalize reports it (negmerge.pipeline), for the worker's builder.
         summaries = [
@@ -201,7 +202,7 @@ def drive_to_success(
         result = job_result(report, model)
         summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
         assert steps.finish_job(session, held, summary, result) is not None
-    return result
+    return result.to_json()  # as the job row stores it and the API shows it
 
 
 # Targets whose verdict on METRICS_AFTER is certain whatever the recipe: forget accuracy is

@@ -14,11 +14,7 @@ SESSION_CALLS = {"get", "scalars", "scalar", "execute"}
 
 # (file, the call as written): queries that have not moved yet, each with why. A listed call
 # that is gone fails the test too, so the list never outlives its reason.
-ALLOWED = {
-    # run_finalize is being rewritten on its own branch; its parent-version lookup moves to
-    # ModelRepository.version_by_id with that rewrite.
-    ("worker/tasks.py", "session.get(ModelVersion, job.model_version_id)"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _is_session(node: ast.expr) -> bool:

@@ -86,16 +86,12 @@ def test_the_embedded_default_runs_the_same_code(tmp_path, weights_file, shapes_
     app.state.db.dispose()
 
 
-def test_0009_makes_stored_results_name_the_base_versions_weights(tmp_path):
-    """Results stored before 0009 named the worker's working copy as base_model_sha256; the
-    migration keeps it as base_copy_sha256 and names the version's weights instead."""
+def _job_with_result(url: str, result: dict) -> None:
+    """One tenant, model, version 1, data set and job storing `result`, at head."""
     from sqlalchemy.orm import Session
 
     from app.db.models import Dataset, Model, ModelVersion, Tenant
 
-    url = f"sqlite:///{tmp_path / 'negmerge.db'}"
-    config = alembic_config(url)
-    command.upgrade(config, "head")
     engine = create_engine(url)
     with Session(engine) as session, session.begin():
         tenant = Tenant(name="acme")
@@ -124,14 +120,65 @@ def test_0009_makes_stored_results_name_the_base_versions_weights(tmp_path):
                 forget_manifest_sha256="f" * 64,
                 forget_count=1,
                 request_sha256="r" * 64,
-                result={"base_model_sha256": "b" * 64, "lambda": 0.5},
+                result=result,
             )  # fmt: skip
         )
-    # Down to the revision before 0009 only: the data rows above stay valid there.
-    before = ScriptDirectory.from_config(config).get_revision("0009_evidence").down_revision
-    command.downgrade(config, before)
-    command.upgrade(config, "0009_evidence")
+    engine.dispose()
+
+
+def _stored_result(url: str) -> dict:
+    engine = create_engine(url)
     with engine.connect() as connection:
         stored = connection.execute(select(UnlearningJob.result)).scalar_one()
     engine.dispose()
-    assert stored == {"base_model_sha256": "a" * 64, "base_copy_sha256": "b" * 64, "lambda": 0.5}
+    return stored
+
+
+def _down_to_before(config, revision: str) -> None:  # type: ignore[no-untyped-def]
+    """Down to the revision before `revision` only: the data rows stay valid there."""
+    before = ScriptDirectory.from_config(config).get_revision(revision).down_revision
+    command.downgrade(config, before)
+
+
+def test_0009_makes_stored_results_name_the_base_versions_weights(tmp_path):
+    """Results stored before 0009 named the worker's working copy as base_model_sha256; the
+    migration keeps it as base_copy_sha256 and names the version's weights instead."""
+    url = f"sqlite:///{tmp_path / 'negmerge.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    _job_with_result(url, {"base_model_sha256": "b" * 64, "lambda": 0.5})
+    command.downgrade(config, "0010_device_usage")  # 0011 leaves this result as it is
+    _down_to_before(config, "0009_evidence")
+    command.upgrade(config, "0009_evidence")
+    assert _stored_result(url) == {
+        "base_model_sha256": "a" * 64,
+        "base_copy_sha256": "b" * 64,
+        "lambda": 0.5,
+    }
+
+
+def test_0011_stores_one_shape_of_result_and_reads_as_a_job_result(tmp_path):
+    """Results stored before 0011 carried model_version and metrics_before/after (older ones
+    only those); 0011 keeps `model` and `metrics` alone, which JobResult reads, and its
+    downgrade puts the copies back."""
+    from app.schemas.results import JobResult
+
+    url = f"sqlite:///{tmp_path / 'negmerge.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "head")
+    before, after = {"forget_acc": 90.0}, {"forget_acc": 5.0}
+    _job_with_result(
+        url,
+        {"model_version": 1, "lambda": 0.5, "metrics_before": before, "metrics_after": after},
+    )
+    _down_to_before(config, "0011_job_result")
+    command.upgrade(config, "0011_job_result")
+    stored = _stored_result(url)
+    assert not {"model_version", "metrics_before", "metrics_after"} & stored.keys()
+    assert stored["metrics"] == {"before": before, "after": after}
+    assert (stored["model"]["version"], stored["model"]["weights_sha256"]) == (1, "a" * 64)
+    result = JobResult.of(stored)
+    assert result.model.version == 1 and result.metrics.after == after and result.lambda_ == 0.5
+    _down_to_before(config, "0011_job_result")
+    downgraded = _stored_result(url)
+    assert downgraded["model_version"] == 1 and downgraded["metrics_after"] == after

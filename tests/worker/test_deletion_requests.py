@@ -58,7 +58,7 @@ def test_a_window_batch_runs_and_each_request_keeps_its_evidence(client, db, cla
     assert job["forget"]["count"] == 10
     # The requests follow the job's verdict (a lambda the search sets to 0 is never met).
     met = job["verdict"]["met"]
-    version = job["result"]["model_version"]
+    version = job["result"]["model"]["version"]
 
     for i, count in ((0, 4), (1, 6)):
         settled = request(i)

@@ -41,7 +41,7 @@ def _unlearn(client, tenant, version: int, forget: str) -> dict:  # type: ignore
     body["search"] = {"retain_ratio": 0.5}
     job = wait_for(client, tenant, submit(client, tenant, body), timeout=240)
     assert job["state"] == "SUCCEEDED", job
-    assert job["result"]["model_version"] == version + 1, job["result"]
+    assert job["result"]["model"]["version"] == version + 1, job["result"]
     return job
 
 

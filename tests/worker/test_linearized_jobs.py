@@ -34,8 +34,8 @@ def test_a_linear_job_stores_a_linearized_version_that_serves_the_tangent_model(
     job = wait_for(client, tenant, submit(client, tenant, body), timeout=400)
     assert job["state"] == "SUCCEEDED", job
     result = job["result"]
-    assert result["finetuning"] == "linear" and result["model_version"] == 2
-    assert result["metrics_after"]["forget_acc"] < result["metrics_before"]["forget_acc"]
+    assert result["finetuning"] == "linear" and result["model"]["version"] == 2
+    assert result["metrics"]["after"]["forget_acc"] < result["metrics"]["before"]["forget_acc"]
 
     versions = client.get(f"/v1/models/{tenant.model_id}/versions", headers=tenant.headers)
     assert [v["finetuning"] for v in versions.json()["items"]] == ["standard", "linear"]

@@ -314,8 +314,8 @@ def _unlearn_version(client, tenant, version: int, forget: str) -> tuple[str, in
     body["search"] = {"retain_ratio": 0.5}
     job = wait_for(client, tenant, submit(client, tenant, body), timeout=300)
     assert job["state"] == "SUCCEEDED", job
-    assert job["result"]["model_version"] is not None, job["result"]
-    return job["id"], job["result"]["model_version"]
+    assert job["result"]["model"] is not None, job["result"]
+    return job["id"], job["result"]["model"]["version"]
 
 
 def test_a_delta_stored_version_in_the_object_store_is_a_jobs_base(

@@ -46,7 +46,7 @@ def test_a_met_target(client, finished):  # type: ignore[no-untyped-def]
     job = jobs["met"]
     assert job["state"] == "SUCCEEDED", job
     assert job["verdict"]["met"] is True, job["verdict"]
-    assert job["result"]["lambda"] > 0 and job["result"]["model_version"] is not None
+    assert job["result"]["lambda"] > 0 and job["result"]["model"] is not None
     report = report_of(client, tenant, job)
     assert report["verdict"] == job["verdict"] and report["unlearned_model"] is not None
     # The verdict's numbers are the report's metrics.
@@ -64,7 +64,7 @@ def test_a_missed_target(client, finished):  # type: ignore[no-untyped-def]
     assert verdict["met"] is False and verdict["reason"].startswith("not met")
     assert any(c["bound"] == "forget_acc_max" and not c["met"] for c in verdict["checks"])
     # It did change the model: the version is kept, and the verdict says it is not enough.
-    assert job["result"]["model_version"] is not None
+    assert job["result"]["model"] is not None
     events = report_of(client, tenant, job)["timeline"]
     assert events[-1]["details"]["verdict"]["met"] is False
 
@@ -75,7 +75,7 @@ def test_lambda_zero_creates_no_model_version(client, finished, settings):  # ty
     assert job["state"] == "SUCCEEDED", job
     assert job["result"]["lambda"] == 0 and job["verdict"]["met"] is False
     assert "nothing was forgotten" in job["verdict"]["reason"]
-    assert job["result"]["model_version"] is None
+    assert job["result"]["model"] is None
     assert report_of(client, tenant, job)["unlearned_model"] is None
     assert not (Path(settings.artifact_root) / "jobs" / job["id"] / "model.safetensors").exists()
     versions = client.get(f"/v1/models/{tenant.model_id}/versions", headers=tenant.headers)

@@ -145,7 +145,7 @@ def get(service: ServiceClient, job_id: str, as_json: bool) -> None:
             ("finished", when(job.get("finished_at"))),
             ("error", f"{error['code']}: {error['message']}" if error else None),
             ("verdict", verdict_line(job.get("verdict"))),
-            ("new version", result.get("model_version")),
+            ("new version", (result.get("model") or {}).get("version")),
             ("lambda", result.get("lambda")),
         ]
     )  # fmt: skip
@@ -233,7 +233,7 @@ def _wait(
         raise JobEnded(f"job {job_id} was CANCELLED", EXIT_CANCELLED)
     result = job.get("result") or {}
     verdict = job.get("verdict")
-    version = result.get("model_version")
+    version = (result.get("model") or {}).get("version")
     made = f"version {version}" if version is not None else "no new version"
     summary = f"model {job['model']['id']} {made} (lambda {result.get('lambda')})"
     if verdict is not None and not verdict.get("met"):

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from app.schemas.results import JobResult, StoredVersion
 from app.services import steps
 from tests.app.conftest import job_body
 
@@ -51,7 +52,7 @@ class Driver:
         with self.db.unit_of_work() as session:
             steps.step_failed(session, self.claims[step], code, message)
 
-    def succeed(self, variants: int, result: dict | None = None) -> None:
+    def succeed(self, variants: int, result: JobResult | None = None) -> None:
         """prepare, every variant, merge, search, finalize: the job is SUCCEEDED."""
         self.run(steps.PREPARE)
         for k in range(variants):
@@ -59,7 +60,11 @@ class Driver:
         self.run(steps.MERGE)
         self.run(steps.SEARCH)
         self.claim(steps.FINALIZE)
-        result = result or {"model_version": 2, "lambda": 0.4, "kept_fraction": 0.31}
+        # A version 2 as the worker would have stored it (the driver stores no bytes).
+        stored = StoredVersion(
+            model_id=uuid.uuid4(), version=2, version_id=uuid.uuid4(), weights_sha256="0" * 64
+        )
+        result = result or JobResult(model=stored, lambda_=0.4, kept_fraction=0.31)
         with self.db.unit_of_work() as session:
             assert steps.finish_job(session, self.claims[steps.FINALIZE], {}, result) is not None
 

@@ -32,7 +32,7 @@ def test_a_lineage_keeps_one_mode(app, client, registered):
     )
     assert job.json()["state"] == "QUEUED"
     result = drive_to_success(app, linear.json()["id"])
-    assert result["finetuning"] == "linear" and result["model_version"] == 2
+    assert result["finetuning"] == "linear" and result["model"]["version"] == 2
 
     versions = client.get(
         f"/v1/models/{registered.model_id}/versions", headers=registered.caller.headers
@@ -52,7 +52,7 @@ def test_a_lineage_keeps_one_mode(app, client, registered):
         retention.keep_version(session, one, "a standard lineage beside the linear one", "test")
     standard = post(client, registered, model={"id": registered.model_id, "version": 1})
     assert standard.status_code == 202, standard.text
-    assert drive_to_success(app, standard.json()["id"])["model_version"] == 3
+    assert drive_to_success(app, standard.json()["id"])["model"]["version"] == 3
     on_standard = {"id": registered.model_id, "version": 3}
     refused(
         post(client, registered, model=on_standard, finetuning="linear"),

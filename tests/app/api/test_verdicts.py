@@ -46,7 +46,7 @@ def test_a_target_met_is_a_success_everywhere(app, client, registered, settings,
     verdict = job["verdict"]
     assert verdict["met"] is True and verdict["reason"].startswith("target met")
     assert verdict["target"]["forget_acc_max"] == 50.0 and verdict["default_target"] is False
-    assert job["result"]["verdict"] == verdict and job["result"]["model_version"] == 2
+    assert job["result"]["verdict"] == verdict and job["result"]["model"]["version"] == 2
     assert report["verdict"] == verdict and report["unlearned_model"]["version"] == 2
     assert report["target"]["forget_acc_max"] == 50.0
     assert end_event(client, registered.caller, job["id"])["details"]["verdict"]["met"] is True
@@ -90,7 +90,7 @@ def test_lambda_zero_makes_no_model_version_and_says_why(app, client, registered
     verdict = job["verdict"]
     assert job["result"]["lambda"] == 0 and verdict["met"] is False
     assert "chose 0" in verdict["reason"] and "nothing was forgotten" in verdict["reason"]
-    assert job["result"]["model_version"] is None and report["unlearned_model"] is None
+    assert job["result"]["model"] is None and report["unlearned_model"] is None
     versions = get(client, registered.caller, f"/v1/models/{registered.model_id}/versions")
     assert [v["version"] for v in versions["items"]] == [1]
 

@@ -24,6 +24,7 @@ from app.db.base import utcnow
 from app.db.models import JobStage, JobState, JobStep, StepState, UnlearningJob
 from app.db.session import Database
 from app.queue import JobQueue
+from app.schemas.results import JobResult
 from app.services import steps
 from app.settings import Settings
 from app.step_table import STEPS, Follow, Naming, Queue, parse_step, step_name
@@ -393,10 +394,11 @@ def test_merge_search_and_finalize_follow_each_other_to_success(db, job_id, conf
     assert final.outputs[steps.SEARCH] == {"lambda": 0.5}  # earlier outputs come with it
     assert not any(name.startswith("finetune:") for name in final.outputs)
     with db.unit_of_work() as session:
-        assert steps.finish_job(session, final, {"report_path": "r"}, {"lambda": 0.5})
+        assert steps.finish_job(session, final, {"report_path": "r"}, JobResult(lambda_=0.5))
     found = job(db, job_id)
     assert (found.state, found.stage, found.percent) == (JobState.SUCCEEDED, None, 100)
-    assert found.result == {"lambda": 0.5}
+    assert JobResult.of(found.result).lambda_ == 0.5
+    assert found.result["lambda"] == 0.5  # stored by alias, as the API shows it
     assert claim(db, job_id, steps.FINALIZE, "f/1", config) is None  # the job has ended
 
 
