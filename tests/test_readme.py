@@ -6,7 +6,8 @@ from pathlib import Path
 
 from app.settings import Settings
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_the_two_commands_come_first() -> None:
@@ -48,3 +49,37 @@ def test_links_within_the_readme_name_its_headings() -> None:
     }
     links = set(re.findall(r"\]\(#([^)]+)\)", README))
     assert links and links <= anchors, links - anchors
+
+
+def _layout() -> dict[str, set[str]]:
+    """README's Layout: each folder's line ("    name/  ...") and the modules listed under
+    it ("      name.py  ..." or "      name/  ...")."""
+    block = README[README.index("## Layout") : README.index("## Development")]
+    listed: dict[str, set[str]] = {}
+    folder = None
+    for line in block.splitlines():
+        if match := re.match(r"^    (\S+/)", line):
+            folder = match.group(1)
+            listed[folder] = set()
+        elif (match := re.match(r"^      (\S+)", line)) and folder:
+            listed[folder].add(match.group(1))
+    return listed
+
+
+def test_the_layout_lists_every_module_of_the_packages_it_details() -> None:
+    listed = _layout()
+    assert {"negmerge/", "app/", "app/services/", "worker/", "client/"} <= listed.keys()
+    for folder, names in listed.items():
+        assert (ROOT / folder).is_dir(), f"Layout names {folder}, which is not in the tree"
+        if not names:
+            continue  # a folder described, not detailed
+        present = {
+            p.name + ("/" if p.is_dir() else "")
+            for p in (ROOT / folder).iterdir()
+            if (p.suffix == ".py" and p.name != "__init__.py")
+            or (p.is_dir() and (p / "__init__.py").exists())
+        }
+        assert names == present, (
+            f"{folder}: Layout lists {sorted(names - present)}, which are not there, and "
+            f"omits {sorted(present - names)}"
+        )
