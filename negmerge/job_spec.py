@@ -25,7 +25,14 @@ from negmerge.data import Manifest, Sample
 from negmerge.errors import DataError, NegMergeError
 from negmerge.escalation import Escalation
 from negmerge.models import ModelSpec
-from negmerge.search import MAX_EXTENSIONS, MAX_LAMBDA, checked_grid, default_grid
+from negmerge.search import (
+    DEFAULT_REFINE,
+    MAX_EXTENSIONS,
+    MAX_LAMBDA,
+    MAX_REFINE,
+    checked_grid,
+    default_grid,
+)
 from negmerge.variants import Variant, VariantGrid, variant_seed
 from negmerge.verdict import Target, TargetKind, resolve_target, target_kind
 
@@ -89,6 +96,13 @@ class SearchSpec(BaseModel):
         description="Times a choice at the grid's upper end may double the grid's range.",
     )
     max_lambda: float = Field(MAX_LAMBDA, gt=0, le=100, description="Extensions stop here.")
+    refine: int = Field(
+        DEFAULT_REFINE,
+        ge=0,
+        le=MAX_REFINE,
+        description="Bisections of the retain threshold's crossing above the grid's choice, "
+        "where forgetting can fall off a cliff between grid points (0: none).",
+    )
 
     @field_validator("grid")
     @classmethod

@@ -251,6 +251,7 @@ def search(
             on_evaluation=on_evaluation,
             max_extensions=ctx.spec.search.max_extensions,
             max_lambda=ctx.spec.search.max_lambda,
+            refine=ctx.spec.search.refine,
         )
     finally:
         ctx.set_scale(vector, 0.0)

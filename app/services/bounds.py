@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from app.errors import InvalidRequest
 from app.settings import Settings
 from negmerge.job_spec import JobSpec
-from negmerge.search import extended_grid
+from negmerge.search import most_evaluations
 from negmerge.variants import PRESETS, VariantGrid
 
 _AUGMENT_LAYERS = re.compile(r"-n([0-9]+)")
@@ -87,14 +87,18 @@ def check_job_size(spec: JobSpec, train_samples: int, settings: Settings) -> Job
     limit = settings.max_lambda_grid_points
     if len(lambdas) > limit:
         raise _over("search.grid", len(lambdas), limit, "max_lambda_grid_points", "points")
-    extended = extended_grid(lambdas, spec.search.max_extensions, spec.search.max_lambda)
-    if len(extended) > limit:  # a choice at the upper end extends the grid
+    # A choice at the upper end extends the grid, and refinement adds points between.
+    search = spec.search
+    most = most_evaluations(lambdas, search.max_extensions, search.max_lambda, search.refine)
+    if most > limit:
+        # Refinement is to blame if the grid and it alone are over, else the extensions are.
+        over_without_extensions = len(lambdas) + search.refine > limit
         raise _over(
-            "search.max_extensions",
-            len(extended),
+            "search.refine" if over_without_extensions else "search.max_extensions",
+            most,
             limit,
             "max_lambda_grid_points",
-            "points with the grid's extensions",
+            "points with the grid's extensions and refinement",
         )
     if lambdas[-1] > settings.max_lambda:
         raise _over(

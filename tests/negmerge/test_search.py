@@ -12,6 +12,7 @@ from negmerge.search import (
     extend_grid,
     extended_grid,
     lambda_grid,
+    most_evaluations,
     search_lambda,
 )
 
@@ -20,9 +21,11 @@ FEW_EXAMPLES = settings(max_examples=150, deadline=None)
 
 
 def search(evaluate, rule: str = "retain-threshold", **kwargs) -> SearchResult:
-    """search_lambda on GRID, not extended, unless a test says otherwise."""
+    """search_lambda on GRID, not extended nor refined, unless a test says otherwise: the
+    curves here are drawn on grid points only."""
     kwargs.setdefault("grid", GRID)
     kwargs.setdefault("max_extensions", 0)
+    kwargs.setdefault("refine", 0)
     return search_lambda(evaluate, rule, **kwargs)
 
 
@@ -394,8 +397,8 @@ def test_a_choice_at_the_upper_end_extends_the_grid(strategy):
     result = search_lambda(forgets_until_retain_breaks(3.0), strategy=strategy)
     assert result.lam == 3.0 and not result.at_upper_end
     assert result.extensions == 1 and result.grid_size == 61
-    if strategy == "fast":
-        assert result.n_evaluated <= 61 / 3
+    if strategy == "fast":  # a third of the grid, and refinement's points on top
+        assert result.n_evaluated - len(result.refined) <= 61 / 3
 
     stopped = search_lambda(forgets_until_retain_breaks(3.0), strategy=strategy, max_extensions=0)
     assert stopped.lam == 2.0 and stopped.at_upper_end and stopped.extensions == 0
@@ -476,3 +479,133 @@ def test_confidence_match_requires_confidences():
     evaluations = [Evaluation(50.0, 100.0, 50.0) for _ in range(21)]
     with pytest.raises(ValueError, match="forget_conf and holdout_conf"):
         search(RecordedCurve(evaluations), "confidence-match")
+
+
+class RecordedFunction:
+    """An evaluate() defined for every lambda, not only grid points; records every call."""
+
+    def __init__(self, evaluate) -> None:
+        self._evaluate = evaluate
+        self.calls: list[float] = []
+
+    def __call__(self, lam: float) -> Evaluation:
+        self.calls.append(lam)
+        return self._evaluate(lam)
+
+
+def cliff(lam: float) -> Evaluation:
+    """Forget accuracy falls slowly, then off a cliff at 1.01, between the grid points 1.0 and
+    1.05; retain accuracy crosses its threshold (95 of 100) just past it, at 1.02."""
+    return Evaluation(50.0 - 10 * lam if lam < 1.01 else 5.0, 100.0 if lam <= 1.02 else 90.0)
+
+
+@pytest.mark.parametrize("strategy", ["fast", "grid"])
+def test_refinement_finds_the_cliff_between_grid_points(strategy):
+    curve = RecordedFunction(cliff)
+
+    result = search_lambda(curve, strategy=strategy)
+
+    # 1.025 infeasible, 1.0125 feasible (past the cliff), 1.01875 feasible, 1.021875 not.
+    assert result.refined == (1.025, 1.0125, 1.01875, 1.021875)
+    assert result.lam == 1.0125 and result.evaluation.forget_acc == 5.0  # the smallest of ties
+    assert curve.calls[-4:] == list(result.refined)
+    assert_each_lambda_evaluated_once(curve)
+    assert result.to_dict()["refined"] == list(result.refined)
+    assert json.loads(json.dumps(result.to_dict()))["lambda"] == 1.0125
+
+
+@pytest.mark.parametrize("strategy", ["fast", "grid"])
+def test_refine_0_is_the_search_on_grid_points_alone(strategy):
+    without = search_lambda(RecordedFunction(cliff), strategy=strategy, refine=0)
+    assert without.lam == 1.0 and without.evaluation.forget_acc == 40.0
+    assert without.refined == () and without.to_dict()["refined"] == []
+    assert {lam for lam, _ in without.history} <= set(default_grid())
+
+
+@FEW_EXAMPLES
+@given(monotone_curves(), st.sampled_from(["fast", "grid"]))
+def test_refinement_only_adds_evaluations_after_the_grid_search(evaluations, strategy):
+    """On a curve that is a step function between grid points, refinement comes after the
+    search of refine=0, evaluation for evaluation, and its choice is never worse by the rule."""
+
+    def step(lam: float) -> Evaluation:
+        return evaluations[max(i for i, point in enumerate(GRID) if point <= lam)]
+
+    without = search(step, strategy=strategy)
+    curve = RecordedFunction(step)
+    refined = search(curve, strategy=strategy, refine=4)
+
+    assert refined.history[: without.n_evaluated] == without.history
+    assert refined.history[without.n_evaluated :] == tuple(
+        (lam, step(lam)) for lam in refined.refined
+    )
+    assert refined.evaluation.forget_acc <= without.evaluation.forget_acc
+    assert refined.evaluation.retain_acc >= 0.95 * refined.reference.retain_acc
+    assert_each_lambda_evaluated_once(curve)
+
+
+def test_nothing_infeasible_above_the_choice_needs_no_refinement():
+    # Retain never falls: the choice is the grid's end, with nothing above it to bracket.
+    curve = RecordedFunction(lambda lam: Evaluation(100.0 - 10 * lam, 100.0))
+    result = search(curve, refine=4)
+    assert result.lam == 1.0 and result.refined == ()
+    assert len(curve.calls) == result.n_evaluated
+
+
+@pytest.mark.parametrize("strategy", ["fast", "grid"])
+def test_a_choice_nothing_can_beat_needs_no_refinement(strategy):
+    # Forgotten entirely at 0.5, infeasible from 0.75 on: no refined point could do better.
+    def evaluate(lam: float) -> Evaluation:
+        return Evaluation(0.0 if lam >= 0.5 else 50.0, 100.0 if lam < 0.75 else 50.0)
+
+    with_refine = search(RecordedFunction(evaluate), strategy=strategy, refine=4)
+    without = search(RecordedFunction(evaluate), strategy=strategy)
+    assert with_refine.lam == without.lam == 0.5
+    assert with_refine.refined == () and with_refine.history == without.history
+
+
+@pytest.mark.parametrize("strategy", ["fast", "grid"])
+def test_holdout_match_refines_only_while_forget_is_above_held_out(strategy):
+    def still_above(lam: float) -> Evaluation:  # forget falls to held-out's 80 only at 1.01
+        return Evaluation(90.0 if lam < 1.01 else 80.0, 100.0 if lam <= 1.02 else 90.0, 80.0)
+
+    found = search(still_above, "holdout-match", strategy=strategy, grid=default_grid(), refine=4)
+    assert found.lam == 1.0125 and found.evaluation.forget_acc == 80.0
+
+    def overshot(lam: float) -> Evaluation:  # forget at held-out's by 0.5, then below it
+        forget = 90.0 if lam < 0.5 else (80.0 if lam < 0.6 else 70.0)
+        return Evaluation(forget, 100.0 if lam <= 1.02 else 90.0, 80.0)
+
+    kept = search(overshot, "holdout-match", strategy=strategy, grid=default_grid(), refine=4)
+    assert kept.lam == 0.5 and kept.refined == ()
+
+
+@FEW_EXAMPLES
+@given(
+    st.lists(st.floats(0.0, 9.0), min_size=1, max_size=6),
+    st.lists(st.floats(0.0, 9.0), min_size=1, max_size=6),
+    st.sampled_from(["fast", "grid"]),
+    st.integers(0, 8),
+)
+def test_refinement_evaluates_each_lambda_once_within_the_bound(
+    retain_drops, forget_drops, strategy, refine
+):
+    """Step curves with their steps anywhere (on grid points, between them, past the grid's
+    extensions): no lambda twice, and no more evaluations than the request bound counts."""
+
+    def evaluate(lam: float) -> Evaluation:
+        forget = 100.0 - 15 * sum(lam >= at for at in forget_drops)
+        return Evaluation(max(forget, 0.0), 100.0 - 3 * sum(lam >= at for at in retain_drops))
+
+    curve = RecordedFunction(evaluate)
+    result = search_lambda(curve, strategy=strategy, refine=refine)
+
+    assert_each_lambda_evaluated_once(curve)
+    assert len(curve.calls) == result.n_evaluated <= most_evaluations(default_grid(), 2, 8, refine)
+    assert len(result.refined) <= refine
+
+
+@pytest.mark.parametrize("refine", [-1, 9, 1.5])
+def test_refine_is_an_integer_from_0_to_8(refine):
+    with pytest.raises(ValueError, match="refine must be an integer from 0 to 8"):
+        search_lambda(cliff, refine=refine)

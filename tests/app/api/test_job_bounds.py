@@ -240,12 +240,29 @@ def test_how_far_the_grid_may_extend_is_bounded_too(bounded_client, registered):
 
 def test_the_grid_with_its_extensions_is_bounded(client, registered, db):
     """700 lambdas fit the limit of 1000, but a choice at the upper end extends the grid twice
-    (search.max_extensions) to 1398: refused at submission, not found out by a worker."""
+    (search.max_extensions) to 1398, and refinement adds 4 (search.refine): refused at
+    submission, not found out by a worker."""
     grid = [round(i / 699, 10) for i in range(700)]
     body = job_body(registered, search={"grid": grid})
     response = client.post(JOBS, json=body, headers=registered.caller.headers)
-    refused(response, "search.max_extensions", "1398 points with the grid's extensions")
+    refused(
+        response, "search.max_extensions", "1402 points with the grid's extensions and refinement"
+    )
     assert jobs_in(db, registered) == 0
+
+
+def test_the_refinement_points_count_too(client, registered, db):
+    """998 lambdas that cannot extend (max_extensions 0) fit the limit of 1000; refinement's
+    4 more points do not, and 2 do."""
+    grid = [round(i / 997, 10) for i in range(998)]
+    search = {"grid": grid, "max_extensions": 0}
+    body = job_body(registered, search=search)
+    response = client.post(JOBS, json=body, headers=registered.caller.headers)
+    refused(response, "search.refine", "1002 points with the grid's extensions and refinement")
+    assert jobs_in(db, registered) == 0
+    body = job_body(registered, search={**search, "refine": 2})
+    response = client.post(JOBS, json=body, headers=registered.caller.headers)
+    assert response.status_code == 202, response.text
 
 
 @pytest.mark.parametrize(
