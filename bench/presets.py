@@ -7,6 +7,7 @@ side by side: verdicts, rounds, lambda and the metrics the verdict reads.
     .venv/bin/python bench/presets.py --markdown               # a table for docs/RESULTS.md
     .venv/bin/python bench/presets.py --jobs class --classes three seven --seeds 0 \
         --fixture-seeds 0 1 2 3 --configs preset "preset, batch norm on batch statistics"
+    .venv/bin/python bench/presets.py --jobs class --refine 0    # the search without refinement
 
 The class jobs forget one digit of the tiny classifier (`tiny-classifier`, the quick start
 forgets "three"); the domain job forgets the shapes domain of the tiny CLIP (`tiny-clip`,
@@ -57,11 +58,13 @@ def jobs(which: list[str], classes: list[str], fixture_seeds: list[int]) -> list
     return found
 
 
-def run(job: dict, seed: int, config: dict) -> dict:
+def run(job: dict, seed: int, config: dict, refine: int | None = None) -> dict:
     config = dict(config)
     if base := config.pop("variant_base", None):
         variants = job["variants"]
         config["variants"] = {**variants, "base": {**variants.get("base", {}), **base}}
+    if refine is not None:
+        config["search"] = {**job.get("search", {}), "refine": refine}
     spec = JobSpec.model_validate({**job, **config, "seed": seed})
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
@@ -73,6 +76,7 @@ def run(job: dict, seed: int, config: dict) -> dict:
         "lambda": report["lambda"],
         "forget": after["forget_acc"],
         "forget_test": after["forget_test_acc"],
+        "retain": after["retain_acc"],
         "test": after["test_acc"],
         "seconds": time.perf_counter() - began,
     }
@@ -89,6 +93,9 @@ def main() -> None:
         "--fixture-seeds", nargs="+", type=int, default=[0], help="the tiny classifiers' seeds"
     )
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
+    parser.add_argument(
+        "--refine", type=int, help="search.refine, the boundary's bisections (default: 4)"
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: a second thread only contends on a shared machine
@@ -96,12 +103,12 @@ def main() -> None:
     rows = []
     for name, job in jobs(args.jobs, args.classes, args.fixture_seeds):
         for config in args.configs:
-            runs = [run(job, seed, CONFIGS[config]) for seed in args.seeds]
+            runs = [run(job, seed, CONFIGS[config], args.refine) for seed in args.seeds]
             rows.append((name, config, runs))
             print(f"{name} / {config}: {sum(r['met'] for r in runs)}/{len(runs)} met", flush=True)
 
-    headers = ["job", "configuration", "met", "rounds", "λ", "forget", "forget test", "test",
-               "time (s)", "time / preset's"]  # fmt: skip
+    headers = ["job", "configuration", "met", "rounds", "λ", "forget", "forget test", "retain",
+               "test", "time (s)", "time / preset's"]  # fmt: skip
     base_time = {name: statistics.mean(r["seconds"] for r in runs)
                  for name, config, runs in rows if config == "preset"}  # fmt: skip
 
@@ -114,8 +121,9 @@ def main() -> None:
         seconds = statistics.mean(r["seconds"] for r in runs)
         ratio = f"{seconds / base_time[name]:.2f}x" if name in base_time else "-"
         met = f"{sum(r['met'] for r in runs)}/{len(runs)}"
-        lines.append([name, config, met, mean(runs, "rounds"), mean(runs, "lambda", 2),
-                      mean(runs, "forget"), mean(runs, "forget_test"), mean(runs, "test"),
+        lines.append([name, config, met, mean(runs, "rounds"), mean(runs, "lambda", 3),
+                      mean(runs, "forget"), mean(runs, "forget_test"), mean(runs, "retain"),
+                      mean(runs, "test"),
                       f"{seconds:.0f}", ratio])  # fmt: skip
     if args.markdown:
         print("| " + " | ".join(headers) + " |")
