@@ -1,7 +1,7 @@
 """The verdict end to end: real worker processes run three jobs on the tiny classifier through
 the API, with targets whose outcome does not depend on the recipe: one any lambda > 0 meets,
-one only a perfect forget would meet, and a search that can only choose lambda 0; and the
-one no perfect forget can meet, with one more round allowed, which must then run it."""
+one no model can meet, and a search that can only choose lambda 0; and the one no model can
+meet, with one more round allowed, which must then run it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import pytest
 from tests.worker.conftest import job_body, register_tenant, submit, wait_for
 
 LOOSE = {"forget_acc_max": 100.0, "retain_ratio": 0.5}
-STRICT = {"forget_acc_max": 0.0}
+# Forget accuracy 0 and test accuracy equal to it, while test accuracy must keep 95% of the
+# original's: no model meets all three. (Forget 0 alone is met now and then: the search's
+# refinement finds lambdas that forget the tiny classifier's class entirely.)
+STRICT = {"forget_acc_max": 0.0, "holdout_gap_max": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,8 @@ def test_a_missed_target(client, finished):  # type: ignore[no-untyped-def]
     assert job["state"] == "SUCCEEDED", job
     verdict = job["verdict"]
     assert verdict["met"] is False and verdict["reason"].startswith("not met")
-    assert any(c["bound"] == "forget_acc_max" and not c["met"] for c in verdict["checks"])
+    missed = {c["bound"] for c in verdict["checks"] if not c["met"]}
+    assert missed & {"forget_acc_max", "holdout_gap_max", "retain_ratio"}, verdict
     # It did change the model: the version is kept, and the verdict says it is not enough.
     assert job["result"]["model"] is not None
     events = report_of(client, tenant, job)["timeline"]
