@@ -46,14 +46,15 @@ evaluated one above it, which is infeasible: a feasible midpoint becomes the low
 infeasible one the upper end. Then the rule chooses again over every evaluated point, so a
 refined point is chosen only if the rule prefers it (ties still go to the smaller lambda). On
 the default grid 4 steps narrow the crossing from 0.05 to 0.003. It runs only when the choice
-and the lower end both ``may_improve_beyond`` (as for an extension): the rules' scores only
-get better with a larger lambda while that holds, so that is when a point past the lower end
-can win. For retain-threshold that is whenever forget accuracy is above 0: the rule prefers
-the most forgotten, and on curves that fall the largest feasible lambda. For holdout-match and
+and the lower end both ``may_improve_beyond`` (as for an extension): while that holds a
+larger lambda can still score better, so a point past the lower end can win. For
+retain-threshold that is whenever forget accuracy is above 0: the rule prefers the most
+forgotten, and on curves that fall the largest feasible lambda. For holdout-match and
 confidence-match it is while the forget signal is still above held-out data's; once it is at
 or below, a larger lambda only moves further from the match, and bisecting would spend
-evaluations for nothing. It also stops at a feasible midpoint that nothing can beat (forget
-accuracy 0, or an exact match). The search evaluates at most the extended grid's points plus
+evaluations for nothing. For the same reason it stops at a feasible midpoint past which no
+lambda can do better (forget accuracy 0; for the matching rules, the signal at or below
+held-out data's). The search evaluates at most the extended grid's points plus
 ``refine`` (`most_evaluations`).
 
 No lambda is evaluated twice.
@@ -464,7 +465,7 @@ def _refine_boundary(
         elif rule.may_improve_beyond(evaluation):
             low = middle
         else:
-            break  # nothing past a perfect point can beat it
+            break  # no larger lambda can beat it (see Rule.may_improve_beyond)
     return added
 
 
