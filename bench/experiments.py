@@ -52,6 +52,7 @@ from negmerge.metrics import UnlearningMetrics, avg_gap
 from negmerge.models import ModelSpec
 from negmerge.pipeline import finalize, finetune_variant, merge_variants, prepare, search
 from negmerge.search import RULES, Evaluation, search_lambda
+from negmerge.stage_outputs import Evaluated, Merged, Original, Searched
 from negmerge.variants import VariantGrid
 from negmerge.workdir import Workdir
 
@@ -114,7 +115,7 @@ def fresh_workdir(path: Path) -> Path:
     return path
 
 
-def fine_tune(spec: JobSpec, workdir: Path) -> tuple[JobContext, dict, int, float]:
+def fine_tune(spec: JobSpec, workdir: Path) -> tuple[JobContext, Original, int, float]:
     """The job's context, the original's measurements, and its n variants fine-tuned (with
     the seconds that took)."""
     ctx = JobContext.load(spec, workdir)
@@ -132,7 +133,7 @@ def run_job(
 ) -> dict:
     """Fine-tune once, then every method on the same task vectors; rows by label."""
     ctx, original, n, finetune_seconds = fine_tune(spec, workdir)
-    rows = {original_label: {**original["metrics"], "lambda": 0.0}}
+    rows = {original_label: {**original.metrics, "lambda": 0.0}}
     if extra_rows is not None:
         rows.update(extra_rows())
     for label, method, params in METHODS:
@@ -167,56 +168,60 @@ def merge_and_search(ctx: JobContext, method: str, params: dict, name: str) -> t
     return mctx, merged, searched, time.perf_counter() - began
 
 
-def evaluate(mctx: JobContext, original: dict, merged: dict, searched: dict, seconds: float):
+def evaluate(
+    mctx: JobContext, original: Original, merged: Merged, searched: Searched, seconds: float
+) -> dict:
     report = finalize(mctx, original, merged, searched, {"merge_and_search": seconds})
     return {
-        **report["metrics"]["after"],
-        "kept": merged["kept_fraction"] * 100,
-        "lambda": searched["lambda"],
-        "at_upper_end": searched["at_upper_end"],
+        **report.metrics.after,
+        "kept": merged.kept_fraction * 100,
+        "lambda": searched.lambda_,
+        "at_upper_end": searched.at_upper_end,
         "seconds": seconds,
         "fast": replay_fast(searched),
     }
 
 
-def replay_fast(searched: dict) -> dict:
+def replay_fast(searched: Searched) -> dict:
     """The fast strategy on the curve the grid search recorded (the same points, nothing
     re-evaluated): its lambda, whether it scores as well as the grid's choice, its cost."""
-    fields = [f.name for f in dataclasses.fields(Evaluation)]
-    curve = {
-        e["lambda"]: Evaluation(**{k: e.get(k) for k in fields}) for e in searched["evaluations"]
-    }
+    curve = {e.lambda_: as_evaluation(e) for e in searched.evaluations}
     fast = search_lambda(
         curve.__getitem__,
-        searched["rule"],
+        searched.rule,
         strategy="fast",
         grid=sorted(curve),
-        retain_ratio=searched["retain_ratio"],
+        retain_ratio=searched.retain_ratio,
         max_extensions=0,
     )
-    rule = RULES[searched["rule"]](retain_ratio=searched["retain_ratio"])
-    grid_score = rule.score(Evaluation(**searched["evaluation"]))
+    rule = RULES[searched.rule](retain_ratio=searched.retain_ratio)
+    grid_score = rule.score(as_evaluation(searched.evaluation))
     return {
         "lambda": fast.lam,
-        "same": fast.lam == searched["lambda"],
+        "same": fast.lam == searched.lambda_,
         "as_good": rule.score(fast.evaluation) <= grid_score,
         "evaluations": fast.n_evaluated,
         "grid_evaluations": len(curve),
     }
 
 
-def run_method(ctx: JobContext, original: dict, method: str, params: dict, name: str) -> dict:
+def as_evaluation(recorded: Evaluated) -> Evaluation:
+    """A recorded evaluation (of a lambda or not) as the search takes it."""
+    return Evaluation(**recorded.model_dump(exclude={"lambda_"}))
+
+
+def run_method(ctx: JobContext, original: Original, method: str, params: dict, name: str) -> dict:
     mctx, merged, searched, seconds = merge_and_search(ctx, method, params, name)
     return evaluate(mctx, original, merged, searched, seconds)
 
 
-def best_single(ctx: JobContext, original: dict, n: int) -> dict:
+def best_single(ctx: JobContext, original: Original, n: int) -> dict:
     """Task Arithmetic: search each task vector alone, keep the best on the validation splits."""
     rule = RULES[ctx.spec.search.rule](retain_ratio=ctx.spec.search.retain_ratio)
     runs = [merge_and_search(ctx, "single", {"index": i}, f"single-{i}") for i in range(n)]
 
     def validation_key(i: int) -> tuple:
-        found = Evaluation(**runs[i][2]["evaluation"])
+        found = as_evaluation(runs[i][2].evaluation)
         return (rule.score(found), -found.retain_acc, i)
 
     best = min(range(n), key=validation_key)

@@ -402,7 +402,7 @@ def grid_runs(experiment: int, seed: int, counts: list[int], factor: float, work
         rows[n] = {**row, "steps": n * steps, "finetune_seconds": seconds * n / largest}
     for path in workdir.glob("methods/*/model.safetensors"):
         path.unlink()  # measured already: saves disk
-    return {"original": original["metrics"], "steps_per_variant": steps, "rows": rows}
+    return {"original": original.metrics, "steps_per_variant": steps, "rows": rows}
 
 
 def grid_table(experiments: list[int], seeds: list[int], counts: list[int], factors: list[float]):

@@ -69,11 +69,11 @@ def run(job: dict, seed: int, config: dict, refine: int | None = None) -> dict:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         report = run_unlearning(spec, workdir)
-    after = report["metrics"]["after"]
+    after = report.metrics.after
     return {
-        "met": report["verdict"]["met"],
-        "rounds": len(report["rounds"]),
-        "lambda": report["lambda"],
+        "met": report.verdict.met,
+        "rounds": len(report.rounds),
+        "lambda": report.lambda_,
         "forget": after["forget_acc"],
         "forget_test": after["forget_test_acc"],
         "retain": after["retain_acc"],

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -21,6 +22,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from negmerge.errors import NegMergeError
 from negmerge.merge import METHODS
 from negmerge.merge.streaming import merge_files
+
+if TYPE_CHECKING:
+    from negmerge.escalation import RoundSummary
+    from negmerge.stage_outputs import Report
+    from negmerge.verdict import Verdict
 
 stderr = Console(stderr=True)
 FILE = click.Path(dir_okay=False, path_type=Path)
@@ -161,24 +167,25 @@ def unlearn(job: Path, workdir: Path, as_json: bool) -> None:
     and report.json into WORKDIR. Exits 0 if the target was met, 5 if not (1 on an error)."""
     from negmerge.job_spec import JobSpec
     from negmerge.pipeline import run_unlearning
+    from negmerge.stage_outputs import to_stored
 
     spec = JobSpec.from_file(job)
     with _JobProgress() as progress:
         report = run_unlearning(spec, workdir, progress)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(to_stored(report), indent=2))
     else:
         print_report_summary(report)
-    if not report["verdict"]["met"]:
+    if not report.verdict.met:
         raise SystemExit(EXIT_TARGET_NOT_MET)
 
 
-def print_report_summary(report: dict) -> None:
+def print_report_summary(report: Report) -> None:
     """The before/after table, lambda, kept fraction and hashes of a report."""
     from rich.table import Table
 
     console = Console()
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    before, after = report.metrics.before, report.metrics.after
     table = Table(title="Unlearning result")
     for column in ("metric", "before", "after"):
         table.add_column(column, justify="right" if column != "metric" else "left")
@@ -193,42 +200,43 @@ def print_report_summary(report: dict) -> None:
         if before.get(key) is not None:
             table.add_row(label, f"{before[key]:.2f}", f"{after[key]:.2f}")
     console.print(table)
-    search, merge = report["search"], report["merge"]
-    edge = "  (upper end of the grid: consider a wider grid)" if search.get("at_upper_end") else ""
-    kept = f"{merge['kept_fraction']:.2%} of tau ({merge['method']}, n = {merge['n']})"
-    click.echo(f"lambda        {report['lambda']:g}{edge}")
+    search, merge = report.search, report.merge
+    edge = "  (upper end of the grid: consider a wider grid)" if search.at_upper_end else ""
+    kept = f"{merge.kept_fraction:.2%} of tau ({merge.method}, n = {merge.n})"
+    click.echo(f"lambda        {report.lambda_:g}{edge}")
     click.echo(f"kept          {kept}")
-    click.echo(f"base model    sha256 {report['base_model']['sha256']}")
-    if report["model"] is not None:
-        click.echo(f"new model     sha256 {report['model']['sha256']}")
-        click.echo(f"              {report['model']['path']}")
+    click.echo(f"base model    sha256 {report.base_model.sha256}")
+    if report.model is not None:
+        click.echo(f"new model     sha256 {report.model.sha256}")
+        click.echo(f"              {report.model.path}")
     else:
         click.echo("new model     none: lambda 0 leaves the model unchanged")
-    print_rounds(report.get("rounds") or [])
-    print_verdict(report["verdict"])
+    print_rounds(report.rounds)
+    print_verdict(report.verdict)
 
 
-def print_rounds(rounds: list[dict]) -> None:
+def print_rounds(rounds: list[RoundSummary]) -> None:
     """One line a round, when escalation ran more than one (the result is the last one's)."""
     if len(rounds) < 2:
         return
     for summary in rounds:
-        outcome = "met" if summary["verdict"]["met"] else "not met"
+        outcome = "met" if summary.verdict.met else "not met"
         click.echo(
-            f"round {summary['round']:<7} {len(summary['variants_merged'])} variants merged, "
-            f"kept {summary['kept_fraction']:.2%}, lambda {summary['lambda']:g}: {outcome}"
+            f"round {summary.round:<7} {len(summary.variants_merged)} variants merged, "
+            f"kept {summary.kept_fraction:.2%}, lambda {summary.lambda_:g}: {outcome}"
         )
 
 
-def print_verdict(verdict: dict) -> None:
+def print_verdict(verdict: Verdict) -> None:
     """The verdict: met or not, the target it was judged by, and every check."""
-    target = ", ".join(f"{k} {v:g}" for k, v in verdict["target"].items() if v is not None)
-    default = f" (the default for {verdict['kind']})" if verdict["default_target"] else ""
+    bounds = verdict.target.model_dump().items()
+    target = ", ".join(f"{k} {v:g}" for k, v in bounds if v is not None)
+    default = f" (the default for {verdict.kind})" if verdict.default_target else ""
     click.echo(f"target        {target}{default}")
-    head = "MET" if verdict["met"] else "NOT MET"
-    click.echo(f"verdict       {head}: {verdict['reason'].split(': ', 1)[-1]}")
-    for check in verdict["checks"]:
-        click.echo(f"              {'ok ' if check['met'] else 'NO '} {check['text']}")
+    head = "MET" if verdict.met else "NOT MET"
+    click.echo(f"verdict       {head}: {verdict.reason.split(': ', 1)[-1]}")
+    for check in verdict.checks:
+        click.echo(f"              {'ok ' if check.met else 'NO '} {check.text}")
 
 
 class _JobProgress:

@@ -9,7 +9,8 @@ re-run skips what is there, so a crash or a kill costs only the stage that was r
 can run them as separate tasks; `run_unlearning` runs them all in one process.
 
 The job's schema and its data splits are negmerge.job_spec's; what every stage loads once
-(the model, the data, the evaluations) is negmerge.context's.
+(the model, the data, the evaluations) is negmerge.context's; what each stage returns (and
+writes) is negmerge.stage_outputs'.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TypeVar
 
 from negmerge.context import JobContext, forget_set
 from negmerge.errors import DivergedError, NegMergeError
@@ -31,9 +33,27 @@ from negmerge.merge.running import combine_states, fold_task_vector, write_merge
 from negmerge.merge.streaming import merge_files
 from negmerge.search import Evaluation, SearchResult, search_lambda
 from negmerge.sparse import is_sparse
+from negmerge.stage_outputs import (
+    BaseModelHashes,
+    BeforeAfter,
+    EscalationOutcome,
+    ForgetSetHashes,
+    GroupBeforeAfter,
+    Merged,
+    MergeState,
+    ModelFile,
+    Original,
+    Report,
+    Searched,
+    Seeds,
+    VariantRecord,
+    VariantStats,
+)
 from negmerge.task_vector import load_task_vector, subtract_task_vector_file
 from negmerge.verdict import judge
-from negmerge.workdir import Workdir, write_json_atomic
+from negmerge.workdir import Workdir
+
+Returned = TypeVar("Returned")
 
 
 class Progress:
@@ -51,32 +71,32 @@ class Progress:
 # ---- stages ---------------------------------------------------------------------------------
 
 
-def prepare(ctx: JobContext) -> dict:
+def prepare(ctx: JobContext) -> Original:
     """Store the base model and measure the original: the 'before' of the report."""
     wd = ctx.workdir
     if wd.original.exists():
-        return json.loads(wd.original.read_text())
+        return Original.read(wd.original)
     began = time.perf_counter()
     if not wd.base.exists():
         linear = ctx.model.finetuning == "linear"
         metadata = linearized_metadata(ctx.model.linearized_part) if linear else None
         save_file(ctx.model.full_state(), wd.base, metadata)
-    original = {
-        "metrics": ctx.metrics(),
-        "base_sha256": file_sha256(wd.base),
-        "weights_sha256": file_sha256(ctx.spec.model.weights) if ctx.spec.model.weights else None,
-        "forget_manifest_sha256": ctx.forget_manifest.sha256(forget_set(ctx)),
-        "forget_count": len(forget_set(ctx)),
-        "split_sizes": {name: len(samples) for name, samples in ctx.splits.items()},
-        "seconds": time.perf_counter() - began,
-    }
-    write_json_atomic(wd.original, original)
+    original = Original(
+        metrics=ctx.metrics(),
+        base_sha256=file_sha256(wd.base),
+        weights_sha256=file_sha256(ctx.spec.model.weights) if ctx.spec.model.weights else None,
+        forget_manifest_sha256=ctx.forget_manifest.sha256(forget_set(ctx)),
+        forget_count=len(forget_set(ctx)),
+        split_sizes={name: len(samples) for name, samples in ctx.splits.items()},
+        seconds=time.perf_counter() - began,
+    )
+    original.write(wd.original)
     return original
 
 
 def finetune_variant(
     ctx: JobContext, index: int, on_step: Callable[[int, int, float, float], None] | None = None
-) -> dict:
+) -> VariantRecord:
     """Fine-tune variant `index` and write its task vector; a finished variant is not redone."""
     from negmerge.finetune import device_usage, finetune_task_vector
 
@@ -113,32 +133,30 @@ def finetune_variant(
         "variant": variant.model_dump_json(),
         "index": str(index),
     }
-    stats = {
-        "seconds": time.perf_counter() - began,
-        "final_loss": losses[-1] if losses else None,
-        "device_usage": device_usage(ctx.device),  # None on CPU
-    }
-    write_json_atomic(path.with_suffix(".json"), stats)
+    stats = VariantStats(
+        seconds=time.perf_counter() - began,
+        final_loss=losses[-1] if losses else None,
+        device_usage=device_usage(ctx.device),  # None on CPU
+    )
+    stats.write(path.with_suffix(".json"))
     save_file(tau, path, metadata)
     return _variant_record(path)
 
 
-def _variant_record(path: Path) -> dict:
+def _variant_record(path: Path) -> VariantRecord:
     with open_checkpoint(path) as ckpt:
         meta = ckpt.metadata
-    return {
-        "index": int(meta["index"]),
-        "key": path.stem.split("-", 1)[1],
-        "hyperparameters": json.loads(meta["variant"]),
-        **json.loads(path.with_suffix(".json").read_text()),
-        "tau_sha256": file_sha256(path),
-        "path": str(path),
-    }
+    return VariantRecord(
+        index=int(meta["index"]),
+        key=path.stem.split("-", 1)[1],
+        hyperparameters=json.loads(meta["variant"]),
+        **VariantStats.read(path.with_suffix(".json")).model_dump(),
+        tau_sha256=file_sha256(path),
+        path=str(path),
+    )
 
 
-def fold_variant(
-    ctx: JobContext, index: int, state: Path | None, output: Path
-) -> dict[str, object]:
+def fold_variant(ctx: JobContext, index: int, state: Path | None, output: Path) -> MergeState:
     """Fold variant `index`'s task vector (fine-tuned already) into the running merge state
     `state` (None: a new one), written to `output`; `state` is left as it was. Returns the
     new state's record: its path, sha256 and the variants it holds."""
@@ -151,21 +169,21 @@ def fold_variant(
         state,
         output,
     )
-    return {
-        "group": ctx.spec.state_group(index),
-        "path": str(output),
-        "sha256": file_sha256(output),
-        "bytes": output.stat().st_size,
-        "variants": sorted(folded.variants),
-    }
+    return MergeState(
+        group=ctx.spec.state_group(index),
+        path=str(output),
+        sha256=file_sha256(output),
+        bytes=output.stat().st_size,
+        variants=sorted(folded.variants),
+    )
 
 
 def merge_variants(
     ctx: JobContext,
     round_: int = 0,
     states: Sequence[Path] | None = None,
-    records: Sequence[dict] | None = None,
-) -> dict:
+    records: Sequence[VariantRecord] | None = None,
+) -> Merged:
     """Merge round `round_`'s task vectors (streaming) into its merged.safetensors; or, with
     `states`, combine the running merge states that hold them (the variants' `records` then
     come from their fine-tuning, as their task vectors are not kept)."""
@@ -173,16 +191,16 @@ def merge_variants(
     wanted = ctx.spec.merged_variants(round_)
     if states is None:
         records = [_variant_record(wd.variant(i, v)) for i, v in wanted]
-    elif records is None or sorted(r["index"] for r in records) != [i for i, _ in wanted]:
+    elif records is None or sorted(r.index for r in records) != [i for i, _ in wanted]:
         raise NegMergeError(f"merge@{round_}: the variants' records do not match its variants")
-    records = sorted(records, key=lambda r: r["index"])
+    records = sorted(records, key=lambda r: r.index)
     if not wd.merged.exists() and states is None:
         merge_files(
             ctx.spec.merge.method,
-            [r["path"] for r in records],
+            [r.path for r in records],
             wd.merged,
             params=ctx.spec.merge.params,
-            input_sha256=[r["tau_sha256"] for r in records],
+            input_sha256=[r.tau_sha256 for r in records],
         )
     elif not wd.merged.exists():
         combined = combine_states(states)
@@ -191,35 +209,35 @@ def merge_variants(
                 f"merge@{round_}: the running merge states hold variants "
                 f"{sorted(combined.variants)}, not {[i for i, _ in wanted]}"
             )
-        write_merged(combined, wd.merged, [r["tau_sha256"] for r in records])
+        write_merged(combined, wd.merged, [r.tau_sha256 for r in records])
     # Every variant is trained: the forget set's decoded pixels are not needed any more.
     wd.decoded.unlink(missing_ok=True)
     with open_checkpoint(wd.merged) as ckpt:
         meta = ckpt.metadata
         dense_bytes = sum(spec.nbytes for spec in ckpt.specs.values())
-    return {
-        "round": round_,
-        "method": meta["method"],
-        "params": json.loads(meta["params"]),
-        "n": int(meta["n"]),
-        "kept_fraction": float(meta["kept_fraction"]),
-        "merged_sha256": file_sha256(wd.merged),
-        "merged_layout": "sparse" if is_sparse(meta) else "dense",
-        "merged_bytes": wd.merged.stat().st_size,
-        "merged_dense_bytes": dense_bytes,
-        "variants": records,
-    }
+    return Merged(
+        round=round_,
+        method=meta["method"],
+        params=json.loads(meta["params"]),
+        n=int(meta["n"]),
+        kept_fraction=float(meta["kept_fraction"]),
+        merged_sha256=file_sha256(wd.merged),
+        merged_layout="sparse" if is_sparse(meta) else "dense",
+        merged_bytes=wd.merged.stat().st_size,
+        merged_dense_bytes=dense_bytes,
+        variants=records,
+    )
 
 
 def search(
     ctx: JobContext,
     on_evaluation: Callable[[float, Evaluation], None] | None = None,
     round_: int = 0,
-) -> dict:
+) -> Searched:
     """Choose lambda for round `round_`'s merged vector on the validation splits."""
     wd = ctx.workdir.at_round(round_)
     if wd.search.exists():
-        return json.loads(wd.search.read_text())
+        return Searched.read(wd.search)
     began = time.perf_counter()
     vector = load_task_vector(wd.merged)
     rule = ctx.spec.search.rule
@@ -255,28 +273,30 @@ def search(
         )
     finally:
         ctx.set_scale(vector, 0.0)
-    found = {**result.to_dict(), "round": round_, "seconds": time.perf_counter() - began}
-    write_json_atomic(wd.search, found)
+    found = Searched.model_validate(
+        {**result.to_dict(), "round": round_, "seconds": time.perf_counter() - began}
+    )
+    found.write(wd.search)
     return found
 
 
 def finalize(
     ctx: JobContext,
-    original: dict,
-    merged: dict,
-    searched: dict,
-    timings: dict,
-    earlier_rounds: Sequence[dict] = (),
-) -> dict:
-    """Measure round `merged["round"]`'s unlearned model, judge it against the job's target,
+    original: Original,
+    merged: Merged,
+    searched: Searched,
+    timings: dict[str, float | None],
+    earlier_rounds: Sequence[RoundSummary] = (),
+) -> Report:
+    """Measure round `merged.round`'s unlearned model, judge it against the job's target,
     write it (unless lambda is 0: the model would be the original, unchanged) and write the
     evidence report, which says whether another round follows (negmerge.escalation).
-    `earlier_rounds`: the earlier rounds' summaries (the last report's "rounds")."""
-    round_ = merged.get("round", 0)
+    `earlier_rounds`: the earlier rounds' summaries (the last report's `rounds`)."""
+    round_ = merged.round
     wd = ctx.workdir.at_round(round_)
     if wd.report.exists():
-        return json.loads(wd.report.read_text())
-    lam = searched["lambda"]
+        return Report.read(wd.report)
+    lam = searched.lambda_
     began = time.perf_counter()
     if lam != 0 and not wd.model.exists():
         if ctx.model.finetuning == "linear":  # theta0 kept, the delta moves
@@ -295,88 +315,80 @@ def finalize(
         ctx.set_scale(vector, 0.0)
     target, default = ctx.spec.resolved_target()
     verdict = judge(
-        target, ctx.spec.target_kind, original["metrics"], after, lam, default_target=default
+        target, ctx.spec.target_kind, original.metrics, after, lam, default_target=default
     )
-    model = {"path": str(wd.model), "sha256": file_sha256(wd.model)} if lam != 0 else None
+    model = ModelFile(path=str(wd.model), sha256=file_sha256(wd.model)) if lam != 0 else None
     n = ctx.spec.variants_per_round
     this_round = RoundSummary(
         round=round_,
-        variants_merged=[v["index"] for v in merged["variants"]],
-        finetune_seconds=sum(
-            v.get("seconds") or 0.0 for v in merged["variants"] if v["index"] // n == round_
-        ),
-        kept_fraction=merged["kept_fraction"],
+        variants_merged=[v.index for v in merged.variants],
+        finetune_seconds=sum(v.seconds or 0.0 for v in merged.variants if v.index // n == round_),
+        kept_fraction=merged.kept_fraction,
         lambda_=lam,
         verdict=RoundVerdict(met=verdict.met, reason=verdict.reason),
-        model_sha256=model["sha256"] if model else None,
+        model_sha256=model.sha256 if model else None,
     )
-    rounds = [*earlier_rounds, this_round.to_dict()]
+    rounds = [*earlier_rounds, this_round]
     timings = {
         **timings,
-        "finetune": sum(r["finetune_seconds"] for r in rounds),  # the variants' own time
+        "finetune": sum(r.finetune_seconds for r in rounds),  # the variants' own time
         "evaluate_and_store": time.perf_counter() - began,
     }
     stop = (
         "target met"
         if verdict.met
-        else ctx.spec.escalation.next_round(round_, n, [r["finetune_seconds"] for r in rounds])
+        else ctx.spec.escalation.next_round(round_, n, [r.finetune_seconds for r in rounds])
     )
-    report = {
-        "format": "negmerge.report/1",
-        "code_version": code_version(),
-        "job": json.loads(ctx.spec.model_dump_json()),
-        "seeds": {
-            "job": ctx.spec.seed,
-            "variants": [v.seed for r in range(round_ + 1) for _, v in ctx.spec.round_variants(r)],
-        },
-        "base_model": {
-            "sha256": original["base_sha256"],
-            "weights_sha256": original["weights_sha256"],
-        },
-        "forget_set": {
-            "manifest_sha256": original["forget_manifest_sha256"],
-            "count": original["forget_count"],
-        },
-        "split_sizes": original["split_sizes"],
-        "variants": merged["variants"],
-        "merge": {k: v for k, v in merged.items() if k != "variants"},
-        "search": searched,
-        "lambda": lam,
-        "metrics": {"before": original["metrics"], "after": after},
-        "groups": {
-            name: {"before": groups_before[name], "after": groups_after[name]}
+    report = Report(
+        code_version=code_version(),
+        job=json.loads(ctx.spec.model_dump_json()),
+        seeds=Seeds(
+            job=ctx.spec.seed,
+            variants=[v.seed for r in range(round_ + 1) for _, v in ctx.spec.round_variants(r)],
+        ),
+        base_model=BaseModelHashes(
+            sha256=original.base_sha256, weights_sha256=original.weights_sha256
+        ),
+        forget_set=ForgetSetHashes(
+            manifest_sha256=original.forget_manifest_sha256, count=original.forget_count
+        ),
+        split_sizes=original.split_sizes,
+        variants=merged.variants,
+        merge=merged.summary(),
+        search=searched,
+        lambda_=lam,
+        metrics=BeforeAfter(before=original.metrics, after=after),
+        groups={
+            name: GroupBeforeAfter(before=groups_before[name], after=groups_after[name])
             for name in ctx.spec.groups
         },
-        "verdict": verdict.to_dict(),
-        "round": round_,
-        "rounds": rounds,
-        "escalation": {
-            "next_round": None if stop else round_ + 1,
-            "stopped_because": stop,
-        },
+        verdict=verdict,
+        round=round_,
+        rounds=rounds,
+        escalation=EscalationOutcome(next_round=None if stop else round_ + 1, stopped_because=stop),
         # No model at lambda 0: it would be the original's bytes under a new name.
-        "model": model,
-        "finetuning": ctx.spec.finetuning,
-        "timings": timings,
-    }
-    write_json_atomic(wd.report, report)
+        model=model,
+        finetuning=ctx.spec.finetuning,
+        timings=timings,
+    )
+    report.write(wd.report)
     return report
 
 
 def run_unlearning(
     spec: JobSpec, workdir: str | os.PathLike, progress: Progress | None = None
-) -> dict:
+) -> Report:
     """Run (or resume) the whole job in this process and return the report (its last
     round's)."""
     progress = progress or Progress()
-    timings: dict[str, float] = {}
+    timings: dict[str, float | None] = {}
     Workdir(Path(workdir)).claim(spec)
 
-    def timed(name: str, call: Callable[[], object]) -> object:
+    def timed(name: str, call: Callable[[], Returned]) -> Returned:
         progress.stage(name)
         began = time.perf_counter()
         result = call()
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - began
+        timings[name] = (timings.get(name) or 0.0) + time.perf_counter() - began
         return result
 
     ctx = timed("load", lambda: JobContext.load(spec, workdir))
@@ -400,9 +412,9 @@ def run_unlearning(
         searched = timed("search", lambda r=round_: search(ctx, progress.lambda_evaluated, r))
         progress.stage("evaluate")
         report = finalize(ctx, original, merged, searched, timings, earlier)
-        if report["escalation"]["next_round"] is None:
+        if report.escalation.next_round is None:
             return report
-        round_, earlier = report["escalation"]["next_round"], report["rounds"]
+        round_, earlier = report.escalation.next_round, report.rounds
         progress.stage(f"round {round_}")
 
 

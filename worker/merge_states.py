@@ -37,6 +37,7 @@ from negmerge.context import JobContext
 from negmerge.job_spec import JobSpec
 from negmerge.merge.running import supports_running
 from negmerge.pipeline import fold_variant
+from negmerge.stage_outputs import MergeState, VariantRecord
 from worker.staging import job_prefix, store_errors
 
 
@@ -60,47 +61,54 @@ def fold(
     db_session_scope: Any,
     job_id: uuid.UUID,
     ctx: JobContext,
-    record: dict[str, Any],
+    record: VariantRecord,
     keep_task_vector: bool,
-) -> dict[str, Any]:
+) -> VariantRecord:
     """Fold the fine-tuned variant of `record` into this worker's current merge state; the
     variant's output with the new state (`merge_state`). Its task vector is deleted unless
     it is to be kept. `db_session_scope()`: a unit of work on the database."""
-    index = record["index"]
+    index = record.index
     group = ctx.spec.state_group(index)
     worker = worker_name()
     with db_session_scope() as session:
-        current = steps.merge_states(session, job_id, group).get(worker)
+        current = _states(steps.merge_states(session, job_id, group)).get(worker)
     held = None
     if current is not None:
-        held = local_copy(store, current["path"], ctx.workdir.root, job_id)
-    count = len(current["variants"]) + 1 if current else 1
+        held = local_copy(store, current.path, ctx.workdir.root, job_id)
+    count = len(current.variants) + 1 if current else 1
     output = ctx.workdir.state(group, f"{worker}-{count:03d}-{uuid.uuid4().hex[:8]}")
     output.parent.mkdir(parents=True, exist_ok=True)
     state = fold_variant(ctx, index, held, output)
     if store.remote:  # the step's output names it by its URI (StagedStep.to_store_uris)
         with store_errors():
             store.put_file(output, _key(job_id, ctx.workdir.root, output))
-    state |= {"worker": worker, "replaces": current["path"] if current else None}
-    record = {**record, "merge_state": state}
-    if not keep_task_vector:
-        Path(record.pop("path")).unlink(missing_ok=True)  # before it is uploaded
-    return record
+    state = state.model_copy(
+        update={"worker": worker, "replaces": current.path if current else None}
+    )
+    folded = record.model_copy(update={"merge_state": state})
+    if not keep_task_vector and record.path is not None:
+        Path(record.path).unlink(missing_ok=True)  # before it is uploaded
+        folded = folded.model_copy(update={"path": None})
+    return folded
 
 
-def settle(store: ArtifactStore, db_session_scope: Any, job_id: uuid.UUID, state: dict) -> None:
+def settle(
+    store: ArtifactStore, db_session_scope: Any, job_id: uuid.UUID, state: MergeState
+) -> None:
     """After the variant's step was recorded (or not): delete the state it replaced, or,
     if it is not the worker's current one (the lease was lost), the new state itself."""
     with db_session_scope() as session:
-        current = steps.merge_states(session, job_id, state["group"]).get(state["worker"])
-    if current is not None and current["path"] == state["path"]:
-        if state["replaces"]:
-            delete_artifact(store, state["replaces"])
+        current = _states(steps.merge_states(session, job_id, state.group)).get(state.worker)
+    if current is not None and current.path == state.path:
+        if state.replaces:
+            delete_artifact(store, state.replaces)
     else:
-        delete_artifact(store, state["path"])
+        delete_artifact(store, state.path)
 
 
-def current_states(db_session_scope: Any, job_id: uuid.UUID, spec: JobSpec, round_: int) -> tuple:
+def current_states(
+    db_session_scope: Any, job_id: uuid.UUID, spec: JobSpec, round_: int
+) -> tuple[list[MergeState], list[VariantRecord]] | tuple[None, None]:
     """(states, records) for merge@`round_`: the current states of its group and its
     variants' records; (None, None) if a variant was not folded (task vectors stored)."""
     wanted = [i for i, _ in spec.merged_variants(round_)]
@@ -110,8 +118,14 @@ def current_states(db_session_scope: Any, job_id: uuid.UUID, spec: JobSpec, roun
         if any(r is None or "merge_state" not in r for r in records):
             return None, None
         group = spec.state_group(wanted[-1])
-        states = list(steps.merge_states(session, job_id, group).values())
-    return states, [{k: v for k, v in r.items() if k != "merge_state"} for r in records]
+        states = list(_states(steps.merge_states(session, job_id, group)).values())
+    variants = [VariantRecord.model_validate(r) for r in records]
+    return states, [v.model_copy(update={"merge_state": None}) for v in variants]
+
+
+def _states(recorded: dict[str, dict[str, Any]]) -> dict[str, MergeState]:
+    """The merge states the variants' steps recorded (app.services.steps.merge_states)."""
+    return {worker: MergeState.model_validate(state) for worker, state in recorded.items()}
 
 
 def local_copy(store: ArtifactStore, path: str, root: Path, job_id: uuid.UUID) -> Path:

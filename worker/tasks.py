@@ -5,8 +5,8 @@ if this worker wins its lease (app.services.steps.claim_step); then its kind's r
 one for each kind of the step table, app.step_table) runs it. The stage itself is a function
 of negmerge.pipeline, which writes its outputs atomically and skips what is already there, so
 a step run again after a crash redoes only unfinished work and writes the same bytes. The
-outcome and the next steps are recorded in one transaction; their messages are sent after it
-commits.
+outcome (the stage's output, negmerge.stage_outputs, as JSON) and the next steps are recorded
+in one transaction; their messages are sent after it commits.
 
     prepare -> finetune:0..n-1 (gpu queue) -> merge (sent by the last variant) -> search
             -> finalize (verdict; new model version unless lambda is 0; job.result) -> SUCCEEDED
@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -60,11 +59,21 @@ from app.step_table import (
 from app.storage import is_local, local_path
 from negmerge.context import JobContext
 from negmerge.errors import DataError, NegMergeError
+from negmerge.escalation import RoundSummary
 from negmerge.finetune import device_usage
 from negmerge.io import file_sha256
 from negmerge.job_spec import JobSpec, describe_validation_error
 from negmerge.loading import LoaderOptions, MiB
 from negmerge.pipeline import finalize, finetune_variant, merge_variants, prepare, search
+from negmerge.stage_outputs import (
+    Merged,
+    MergeState,
+    Original,
+    Output,
+    Searched,
+    VariantRecord,
+    to_stored,
+)
 from negmerge.workdir import Workdir
 from worker import merge_states
 from worker.celery_app import app
@@ -301,7 +310,7 @@ class StepRun:
     root: Path  # the work directory
     staged: StagedStep | None  # with an object store: uploads the outputs before the record
     # A merge's running merge states and its variants' records (worker.merge_states).
-    folded: tuple[list[dict] | None, list[dict] | None] = (None, None)
+    folded: tuple[list[MergeState] | None, list[VariantRecord] | None] = (None, None)
 
 
 Runner = Callable[[StepRun], str]  # runs one kind of step; returns what happened (for logs)
@@ -314,7 +323,7 @@ def run_stage(rt: Runtime, claim: steps.Claim) -> str:
     if step is None:  # claim_step only hands out the step table's steps
         raise ValueError(f"unknown step {claim.step!r}")
     runner = RUNNERS[step.kind.name]
-    folded: tuple[list[dict] | None, list[dict] | None] = (None, None)
+    folded: tuple[list[MergeState] | None, list[VariantRecord] | None] = (None, None)
     if VARIANTS in step.kind.reads:  # the variants may have been folded into merge states
         folded = merge_states.current_states(
             rt.db.unit_of_work, claim.job_id, job_spec(claim), step.round
@@ -329,16 +338,17 @@ def run_stage(rt: Runtime, claim: steps.Claim) -> str:
         return runner(StepRun(rt, claim, step, staged.folder, staged, folded))
 
 
-def record(run: StepRun, output: dict[str, Any]) -> dict[str, Any]:
+def record(run: StepRun, output: Output) -> Output:
     """Upload the step's outputs (with an object store) and record it as DONE, its next steps
-    sent; returns the output as recorded."""
+    sent; returns the output as recorded (its paths the store's URIs)."""
+    stored = to_stored(output)
     if run.staged is not None:
         run.staged.upload()
-        output = run.staged.to_store_uris(output)
+        stored = run.staged.to_store_uris(stored)
     with run.rt.db.unit_of_work() as session:
-        following = steps.complete_step(session, run.claim, output, run.rt.queue)
+        following = steps.complete_step(session, run.claim, stored, run.rt.queue)
     log.info("step %s of job %s: done; next %s", run.claim.step, run.claim.job_id, following)
-    return output
+    return type(output).model_validate(stored)
 
 
 def run_prepare(run: StepRun) -> str:
@@ -355,8 +365,8 @@ def run_finetune(run: StepRun) -> str:
         keep = bool(claim.request.get("keep_task_vectors", False))
         output = merge_states.fold(rt.store, rt.db.unit_of_work, claim.job_id, ctx, output, keep)
     output = record(run, output)
-    if "merge_state" in output:
-        merge_states.settle(rt.store, rt.db.unit_of_work, claim.job_id, output["merge_state"])
+    if output.merge_state is not None:
+        merge_states.settle(rt.store, rt.db.unit_of_work, claim.job_id, output.merge_state)
     return "done"
 
 
@@ -366,16 +376,13 @@ def run_merge(run: StepRun) -> str:
     ctx = load_context(rt, claim, run.root)
     states, records = run.folded
     if states is not None:
-        states = [
-            merge_states.local_copy(rt.store, s["path"], run.root, claim.job_id) for s in states
-        ]
-    output = {**merge_variants(ctx, run.step.round, states, records), "seconds": 0.0}
-    output["seconds"] = time.perf_counter() - began
-    output = record(run, output)
+        states = [merge_states.local_copy(rt.store, s.path, run.root, claim.job_id) for s in states]
+    merged = merge_variants(ctx, run.step.round, states, records)
+    output = record(run, merged.model_copy(update={"seconds": time.perf_counter() - began}))
     if not _keeps_task_vectors(claim):
         delete_task_vectors(rt.store, output)
     if not _merged_again(claim):
-        group = job_spec(claim).state_group(output["variants"][-1]["index"])
+        group = job_spec(claim).state_group(output.variants[-1].index)
         merge_states.delete_states(rt.store, claim.job_id, workdir_for_states(rt, claim), group)
     return "done"
 
@@ -403,46 +410,42 @@ def workdir_for_states(rt: Runtime, claim: steps.Claim) -> Path:
     return workdir_for(rt.settings, claim.job_id) if not rt.store.remote else Path()
 
 
-def delete_task_vectors(store: ArtifactStore, merged: dict[str, Any]) -> None:
+def delete_task_vectors(store: ArtifactStore, merged: Merged) -> None:
     """The n task vectors are not needed once merged (their sha256 are in the report; a
     variant folded into a running merge state kept none)."""
-    for record in merged.get("variants", []):
-        if "path" in record:
-            merge_states.delete_artifact(store, record["path"])
+    for variant in merged.variants:
+        if variant.path is not None:
+            merge_states.delete_artifact(store, variant.path)
 
 
 def run_finalize(run: StepRun) -> str:
     rt, claim, root, staged, round_ = run.rt, run.claim, run.root, run.staged, run.step.round
     base = local_weights(rt, claim, root)
     ctx = load_context(rt, claim, root, base)
-    original = claim.outputs[steps.PREPARE]
-    merged = claim.outputs[steps.round_step(steps.MERGE, round_)]
-    searched = claim.outputs[steps.round_step(steps.SEARCH, round_)]
+    original = Original.model_validate(claim.outputs[steps.PREPARE])
+    merged = Merged.model_validate(claim.outputs[steps.round_step(steps.MERGE, round_)])
+    searched = Searched.model_validate(claim.outputs[steps.round_step(steps.SEARCH, round_)])
     earlier = []  # the rounds before: in the last finalize's output
     if round_:
-        earlier = claim.outputs[steps.round_step(steps.FINALIZE, round_ - 1)]["rounds"]
-    timings = {
-        "prepare": original.get("seconds"),
-        "merge": merged.get("seconds"),
-        "search": searched.get("seconds"),
-    }
+        last = claim.outputs[steps.round_step(steps.FINALIZE, round_ - 1)]
+        earlier = [RoundSummary.model_validate(r) for r in last["rounds"]]
+    timings = {"prepare": original.seconds, "merge": merged.seconds, "search": searched.seconds}
     report = finalize(ctx, original, merged, searched, timings, earlier)
-    verdict = report["verdict"]
     report_path = str(ctx.workdir.at_round(round_).report)
     if staged is not None:
         staged.upload()
         report_path = staged.to_store_uris(report_path)
     summary = {
         "report_path": report_path,
-        "model_sha256": report["model"]["sha256"] if report["model"] else None,
-        "rounds": report["rounds"],
+        "model_sha256": report.model.sha256 if report.model else None,
+        "rounds": [r.to_dict() for r in report.rounds],
     }
-    next_round = report["escalation"]["next_round"]
+    next_round = report.escalation.next_round
     if next_round is not None:
         variants = [i for i, _ in ctx.spec.round_variants(next_round)]
         with rt.db.unit_of_work() as session:
             steps.start_round(
-                session, claim, summary, next_round, variants, verdict["reason"], rt.queue
+                session, claim, summary, next_round, variants, report.verdict.reason, rt.queue
             )
         log.info("job %s: target not met in round %d; round %d", claim.job_id, round_, next_round)
         return "escalated"
@@ -452,9 +455,9 @@ def run_finalize(run: StepRun) -> str:
             return "skipped"
         # lambda 0 leaves the model as it was: no new version, and the verdict says why.
         model = None
-        if report["model"] is not None:
-            sha256 = report["model"]["sha256"]
-            source = Path(report["model"]["path"])
+        if report.model is not None:
+            sha256 = report.model.sha256
+            source = Path(report.model.path)
             parent = ModelRepository(session, job.tenant_id).version_by_id(job.model_version_id)
             on_parent = None
             if parent is not None and ctx.spec.finetuning != "linear":

@@ -1,44 +1,42 @@
 """A finished job's result (app.schemas.results.JobResult), built in one place from the
-pipeline's report (negmerge.pipeline.finalize) and the model version the worker stored (None
-at lambda 0)."""
+pipeline's report (negmerge.stage_outputs.Report, from negmerge.pipeline.finalize) and the
+model version the worker stored (None at lambda 0)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from app.db.models import UnlearningJob
 from app.schemas.jobs import DataDeletion
 from app.schemas.results import JobResult, StoredVersion
+from negmerge.stage_outputs import Report, to_stored
 
 
-def job_result(report: dict[str, Any], model: StoredVersion | None) -> JobResult:
+def job_result(report: Report, model: StoredVersion | None) -> JobResult:
     """The job's result from its last round's `report` and the version it stored."""
-    merge = report["merge"]
+    merge = report.merge
     return JobResult(
         model=model,
-        verdict=report["verdict"],
-        lambda_=report["lambda"],
-        lambda_curve=report["search"].get("evaluations", []),
-        kept_fraction=merge["kept_fraction"],
-        metrics=report["metrics"],
+        verdict=report.verdict,
+        lambda_=report.lambda_,
+        lambda_curve=[to_stored(point) for point in report.search.evaluations],
+        kept_fraction=merge.kept_fraction,
+        metrics=report.metrics.model_dump(),
         # Each deletion request's own samples, before and after (negmerge JobSpec.groups).
-        groups=report.get("groups", {}),
-        split_sizes=report["split_sizes"],
-        code_version=report["code_version"],
-        seeds=report["seeds"],
+        groups={name: group.model_dump() for name, group in report.groups.items()},
+        split_sizes=report.split_sizes,
+        code_version=report.code_version,
+        seeds=report.seeds.model_dump(),
         # The base version's weights as stored and downloaded (what its version row and the
         # report name); base_copy_sha256 is the worker's re-serialised working copy of them.
-        base_model_sha256=report["base_model"].get("weights_sha256")
-        or report["base_model"]["sha256"],
-        base_copy_sha256=report["base_model"]["sha256"],
-        merged_sha256=merge["merged_sha256"],
-        merged_bytes=merge.get("merged_bytes"),
-        merged_dense_bytes=merge.get("merged_dense_bytes"),
-        task_vector_sha256=[v["tau_sha256"] for v in report["variants"]],
-        finetuning=report.get("finetuning", "standard"),
-        round=report.get("round", 0),
-        rounds=report.get("rounds", []),
-        timings=report["timings"],
+        base_model_sha256=report.base_model.weights_sha256 or report.base_model.sha256,
+        base_copy_sha256=report.base_model.sha256,
+        merged_sha256=merge.merged_sha256,
+        merged_bytes=merge.merged_bytes,
+        merged_dense_bytes=merge.merged_dense_bytes,
+        task_vector_sha256=[v.tau_sha256 for v in report.variants],
+        finetuning=report.finetuning,
+        round=report.round,
+        rounds=report.rounds,
+        timings=report.timings,
     )
 
 

@@ -17,8 +17,25 @@ from app.schemas.results import StoredVersion
 from app.services import steps
 from app.services.models import add_version
 from app.services.results import job_result
+from negmerge.escalation import RoundSummary, RoundVerdict
 from negmerge.job_spec import JobSpec
 from negmerge.search import Evaluation, search_lambda
+from negmerge.stage_outputs import (
+    BaseModelHashes,
+    BeforeAfter,
+    EscalationOutcome,
+    ForgetSetHashes,
+    GroupBeforeAfter,
+    Merged,
+    ModelFile,
+    Original,
+    Report,
+    Searched,
+    Seeds,
+    StageOutput,
+    VariantRecord,
+    to_stored,
+)
 from negmerge.verdict import judge
 from tests.app.conftest import Registered, job_body
 
@@ -92,36 +109,45 @@ def drive_to_success(
         assert claimed is not None, step
         return claimed
 
-    def complete(step: str, output: dict[str, Any]) -> list[str]:
+    def complete(step: str, output: StageOutput) -> list[str]:
         held = claim(step)
         with db.unit_of_work() as session:
-            return steps.complete_step(session, held, output, queue)
+            return steps.complete_step(session, held, to_stored(output), queue)
 
     base_sha = sha("base model state")  # the worker's re-serialised working copy
     with db.unit_of_work() as session:  # prepare hashes the base version's weights
         row = session.get(UnlearningJob, job)
         weights_sha = session.get(ModelVersion, row.model_version_id).weights_sha256
-    original = {
-        "metrics": METRICS_BEFORE,
-        "base_sha256": base_sha,
-        "weights_sha256": weights_sha,
-        "seconds": 0.5,
-    }
+    original = Original(
+        metrics=METRICS_BEFORE,
+        base_sha256=base_sha,
+        weights_sha256=weights_sha,
+        forget_manifest_sha256=sha("forget manifest"),
+        forget_count=SPLIT_SIZES["forget"],
+        split_sizes=SPLIT_SIZES,
+        seconds=0.5,
+    )
     variants = complete(steps.PREPARE, original)
     records = []
     for name in variants:
         index = steps.variant_index(name)
-        record = {"index": index, "tau_sha256": sha(f"tau {index}"), "seconds": 1.0}
+        record = VariantRecord(
+            index=index,
+            key=f"variant-{index}",
+            hyperparameters={},
+            tau_sha256=sha(f"tau {index}"),
+            seconds=1.0,
+        )
         records.append(record)
         complete(name, record)
-    merged = {
-        "method": "negmerge",
-        "n": len(records),
-        "kept_fraction": 0.4321,
-        "merged_sha256": sha("merged"),
-        "variants": records,
-        "seconds": 0.2,
-    }
+    merged = Merged(
+        method="negmerge",
+        n=len(records),
+        kept_fraction=0.4321,
+        merged_sha256=sha("merged"),
+        variants=records,
+        seconds=0.2,
+    )
     complete(steps.MERGE, merged)
 
     held = claim(steps.SEARCH)
@@ -130,22 +156,18 @@ def drive_to_success(
         with db.unit_of_work() as session:
             steps.lambda_evaluated(session, job, lam)
 
-    searched = {
-        **search_lambda(
-            synthetic_evaluation, strategy="grid", grid=grid, on_evaluation=counted
-        ).to_dict(),
-        "seconds": 0.3,
-    }
+    result = search_lambda(synthetic_evaluation, strategy="grid", grid=grid, on_evaluation=counted)
+    searched = Searched.model_validate({**result.to_dict(), "seconds": 0.3})
     with db.unit_of_work() as session:
-        steps.complete_step(session, held, searched, queue)
+        steps.complete_step(session, held, to_stored(searched), queue)
 
     held = claim(steps.FINALIZE)
-    lam = searched["lambda"]
+    lam = searched.lambda_
     spec = JobSpec.model_validate(held.spec)
     target, default = spec.resolved_target()
     verdict = judge(
         target, spec.target_kind, METRICS_BEFORE, METRICS_AFTER, lam, default_target=default
-    ).to_dict()
+    )
     unlearned_sha = sha("unlearned model")
     with db.unit_of_work() as session:
         row = steps.held_job(session, held)
@@ -170,35 +192,50 @@ def drive_to_success(
                 version_id=version.id,
                 weights_sha256=unlearned_sha,
             )
-        metrics = {"before": METRICS_BEFORE, "after": METRICS_AFTER}
         # As the pipeline's finalize reports it (negmerge.pipeline), for the worker's builder.
         summaries = [
-            {"round": r, "variants_merged": [rec["index"] for rec in records],
-             "finetune_seconds": 1.0, "kept_fraction": merged["kept_fraction"], "lambda": lam,
-             "verdict": {"met": verdict["met"] and r == rounds - 1, "reason": verdict["reason"]},
-             "model_sha256": unlearned_sha if lam else None}
+            RoundSummary(
+                round=r,
+                variants_merged=[rec.index for rec in records],
+                finetune_seconds=1.0,
+                kept_fraction=merged.kept_fraction,
+                lambda_=lam,
+                verdict=RoundVerdict(met=verdict.met and r == rounds - 1, reason=verdict.reason),
+                model_sha256=unlearned_sha if lam else None,
+            )
             for r in range(rounds)
-        ]  # fmt: skip
-        report = {
-            "merge": merged,
-            "search": searched,
-            "verdict": verdict,
-            "lambda": lam,
-            "metrics": metrics,
-            "split_sizes": SPLIT_SIZES,
-            "code_version": "negmerge 0.1.0 (test)",
-            "seeds": {"job": 0, "variants": [0] * len(records)},
-            "base_model": {"sha256": base_sha, "weights_sha256": weights_sha},
-            "variants": records,
-            "round": rounds - 1,
-            "rounds": summaries,
-            "timings": {"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
-            "finetuning": spec.finetuning,
+        ]
+        report = Report(
+            code_version="negmerge 0.1.0 (test)",
+            job=held.spec,
+            seeds=Seeds(job=0, variants=[0] * len(records)),
+            base_model=BaseModelHashes(sha256=base_sha, weights_sha256=weights_sha),
+            forget_set=ForgetSetHashes(
+                manifest_sha256=original.forget_manifest_sha256, count=original.forget_count
+            ),
+            split_sizes=SPLIT_SIZES,
+            variants=records,
+            merge=merged.summary(),
+            search=searched,
+            lambda_=lam,
+            metrics=BeforeAfter(before=METRICS_BEFORE, after=METRICS_AFTER),
             # Each group's own samples (a batch's deletion requests), as finalize measures them.
-            "groups": {
-                name: {"before": GROUP_BEFORE, "after": GROUP_AFTER} for name in spec.groups
+            groups={
+                name: GroupBeforeAfter(before=GROUP_BEFORE, after=GROUP_AFTER)
+                for name in spec.groups
             },
-        }
+            verdict=verdict,
+            round=rounds - 1,
+            rounds=summaries,
+            escalation=EscalationOutcome(
+                next_round=None, stopped_because="target met" if verdict.met else None
+            ),
+            model=ModelFile(path="/nonexistent/model.safetensors", sha256=unlearned_sha)
+            if lam
+            else None,
+            finetuning=spec.finetuning,
+            timings={"prepare": 0.5, "finetune": 1.0, "merge": 0.2, "search": 0.3},
+        )
         result = job_result(report, model)
         summary = {"report_path": "/nonexistent/report.json", "model_sha256": unlearned_sha}
         assert steps.finish_job(session, held, summary, result) is not None

@@ -226,10 +226,10 @@ def test_a_linear_job_searches_and_measures_the_tangent_model_it_stores(classifi
     }
     spec = JobSpec.model_validate(job)
     report = run_unlearning(spec, tmp_path / "job")
-    assert report["finetuning"] == "linear" and report["lambda"] > 0
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert report.finetuning == "linear" and report.lambda_ > 0
+    before, after = report.metrics.before, report.metrics.after
     assert after["forget_acc"] < before["forget_acc"]
-    stored = report["model"]["path"]
+    stored = report.model.path
     assert checkpoint_finetuning(stored) == "linear"
 
     # The metrics are the served tangent model's: its accuracy on the forget split is the

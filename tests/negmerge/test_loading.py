@@ -122,7 +122,7 @@ def test_the_job_decodes_its_forget_set_once_shares_it_and_deletes_it_once_merge
     # The same task vector as a job that keeps nothing decoded.
     bare = JobContext.load(spec, tmp_path / "bare", LoaderOptions(decoded_cache_bytes=0))
     bare.workdir.claim(spec)
-    assert same(load_state_dict(finetune_variant(bare, 1)["path"]), load_state_dict(record["path"]))
+    assert same(load_state_dict(finetune_variant(bare, 1).path), load_state_dict(record.path))
     assert not bare.workdir.decoded.exists()
     merge_variants(second)
     assert not first.workdir.decoded.exists()

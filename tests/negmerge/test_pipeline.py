@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from negmerge.fixtures.jobs import forget_class_job, forget_domain_job
 from negmerge.io import file_sha256, load_state_dict
 from negmerge.job_spec import JobSpec
 from negmerge.pipeline import finetune_variant, run_unlearning
+from negmerge.stage_outputs import EscalationOutcome, Report, to_stored
 
 
 @pytest.fixture(scope="session")
@@ -38,25 +40,25 @@ def classifier_job(classifier, **overrides) -> dict:
     return {**forget_class_job(classifier, "three"), "max_eval_samples": 200, **overrides}
 
 
-def check_unlearned(report: dict) -> None:
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
+def check_unlearned(report: Report) -> None:
+    before, after = report.metrics.before, report.metrics.after
     assert after["forget_acc"] < before["forget_acc"]
-    search = report["search"]
-    chosen = next(e for e in search["evaluations"] if e["lambda"] == report["lambda"])
-    assert report["lambda"] > 0
-    assert chosen["retain_acc"] >= search["retain_ratio"] * search["reference"]["retain_acc"]
+    search = report.search
+    chosen = next(e for e in search.evaluations if e.lambda_ == report.lambda_)
+    assert report.lambda_ > 0
+    assert chosen.retain_acc >= search.retain_ratio * search.reference.retain_acc
 
 
 def test_clip_forgets_a_domain_and_keeps_the_other(clip, tmp_path):
     report = run_unlearning(JobSpec.model_validate(clip_job(clip)), tmp_path)
     check_unlearned(report)
-    assert 0 < report["merge"]["kept_fraction"] < 1
-    assert report["merge"]["n"] == 6
+    assert 0 < report.merge.kept_fraction < 1
+    assert report.merge.n == 6
     # The merged vector is stored sparse, and the search and the model were made from it.
-    merge = report["merge"]
-    assert merge["merged_layout"] == "sparse"
-    assert merge["merged_bytes"] == (tmp_path / "merged.safetensors").stat().st_size
-    assert merge["merged_bytes"] < merge["merged_dense_bytes"]
+    merge = report.merge
+    assert merge.merged_layout == "sparse"
+    assert merge.merged_bytes == (tmp_path / "merged.safetensors").stat().st_size
+    assert merge.merged_bytes < merge.merged_dense_bytes
     # The task vector covers the image tower only: the text tower is carried over unchanged.
     base, model = (
         load_state_dict(tmp_path / "base.safetensors"),
@@ -64,31 +66,32 @@ def test_clip_forgets_a_domain_and_keeps_the_other(clip, tmp_path):
     )
     assert all(torch.equal(base[k], model[k]) for k in base if not k.startswith("visual."))
     assert any(not torch.equal(base[k], model[k]) for k in base if k.startswith("visual."))
-    assert report["model"]["sha256"] == file_sha256(tmp_path / "model.safetensors")
+    assert report.model.sha256 == file_sha256(tmp_path / "model.safetensors")
 
 
 def test_classifier_forgets_a_class(classifier, tmp_path):
     report = run_unlearning(JobSpec.model_validate(classifier_job(classifier)), tmp_path)
     check_unlearned(report)
-    assert report["forget_set"]["count"] == sum(
+    assert report.forget_set.count == sum(
         1
         for line in (classifier.dataset_root / "manifest.jsonl").read_text().splitlines()
         if json.loads(line)["label"] == "three"
     )
+    stored = to_stored(report)
     for key in ("config", "job", "seeds", "base_model", "variants", "merge", "search", "timings"):
-        assert key in report or key == "config"
-    assert len(report["variants"]) == 4 and all(v["tau_sha256"] for v in report["variants"])
+        assert key in stored or key == "config"
+    assert len(report.variants) == 4 and all(v.tau_sha256 for v in report.variants)
 
 
 def test_fast_search_picks_the_grid_lambda(classifier, tmp_path):
     fast = run_unlearning(JobSpec.model_validate(classifier_job(classifier)), tmp_path / "fast")
     job = classifier_job(classifier, search={"strategy": "grid"})
     grid = run_unlearning(JobSpec.model_validate(job), tmp_path / "grid")
-    assert fast["lambda"] == grid["lambda"]
+    assert fast.lambda_ == grid.lambda_
     # Every grid point, then refinement's (search.refine) between two of them.
-    searched, grid_size = grid["search"], grid["search"]["grid_size"]
-    assert searched["n_evaluated"] == grid_size + len(searched["refined"]) and grid_size >= 41
-    assert fast["search"]["n_evaluated"] - len(fast["search"]["refined"]) <= grid_size / 3
+    searched, grid_size = grid.search, grid.search.grid_size
+    assert searched.n_evaluated == grid_size + len(searched.refined) and grid_size >= 41
+    assert fast.search.n_evaluated - len(fast.search.refined) <= grid_size / 3
 
 
 def test_finetuning_is_deterministic_for_a_seed(classifier, tmp_path):
@@ -98,13 +101,13 @@ def test_finetuning_is_deterministic_for_a_seed(classifier, tmp_path):
         ctx = JobContext.load(spec, tmp_path / run)
         ctx.workdir.claim(spec)
         record = finetune_variant(ctx, 1)
-        taus.append(load_state_dict(record["path"]))
+        taus.append(load_state_dict(record.path))
     assert taus[0].keys() == taus[1].keys()
     assert all(torch.equal(taus[0][k], taus[1][k]) for k in taus[0])
     other = JobSpec.model_validate(classifier_job(classifier, seed=5))
     ctx = JobContext.load(other, tmp_path / "c")
     ctx.workdir.claim(other)
-    changed = load_state_dict(finetune_variant(ctx, 1)["path"])
+    changed = load_state_dict(finetune_variant(ctx, 1).path)
     assert any(not torch.equal(changed[k], taus[0][k]) for k in changed)
 
 
@@ -121,7 +124,7 @@ def test_variants_with_the_same_hyperparameters_train_apart_and_rerun_the_same(
     for run in ("a", "b"):
         ctx = JobContext.load(spec, tmp_path / run)
         ctx.workdir.claim(spec)
-        runs.append([load_state_dict(finetune_variant(ctx, i)["path"]) for i in (0, 1)])
+        runs.append([load_state_dict(finetune_variant(ctx, i).path) for i in (0, 1)])
     first, second = runs[0]
     assert any(not torch.equal(first[k], second[k]) for k in first)
     for again, before in zip(runs[1], runs[0], strict=True):
@@ -150,7 +153,7 @@ def test_the_forget_tasks_own_head_and_training_preprocessing(clip, classifier, 
         spec = JobSpec.model_validate(clip_job(clip, variants={"base": base}))
         ctx = JobContext.load(spec, tmp_path / name)
         ctx.workdir.claim(spec)
-        taus[name] = load_state_dict(finetune_variant(ctx, 0)["path"])
+        taus[name] = load_state_dict(finetune_variant(ctx, 0).path)
     differs = lambda a, b: any(not torch.equal(taus[a][k], taus[b][k]) for k in taus[a])  # noqa: E731
     assert differs("all", "forget") and differs("all", "train")
     assert not differs("train", "train-again")  # seeded, crops and flips included
@@ -175,19 +178,14 @@ def test_a_killed_run_resumes_without_retraining_and_ends_the_same(classifier, t
     ctx = JobContext.load(spec, tmp_path / "twice")
     ctx.workdir.claim(spec)
     first = finetune_variant(ctx, 0)  # ... and the process dies here, between variants
-    mtime = (
-        (tmp_path / "twice" / "variants")
-        .joinpath(first["path"].rsplit("/", 1)[1])
-        .stat()
-        .st_mtime_ns
-    )
+    mtime = Path(first.path).stat().st_mtime_ns
     resumed = run_unlearning(spec, tmp_path / "twice")
 
-    assert (tmp_path / "twice" / "variants").joinpath(
-        first["path"].rsplit("/", 1)[1]
-    ).stat().st_mtime_ns == mtime
-    assert resumed["model"]["sha256"] == uninterrupted["model"]["sha256"]
-    assert resumed["lambda"] == uninterrupted["lambda"]
+    assert Path(first.path).stat().st_mtime_ns == mtime
+    assert resumed.model.sha256 == uninterrupted.model.sha256
+    assert resumed.lambda_ == uninterrupted.lambda_
+    # Run again on the finished work directory, every stage reads its output back.
+    assert run_unlearning(spec, tmp_path / "twice") == resumed
 
 
 def test_a_workdir_belongs_to_one_job(classifier, tmp_path):
@@ -216,7 +214,7 @@ def test_a_fixed_job_takes_over_the_workdir_of_an_attempt_that_made_nothing(clas
 
     fixed = JobSpec.model_validate(classifier_job(classifier, variants={"base": {"steps": 1}}))
     report = run_unlearning(fixed, tmp_path)
-    assert report["job"] == json.loads(fixed.model_dump_json())
+    assert report.job == json.loads(fixed.model_dump_json())
     assert JobSpec.model_validate_json((tmp_path / "job.json").read_text()) == fixed
 
 
@@ -326,20 +324,20 @@ def test_lambda_zero_writes_no_model_and_is_not_met(classifier, tmp_path):
     job["search"] = {"grid": [0.0]}
     job["target"] = {"forget_acc_max": 100.0, "retain_ratio": 0.01}
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
-    assert report["lambda"] == 0 and report["model"] is None
+    assert report.lambda_ == 0 and report.model is None
     assert not (tmp_path / "model.safetensors").exists()
-    verdict = report["verdict"]
-    assert not verdict["met"] and "nothing was forgotten" in verdict["reason"]
-    assert [c["bound"] for c in verdict["checks"] if not c["met"]] == ["lambda"]
+    verdict = report.verdict
+    assert not verdict.met and "nothing was forgotten" in verdict.reason
+    assert [c.bound for c in verdict.checks if not c.met] == ["lambda"]
 
 
 def test_holdout_match_measures_the_held_out_split_once(classifier, tmp_path):
     """Held-out data is the retain val split: one evaluation serves both numbers."""
     job = classifier_job(classifier, search={"rule": "holdout-match", "strategy": "grid"})
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
-    evaluations = report["search"]["evaluations"]
-    assert len(evaluations) == report["search"]["grid_size"] >= 41
-    assert all(e["holdout_acc"] == e["retain_acc"] for e in evaluations)
+    evaluations = report.search.evaluations
+    assert len(evaluations) == report.search.grid_size >= 41
+    assert all(e.holdout_acc == e.retain_acc for e in evaluations)
 
 
 @pytest.mark.parametrize("strategy", ["more", "longer"])
@@ -349,26 +347,18 @@ def test_a_missed_target_runs_the_rounds_allowed(classifier, tmp_path, strategy)
     job["target"] = {"forget_acc_max": 0.0, "mia_min": 100.0}
     job["escalation"] = {"rounds": 1, "strategy": strategy}
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
-    assert report["round"] == 1 and not report["verdict"]["met"]
-    assert [r["round"] for r in report["rounds"]] == [0, 1]
-    assert report["escalation"] == {
-        "next_round": None,
-        "stopped_because": report["escalation"]["stopped_because"],
-    }
-    assert "allows 1 further round" in report["escalation"]["stopped_because"]
-    merged = report["rounds"][1]["variants_merged"]
+    assert report.round == 1 and not report.verdict.met
+    assert [r.round for r in report.rounds] == [0, 1]
+    assert report.escalation.next_round is None
+    assert "allows 1 further round" in report.escalation.stopped_because
+    merged = report.rounds[1].variants_merged
     assert merged == ([0, 1, 2, 3, 4, 5, 6, 7] if strategy == "more" else [4, 5, 6, 7])
-    steps = [
-        json.loads(v["hyperparameters"])
-        if isinstance(v["hyperparameters"], str)
-        else v["hyperparameters"]
-        for v in report["variants"]
-    ]
+    steps = [v.hyperparameters for v in report.variants]
     assert {s["steps"] for s in steps} == ({2} if strategy == "more" else {4})
-    assert len(set(report["seeds"]["variants"])) == 8
+    assert len(set(report.seeds.variants)) == 8
     # Round 0's own outputs stay where they were; round 1's are under rounds/1.
-    round_0 = json.loads((tmp_path / "report.json").read_text())
-    assert round_0["escalation"]["next_round"] == 1 and round_0["rounds"] == report["rounds"][:1]
+    round_0 = Report.read(tmp_path / "report.json")
+    assert round_0.escalation.next_round == 1 and round_0.rounds == report.rounds[:1]
     assert (tmp_path / "rounds" / "1" / "merged.safetensors").exists()
 
 
@@ -379,8 +369,8 @@ def test_a_met_target_stops_at_its_round(classifier, tmp_path):
     job["search"] = {"grid": [0.0, 1.0], "max_extensions": 0, "retain_ratio": 0.01}
     job["escalation"] = {"rounds": 2}
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
-    assert report["verdict"]["met"] and report["round"] == 0
-    assert report["escalation"] == {"next_round": None, "stopped_because": "target met"}
+    assert report.verdict.met and report.round == 0
+    assert report.escalation == EscalationOutcome(next_round=None, stopped_because="target met")
     assert not (tmp_path / "rounds").exists()
 
 
@@ -393,13 +383,13 @@ def test_confidence_match_reads_the_forget_sets_confidence(classifier, tmp_path)
     job["search"] = {"rule": "confidence-match", "strategy": "grid", "grid": [0.0, 0.5, 1.0],
                      "max_extensions": 0}  # fmt: skip
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
-    evaluations = report["search"]["evaluations"]
+    evaluations = report.search.evaluations
     assert len(evaluations) == 3
-    assert all(0 < e["forget_conf"] <= 100 and 0 < e["holdout_conf"] <= 100 for e in evaluations)
-    reference = evaluations[0]["retain_acc"]
-    feasible = [e for e in evaluations if e["retain_acc"] >= 0.95 * reference]
-    best = min(feasible, key=lambda e: (abs(e["forget_conf"] - e["holdout_conf"]), e["lambda"]))
-    assert report["lambda"] == best["lambda"]
+    assert all(0 < e.forget_conf <= 100 and 0 < e.holdout_conf <= 100 for e in evaluations)
+    reference = evaluations[0].retain_acc
+    feasible = [e for e in evaluations if e.retain_acc >= 0.95 * reference]
+    best = min(feasible, key=lambda e: (abs(e.forget_conf - e.holdout_conf), e.lambda_))
+    assert report.lambda_ == best.lambda_
 
 
 def test_groups_are_measured_on_their_own_before_and_after(classifier, tmp_path):
@@ -411,16 +401,16 @@ def test_groups_are_measured_on_their_own_before_and_after(classifier, tmp_path)
     job["search"] = {"grid": [0.0, 1.0], "max_extensions": 0, "retain_ratio": 0.01}
     job["groups"] = {"first": {"ids": threes[:5]}, "rest": {"ids": threes[5:]}}
     report = run_unlearning(JobSpec.model_validate(job), tmp_path)
-    assert report["lambda"] == 1.0
-    groups = report["groups"]
+    assert report.lambda_ == 1.0
+    groups = report.groups
     assert set(groups) == {"first", "rest"}
-    assert groups["first"]["before"]["count"] == groups["first"]["after"]["count"] == 5
-    assert groups["rest"]["after"]["count"] == min(len(threes) - 5, 200)
+    assert groups["first"].before.count == groups["first"].after.count == 5
+    assert groups["rest"].after.count == min(len(threes) - 5, 200)
     for group in groups.values():
-        before, after = group["before"], group["after"]
-        assert 0 <= after["acc"] <= 100 and 0 < after["true_label_confidence"] <= 100
+        before, after = group.before, group.after
+        assert 0 <= after.acc <= 100 and 0 < after.true_label_confidence <= 100
         # Unlearning the samples lowers the model's confidence in their labels.
-        assert after["true_label_confidence"] < before["true_label_confidence"]
+        assert after.true_label_confidence < before.true_label_confidence
 
 
 def test_a_group_outside_the_forget_set_is_refused(classifier, tmp_path):
