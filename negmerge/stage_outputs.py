@@ -204,14 +204,16 @@ class ForgetSetHashes(BaseModel):
 
 
 class BeforeAfter(BaseModel):
-    before: Metrics
-    after: Metrics
+    before: Metrics = Field(description="The original model's metrics (percent; mia a share).")
+    after: Metrics = Field(description="The unlearned model's, at the chosen lambda.")
 
 
 class GroupMetrics(BaseModel):
-    count: int
-    acc: float | None = None
-    true_label_confidence: float | None = None
+    count: int = Field(description="The group's samples measured.")
+    acc: float | None = Field(None, description="Accuracy on them (percent).")
+    true_label_confidence: float | None = Field(
+        None, description="Mean probability of their true label (percent)."
+    )
 
 
 class GroupBeforeAfter(BaseModel):

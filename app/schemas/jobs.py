@@ -19,9 +19,10 @@ from pydantic import (
 
 from app.db.models import DeletionRequestState, JobStage, JobState
 from app.schemas.common import Strict
-from app.schemas.results import BeforeAfter, JobResult, LambdaPoint, Seeds
+from app.schemas.results import JobResult
 from negmerge.escalation import Escalation, RoundSummary
 from negmerge.job_spec import MergeSpec, SearchSpec
+from negmerge.stage_outputs import BeforeAfter, LambdaEvaluated, Seeds
 from negmerge.variants import PRESETS, VariantGrid
 from negmerge.verdict import DEFAULT_TARGETS, Target, Verdict
 
@@ -407,7 +408,7 @@ class UnlearningReport(BaseModel):
     lambda_: float | None = Field(None, alias="lambda")
     kept_fraction: float | None = Field(None, description="Of task-vector elements, 0-1.")
     hashes: ReportHashes
-    lambda_curve: list[LambdaPoint] | None = Field(
+    lambda_curve: list[LambdaEvaluated] | None = Field(
         None, description="The lambda search's evaluations, on the validation splits."
     )
     metrics: BeforeAfter | None = Field(

@@ -1,5 +1,6 @@
 """A finished job's result: the one shape the worker writes (app.services.results.job_result)
-and the API, the dashboard, webhooks, retention and the evidence report read.
+and the API, the dashboard, webhooks, retention and the evidence report read. Its parts that
+the pipeline's report has too are the report's own models (negmerge.stage_outputs).
 
 Stored in unlearning_jobs.result as this model's JSON (by alias: "lambda"); jobs stored before
 a field existed read it as its default. A change of shape migrates the stored rows (0011 did
@@ -14,9 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from negmerge.escalation import RoundSummary
+from negmerge.stage_outputs import BeforeAfter, GroupBeforeAfter, LambdaEvaluated, Seeds
 from negmerge.verdict import Verdict
-
-Metrics = dict[str, float | None]
 
 
 class StoredVersion(BaseModel):
@@ -26,42 +26,6 @@ class StoredVersion(BaseModel):
     version: int = Field(description="The new version of the model.", examples=[2])
     version_id: uuid.UUID
     weights_sha256: str
-
-
-class BeforeAfter(BaseModel):
-    before: Metrics = Field(description="The original model's metrics (percent; mia a share).")
-    after: Metrics = Field(description="The unlearned model's, at the chosen lambda.")
-
-
-class GroupMetrics(BaseModel):
-    count: int = Field(description="The group's samples measured.")
-    acc: float | None = Field(None, description="Accuracy on them (percent).")
-    true_label_confidence: float | None = Field(
-        None, description="Mean probability of their true label (percent)."
-    )
-
-
-class GroupBeforeAfter(BaseModel):
-    before: GroupMetrics
-    after: GroupMetrics
-
-
-class LambdaPoint(BaseModel):
-    """One lambda the search evaluated, on the validation splits (percent)."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    lambda_: float = Field(alias="lambda")
-    forget_acc: float
-    retain_acc: float
-    holdout_acc: float | None = None
-    forget_conf: float | None = None
-    holdout_conf: float | None = None
-
-
-class Seeds(BaseModel):
-    job: int
-    variants: list[int]
 
 
 class JobResult(BaseModel):
@@ -76,7 +40,7 @@ class JobResult(BaseModel):
         None, description="Whether the target was met (absent for jobs from before verdicts)."
     )
     lambda_: float | None = Field(None, alias="lambda", description="The chosen lambda.")
-    lambda_curve: list[LambdaPoint] = Field(
+    lambda_curve: list[LambdaEvaluated] = Field(
         default_factory=list, description="Every lambda the search evaluated, in lambda order."
     )
     kept_fraction: float | None = Field(None, description="Share of elements the merge kept.")

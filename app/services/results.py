@@ -7,7 +7,7 @@ from __future__ import annotations
 from app.db.models import UnlearningJob
 from app.schemas.jobs import DataDeletion
 from app.schemas.results import JobResult, StoredVersion
-from negmerge.stage_outputs import Report, to_stored
+from negmerge.stage_outputs import Report
 
 
 def job_result(report: Report, model: StoredVersion | None) -> JobResult:
@@ -17,14 +17,14 @@ def job_result(report: Report, model: StoredVersion | None) -> JobResult:
         model=model,
         verdict=report.verdict,
         lambda_=report.lambda_,
-        lambda_curve=[to_stored(point) for point in report.search.evaluations],
+        lambda_curve=report.search.evaluations,
         kept_fraction=merge.kept_fraction,
-        metrics=report.metrics.model_dump(),
+        metrics=report.metrics,
         # Each deletion request's own samples, before and after (negmerge JobSpec.groups).
-        groups={name: group.model_dump() for name, group in report.groups.items()},
+        groups=report.groups,
         split_sizes=report.split_sizes,
         code_version=report.code_version,
-        seeds=report.seeds.model_dump(),
+        seeds=report.seeds,
         # The base version's weights as stored and downloaded (what its version row and the
         # report name); base_copy_sha256 is the worker's re-serialised working copy of them.
         base_model_sha256=report.base_model.weights_sha256 or report.base_model.sha256,
