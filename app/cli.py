@@ -115,16 +115,16 @@ def versions() -> None:
 def versions_keep(model_id: uuid.UUID, version: int, reason: str) -> None:
     """Keep VERSION of MODEL_ID downloadable and usable as a base although it is superseded
     (it still holds the data a later job forgot): a stated reason, recorded."""
-    from app.db.models import Model
+    from app.db.repositories import TenantRepository
     from app.errors import ApiError
     from app.services import retention
 
     try:
         with _database().unit_of_work() as session:
-            model = session.get(Model, model_id)
-            if model is None:
+            tenant_id = TenantRepository(session).owner_of_model(model_id)
+            if tenant_id is None:
                 raise click.ClickException(f"no model {model_id}")
-            found = retention.get_version(session, model.tenant_id, model_id, version)
+            found = retention.get_version(session, tenant_id, model_id, version)
             retention.keep_version(session, found, reason, _actor())
     except ApiError as exc:
         raise click.ClickException(exc.message) from None

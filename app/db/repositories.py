@@ -414,6 +414,10 @@ class TenantRepository:
     def all(self) -> list[Tenant]:
         return list(self.session.scalars(select(Tenant).order_by(Tenant.created_at)))
 
+    def owner_of_model(self, model_id: uuid.UUID) -> uuid.UUID | None:
+        """The tenant a model belongs to (an administrator names models by id alone)."""
+        return self.session.scalar(select(Model.tenant_id).where(Model.id == model_id))
+
     def add(self, tenant: Tenant) -> Tenant:
         self.session.add(tenant)
         self.session.flush()

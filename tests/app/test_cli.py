@@ -148,3 +148,14 @@ def test_a_filed_report_verifies_offline_and_a_tampered_one_is_refused(
     not_json = tmp_path / "notes.txt"
     not_json.write_text("hello")
     assert "not a JSON report" in admin("report", "verify", str(not_json), code=1).output
+
+
+def test_versions_keep_finds_the_models_tenant_and_records_the_reason(admin, client, registered):
+    model = registered.model_id
+    kept = admin("versions", "keep", model, "1", "--reason", "legal hold LH-7")
+    assert "kept version 1" in kept.output
+    version = client.get(f"/v1/models/{model}/versions/1", headers=registered.caller.headers)
+    assert version.json()["kept_reason"] == "legal hold LH-7"
+    unknown = admin("versions", "keep", "00000000-0000-4000-8000-000000000000", "1",
+                    "--reason", "x", code=1)  # fmt: skip
+    assert "no model" in unknown.output

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKED = ("app/services", "app/api", "app/dashboard", "worker")
+CHECKED = ("app/services", "app/api", "app/dashboard", "app/cli.py", "worker")
 SESSION_CALLS = {"get", "scalars", "scalar", "execute"}
 
 # (file, the call as written): queries that have not moved yet, each with why. A listed call
@@ -65,7 +65,8 @@ def test_the_check_finds_queries_and_nothing_else() -> None:
 def test_queries_live_in_the_repositories() -> None:
     found = set()
     for folder in CHECKED:
-        for path in sorted((ROOT / folder).rglob("*.py")):
+        place = ROOT / folder
+        for path in [place] if place.is_file() else sorted(place.rglob("*.py")):
             name = path.relative_to(ROOT).as_posix()
             for line, call in queries_in(path.read_text()):
                 found.add((name, line, call))
